@@ -1,0 +1,134 @@
+"""MoEConfig: everything that shapes a routed expert layer. Pure dataclass (no torch import)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+ROUTERS = ("topk", "switch", "noisy_topk", "expert_choice")
+SCORE_FUNCS = ("softmax", "sigmoid")
+TOPK_ORDERS = ("softmax_then_topk", "topk_then_softmax")
+DROP_POLICIES = ("score", "position")
+DISPATCH_IMPLS = ("auto", "reference", "sorted", "grouped_mm")
+BALANCE_SCOPES = ("local", "global")
+ROUTER_DTYPES = ("float32", "float64", "model")
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"MoEConfig.{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass
+class MoEConfig:
+    """Routed feed-forward configuration; nested as ``ModelConfig(moe=MoEConfig(...))``.
+
+    ``d_expert`` is each expert's SwiGLU hidden width. Fine-grained segmentation (DeepSeekMoE) means
+    more, narrower experts with a larger ``top_k`` at the same active compute.
+    ``capacity_factor=None`` is dropless; otherwise each expert takes at most
+    ``ceil(capacity_factor * tokens * top_k / num_experts)`` assignments.
+    """
+
+    num_experts: int = 8
+    top_k: int = 2
+    d_expert: int = 256
+    num_shared_experts: int = 0
+    d_shared: int | None = None  # hidden width of each shared expert; None = d_expert
+    router: str = "topk"  # one of ROUTERS
+    score_func: str = "softmax"  # one of SCORE_FUNCS
+    topk_order: str = "softmax_then_topk"  # one of TOPK_ORDERS (softmax routers only)
+    renormalize: bool = True  # renormalise the selected top-k weights to sum to 1
+    capacity_factor: float | None = None  # None = dropless
+    eval_capacity_factor: float | None = None  # None = same as capacity_factor
+    drop_policy: str = "score"  # which assignments survive capacity: by router score or by position
+    router_noise: float = 0.0  # noisy top-k: scale of the learned noise; also used as jitter for others
+    router_jitter: float = 0.0  # multiplicative input jitter eps (Switch), training only
+    load_balance_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    bias_update_rate: float = 0.0  # >0 enables DeepSeek-V3 aux-loss-free balancing
+    balance_scope: str = "local"  # "global": balancing loss/telemetry over all data-parallel ranks
+    every_n_layers: int = 1  # layer i is MoE when (i + 1) % every_n_layers == 0 ...
+    layers: list[int] | None = None  # ... unless an explicit list of layer indices is given
+    router_dtype: str = "float32"  # router math dtype under mixed precision
+    dispatch: str = "auto"  # one of DISPATCH_IMPLS
+    dead_expert_window: int = 100  # an expert is dead after this many steps without tokens
+    expert_parallel_size: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1:
+            _fail("num_experts", self.num_experts, "must be >= 1")
+        if not 1 <= self.top_k <= self.num_experts:
+            _fail("top_k", self.top_k, f"must be in [1, num_experts={self.num_experts}]")
+        if self.d_expert < 1:
+            _fail("d_expert", self.d_expert, "must be >= 1")
+        if self.num_shared_experts < 0:
+            _fail("num_shared_experts", self.num_shared_experts, "must be >= 0")
+        for name, allowed in (
+            ("router", ROUTERS),
+            ("score_func", SCORE_FUNCS),
+            ("topk_order", TOPK_ORDERS),
+            ("drop_policy", DROP_POLICIES),
+            ("dispatch", DISPATCH_IMPLS),
+            ("balance_scope", BALANCE_SCOPES),
+            ("router_dtype", ROUTER_DTYPES),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                _fail(name, value, f"allowed values are {', '.join(allowed)}")
+        if self.router == "switch" and self.top_k != 1:
+            _fail("top_k", self.top_k, "router='switch' is top-1 routing; set top_k=1 or router='topk'")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                _fail(name, value, "must be > 0, or None for dropless")
+        if self.router == "expert_choice" and self.capacity_factor is None:
+            _fail(
+                "capacity_factor",
+                None,
+                "router='expert_choice' needs a capacity (each expert picks its top-C tokens); "
+                "dropless is undefined for expert choice",
+            )
+        if self.score_func == "sigmoid" and self.topk_order == "topk_then_softmax":
+            _fail("topk_order", self.topk_order, "only applies with score_func='softmax'")
+        if self.router == "noisy_topk" and self.router_noise <= 0:
+            _fail("router_noise", self.router_noise, "router='noisy_topk' needs router_noise > 0")
+        for name in ("router_noise", "router_jitter", "load_balance_coef", "z_loss_coef", "bias_update_rate"):
+            if getattr(self, name) < 0:
+                _fail(name, getattr(self, name), "must be >= 0")
+        if self.bias_update_rate > 0 and self.router == "expert_choice":
+            _fail("bias_update_rate", self.bias_update_rate, "aux-loss-free bias applies to token-choice routers")
+        if self.every_n_layers < 1:
+            _fail("every_n_layers", self.every_n_layers, "must be >= 1")
+        if self.layers is not None:
+            if any((not isinstance(i, int)) or i < 0 for i in self.layers):
+                _fail("layers", self.layers, "must be a list of non-negative layer indices")
+            self.layers = sorted(set(self.layers))
+        if self.expert_parallel_size < 1 or self.num_experts % self.expert_parallel_size:
+            _fail(
+                "expert_parallel_size",
+                self.expert_parallel_size,
+                f"must be >= 1 and divide num_experts={self.num_experts}",
+            )
+        if self.dead_expert_window < 1:
+            _fail("dead_expert_window", self.dead_expert_window, "must be >= 1")
+
+    @property
+    def shared_width(self) -> int:
+        return self.d_shared if self.d_shared is not None else self.d_expert
+
+    def is_moe_layer(self, i: int, n_layers: int) -> bool:
+        if self.layers is not None:
+            return i in self.layers
+        return (i + 1) % self.every_n_layers == 0
+
+    def capacity(self, num_tokens: int, training: bool) -> int | None:
+        """Per-expert capacity in assignments, or None when dropless."""
+        factor = self.capacity_factor if training or self.eval_capacity_factor is None else self.eval_capacity_factor
+        if factor is None:
+            return None
+        # Ceil keeps capacity >= 1 and makes factor 1.0 exactly fit uniform routing.
+        return max(1, math.ceil(factor * num_tokens * self.top_k / self.num_experts - 1e-9))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
