@@ -1,1 +1,26 @@
-"""placeholder"""
+"""moekit.core: the dense decoder-only transformer, its accounting, data and training loop."""
+
+from moekit.core.accounting import ParamCount, count_params, flops_per_token, train_flops_per_token
+from moekit.core.config import ModelConfig
+from moekit.core.generate import filter_logits, generate
+from moekit.core.layers import Attention, RMSNorm, SwiGLU, apply_rope, rope_cos_sin
+from moekit.core.model import IGNORE_INDEX, ModelOutput, Transformer, lm_loss
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Attention",
+    "ModelConfig",
+    "ModelOutput",
+    "ParamCount",
+    "RMSNorm",
+    "SwiGLU",
+    "Transformer",
+    "apply_rope",
+    "count_params",
+    "filter_logits",
+    "flops_per_token",
+    "generate",
+    "lm_loss",
+    "rope_cos_sin",
+    "train_flops_per_token",
+]

@@ -1,0 +1,94 @@
+"""Exact parameter and FLOP accounting from a ModelConfig (total vs active).
+
+FLOP convention: a matmul of [m, k] x [k, n] costs 2*m*k*n. Forward FLOPs per token count every matmul:
+  attention projections  2*D*(H*Dh) + 2*2*D*(G*Dh) + 2*(H*Dh)*D
+  attention scores+mix   2*2*H*Dh*S   with S = seq_len (the full T x T score matrix, as SDPA computes it
+                         and as FlopCounterMode and PaLM's MFU formula count it; causal masking is not halved)
+  dense SwiGLU           3 * 2*D*F
+  MoE layer              router 2*D*E + top_k * 3*2*D*d_expert + shared 3*2*D*(n_shared*d_shared)
+  LM head                2*D*V
+Norms, RoPE, activations, softmax and the embedding lookup are elementwise/gathers and are left out
+(they are <1% at these sizes and FlopCounterMode ignores them too). Training FLOPs = 3 x forward
+(backward costs two matmuls per forward matmul).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from moekit.core.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    total: int  # every parameter (tied embeddings counted once)
+    active: int  # parameters a single token touches: unselected routed experts excluded
+    embedding: int  # input embedding (and the untied head, if any)
+    expert_total: int  # routed-expert parameters over all MoE layers
+    expert_active: int  # routed-expert parameters one token uses (top_k per layer)
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _attn_params(cfg: ModelConfig) -> int:
+    hd = cfg.head_dim
+    return cfg.d_model * cfg.n_heads * hd * 2 + cfg.d_model * cfg.n_kv_heads * hd * 2
+
+
+def _moe_layer_params(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(router + shared params, params per routed expert, num routed experts) of one MoE layer."""
+    m = cfg.moe
+    assert m is not None
+    per_expert = 3 * cfg.d_model * m.d_expert
+    shared = 3 * cfg.d_model * m.num_shared_experts * m.shared_width
+    router = cfg.d_model * m.num_experts
+    if m.router == "noisy_topk":
+        router *= 2  # the learned noise projection
+    return router + shared, per_expert, m.num_experts
+
+
+def count_params(cfg: ModelConfig) -> ParamCount:
+    D, V = cfg.d_model, cfg.vocab_size
+    embedding = V * D if cfg.tie_embeddings else 2 * V * D
+    total = active = embedding + D  # + final norm
+    expert_total = expert_active = 0
+    for i in range(cfg.n_layers):
+        common = _attn_params(cfg) + 2 * D  # attention + two norms
+        total += common
+        active += common
+        if cfg.is_moe_layer(i):
+            fixed, per_expert, n_exp = _moe_layer_params(cfg)
+            k = cfg.moe.top_k
+            total += fixed + n_exp * per_expert
+            active += fixed + k * per_expert
+            expert_total += n_exp * per_expert
+            expert_active += k * per_expert
+        else:
+            ffn = 3 * D * cfg.d_ff
+            total += ffn
+            active += ffn
+    return ParamCount(total, active, embedding, expert_total, expert_active)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
+    """Forward FLOPs per token at context length ``seq_len`` (default max_seq_len); formula in the module doc."""
+    S = cfg.max_seq_len if seq_len is None else seq_len
+    D, H, G, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    attn = 2 * D * H * hd + 2 * 2 * D * G * hd + 2 * H * hd * D + 2 * 2 * H * hd * S
+    total = 0
+    for i in range(cfg.n_layers):
+        total += attn
+        if cfg.is_moe_layer(i):
+            m = cfg.moe
+            total += 2 * D * m.num_experts  # router
+            total += m.top_k * 3 * 2 * D * m.d_expert
+            total += 3 * 2 * D * m.num_shared_experts * m.shared_width
+        else:
+            total += 3 * 2 * D * cfg.d_ff
+    total += 2 * D * cfg.vocab_size
+    return total
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
+    return 3 * flops_per_token(cfg, seq_len)

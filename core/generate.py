@@ -1,0 +1,92 @@
+"""Autoregressive sampling with a KV cache: greedy, temperature, top-k, top-p, EOS, left-padded batches.
+
+Shapes: B batch, T prompt length, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def filter_logits(logits_bv: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
+    """Mask logits outside the top-k set and outside the smallest nucleus with mass >= top_p."""
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits_bv, min(top_k, logits_bv.shape[-1]), dim=-1).values[..., -1:]
+        logits_bv = logits_bv.masked_fill(logits_bv < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits_bv, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the mass strictly before it already reaches top_p (the top-1 always stays).
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits_bv = logits_bv.masked_fill(drop, float("-inf"))
+    return logits_bv
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    input_ids: Tensor,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+    attention_mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Extend ``input_ids`` [B, T] by up to ``max_new_tokens``; returns [B, T + n].
+
+    ``temperature=0`` is greedy. Batches of different prompt lengths are left-padded, with
+    ``attention_mask`` [B, T] marking real tokens. A row that produced ``eos_token_id`` emits
+    ``pad_token_id`` afterwards; generation stops once every row has finished.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    was_training = model.training
+    model.eval()
+    B, T = input_ids.shape
+    device = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
+    attention_mask = attention_mask.long()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at 0
+    max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - T)
+
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    cache = out.past_key_values
+    next_logits = out.logits[:, -1]  # [B, V]
+    next_pos = position_ids[:, -1:] + 1  # [B, 1]
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens = [input_ids]
+    for step in range(max_new_tokens):
+        if temperature == 0:
+            nxt = next_logits.argmax(-1)
+        else:
+            probs = filter_logits(next_logits.float() / temperature, top_k, top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
+        tokens.append(nxt[:, None])
+        if eos_token_id is not None:
+            finished |= nxt == eos_token_id
+            if bool(finished.all()):
+                break
+        if step == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=attention_mask,
+            position_ids=next_pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        next_logits = out.logits[:, -1]
+        next_pos = next_pos + 1
+    model.train(was_training)
+    return torch.cat(tokens, dim=1)

@@ -1,0 +1,229 @@
+"""The decoder-only transformer with a pluggable feed-forward slot (dense SwiGLU or routed MoE).
+
+Shapes: B batch, T new tokens, S key/value length (cache + new), D d_model, V vocab.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import Tensor, nn
+
+from moekit.core.config import ModelConfig
+from moekit.core.layers import Attention, LayerKV, RMSNorm, SwiGLU, rope_cos_sin
+
+IGNORE_INDEX = -100
+
+KVCache = list[LayerKV]
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # [B, T, V]
+    loss: Tensor | None = None  # mean next-token CE over labels != IGNORE_INDEX; excludes aux_loss
+    aux_loss: Tensor | None = None  # weighted sum of the MoE layers' auxiliary losses (0 for dense)
+    moe_losses: dict[str, Tensor] = field(default_factory=dict)  # layer-summed, unweighted
+    moe_stats: list[Any] = field(default_factory=list)  # one RoutingStats per MoE layer
+    past_key_values: KVCache | None = None
+    hidden_states: Tensor | None = None  # final normed hidden states [B, T, D]
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dropout)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if self.is_moe:
+            from moekit.moe.layer import MoELayer  # lazy: moe imports core building blocks
+
+            out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+            self.ffn: nn.Module = MoELayer(cfg.d_model, cfg.moe, init_std=cfg.init_std, out_init_std=out_std)
+        else:
+            self.ffn = SwiGLU(cfg.d_model, cfg.d_ff)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x_btd: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask_b1ts: Tensor | None,
+        past: LayerKV | None,
+        token_mask_bt: Tensor | None,
+        group_ids_bt: Tensor | None,
+    ) -> tuple[Tensor, LayerKV, Any]:
+        a, kv = self.attn(self.attn_norm(x_btd), cos, sin, mask_b1ts, past)
+        x_btd = x_btd + self.drop(a)
+        h = self.ffn_norm(x_btd)
+        moe_out = None
+        if self.is_moe:
+            moe_out = self.ffn(h, token_mask=token_mask_bt, group_ids=group_ids_bt)
+            f = moe_out.y
+        else:
+            f = self.ffn(h)
+        return x_btd + self.drop(f), kv, moe_out
+
+
+def build_attention_mask(
+    attention_mask: Tensor | None, B: int, T: int, past_len: int, device: torch.device
+) -> Tensor | None:
+    """Combine causality with a padding mask. Returns a bool [B, 1, T, S] mask or None (plain causal).
+
+    ``attention_mask`` is a [B, S] padding mask (1 = real) or a ready [B, 1, T, S] bool mask. Every
+    query may always see itself so that padding rows never softmax over an empty set (NaNs).
+    """
+    S = past_len + T
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if tuple(attention_mask.shape[-2:]) != (T, S):
+            raise ValueError(f"4-D attention_mask must end in (T, S)=({T}, {S}); got {tuple(attention_mask.shape)}")
+        return attention_mask.to(torch.bool)
+    if attention_mask is None and past_len == 0:
+        return None  # SDPA's is_causal path
+    q_pos = torch.arange(past_len, S, device=device)[:, None]  # [T, 1]
+    k_pos = torch.arange(S, device=device)[None, :]  # [1, S]
+    mask_ts = k_pos <= q_pos
+    mask = mask_ts[None, None].expand(B, 1, T, S)
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != (B, S):
+            raise ValueError(f"2-D attention_mask must be [B, S]=[{B}, {S}]; got {tuple(attention_mask.shape)}")
+        mask = mask & attention_mask.to(torch.bool)[:, None, None, :]
+        mask = mask | (k_pos == q_pos)[None, None]
+    return mask
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM: embeddings, RoPE, pre-norm blocks (GQA attention + dense/MoE FFN), tied or untied head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        # Residual-output projections shrink with depth (GPT-2) so the residual stream's variance stays put.
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "ffn.w_down.weight")):
+                nn.init.normal_(p, 0.0, out_std)
+            elif ".ffn." in name and not name.endswith(("w_gate.weight", "w_up.weight")):
+                continue  # MoE layers initialise their own router/experts
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    @property
+    def moe_layers(self) -> list[nn.Module]:
+        return [blk.ffn for blk in self.layers if blk.is_moe]
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        group_ids: Tensor | None = None,
+        token_mask: Tensor | None = None,
+    ) -> ModelOutput:
+        """Run the model. ``labels`` are aligned with positions (labels[t] is the target after token t).
+
+        ``token_mask`` ([B, T] bool, True = real) tells MoE layers which tokens to route; by default it is
+        derived from a 2-D ``attention_mask``. ``group_ids`` ([B, T] long) feeds routing telemetry
+        (e.g. modality ids).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x_btd = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x_btd.shape
+        past_len = 0 if not past_key_values else past_key_values[0].k.shape[2]
+        if past_len + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {past_len + T} exceeds ModelConfig.max_seq_len={self.cfg.max_seq_len}")
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + T, device=x_btd.device).expand(B, T)
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x_btd.dtype)
+        mask = build_attention_mask(attention_mask, B, T, past_len, x_btd.device)
+        if token_mask is None and attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, past_len:].to(torch.bool)
+
+        x_btd = self.drop(x_btd)
+        new_cache: KVCache = []
+        aux = x_btd.new_zeros((), dtype=torch.float32)
+        moe_losses: dict[str, Tensor] = {}
+        moe_stats: list[Any] = []
+        for i, blk in enumerate(self.layers):
+            past = past_key_values[i] if past_key_values else None
+            x_btd, kv, moe_out = blk(x_btd, cos, sin, mask, past, token_mask, group_ids)
+            if use_cache:
+                new_cache.append(kv)
+            if moe_out is not None:
+                aux = aux + moe_out.aux_loss
+                for k, v in moe_out.losses.items():
+                    moe_losses[k] = moe_losses.get(k, 0.0) + v
+                moe_stats.append(moe_out.stats)
+        h = self.norm(x_btd)
+        logits = self.lm_head(h)  # [B, T, V]
+        loss = None
+        if labels is not None:
+            loss = lm_loss(logits, labels)
+        return ModelOutput(
+            logits=logits,
+            loss=loss,
+            aux_loss=aux,
+            moe_losses=moe_losses,
+            moe_stats=moe_stats,
+            past_key_values=new_cache if use_cache else None,
+            hidden_states=h,
+        )
+
+    def generate(self, input_ids: Tensor, **kwargs: Any) -> Tensor:
+        from moekit.core.generate import generate
+
+        return generate(self, input_ids, **kwargs)
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (tied weights stored once)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.cfg.save_json(d / "config.json")
+        save_model(self, str(d / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Transformer:
+        d = Path(directory)
+        cfg = ModelConfig.from_dict(json.loads((d / "config.json").read_text()))
+        model = cls(cfg)
+        load_model(model, str(d / "model.safetensors"), strict=True, device=str(map_location))
+        return model
+
+
+def lm_loss(logits_btv: Tensor, labels_bt: Tensor) -> Tensor:
+    """Mean cross-entropy in float32 over targets != IGNORE_INDEX (0 if there are none)."""
+    flat = labels_bt.reshape(-1)
+    # Sum / count instead of reduction="mean": no host sync, and no NaN when every target is masked.
+    ce = F.cross_entropy(
+        logits_btv.float().reshape(-1, logits_btv.shape[-1]), flat, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return ce / (flat != IGNORE_INDEX).sum().clamp(min=1)
