@@ -50,7 +50,8 @@ class ModelConfig:
         if self.d_model % self.n_heads:
             _fail("d_model", self.d_model, f"must be divisible by n_heads={self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
-            _fail("d_model", self.d_model, f"head dim d_model/n_heads={self.d_model // self.n_heads} must be even (RoPE)")
+            hd = self.d_model // self.n_heads
+            _fail("d_model", self.d_model, f"head dim d_model/n_heads={hd} must be even (RoPE)")
         if self.n_heads % self.n_kv_heads:
             _fail("n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}")
         if self.rope_theta <= 0:

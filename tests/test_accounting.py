@@ -12,8 +12,9 @@ from moekit.core.model import Transformer
 DENSE_CONFIGS = [
     dict(vocab_size=272, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=172, max_seq_len=64),
     dict(vocab_size=500, d_model=96, n_layers=3, n_heads=6, n_kv_heads=2, d_ff=256, max_seq_len=128),
-    dict(vocab_size=272, d_model=128, n_layers=1, n_heads=8, n_kv_heads=1, d_ff=344, max_seq_len=32,
-         tie_embeddings=False),
+    dict(
+        vocab_size=272, d_model=128, n_layers=1, n_heads=8, n_kv_heads=1, d_ff=344, max_seq_len=32, tie_embeddings=False
+    ),
 ]
 
 

@@ -106,8 +106,10 @@ def _plain_attention(attn: Attention, x, positions):
 
     def rope(t):
         t1, t2 = t[..., : hd // 2], t[..., hd // 2 :]
-        return torch.cat([t1 * cos[..., : hd // 2] - t2 * sin[..., : hd // 2],
-                          t2 * cos[..., hd // 2 :] + t1 * sin[..., hd // 2 :]], -1)
+        return torch.cat(
+            [t1 * cos[..., : hd // 2] - t2 * sin[..., : hd // 2], t2 * cos[..., hd // 2 :] + t1 * sin[..., hd // 2 :]],
+            -1,
+        )
 
     q, k = rope(q), rope(k)
     scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
