@@ -2,11 +2,31 @@
 
 from moekit.core.accounting import ParamCount, count_params, flops_per_token, train_flops_per_token
 from moekit.core.config import ModelConfig
+from moekit.core.data import (
+    CORPORA,
+    CorpusSplits,
+    PackedSequences,
+    StepSampler,
+    TokenSplits,
+    load_corpus,
+    make_batch,
+    tokenize_splits,
+)
 from moekit.core.generate import filter_logits, generate
 from moekit.core.layers import Attention, RMSNorm, SwiGLU, apply_rope, rope_cos_sin
 from moekit.core.model import IGNORE_INDEX, ModelOutput, Transformer, lm_loss
+from moekit.core.tokenizer import ByteTokenizer
 
 __all__ = [
+    "CORPORA",
+    "ByteTokenizer",
+    "CorpusSplits",
+    "PackedSequences",
+    "StepSampler",
+    "TokenSplits",
+    "load_corpus",
+    "make_batch",
+    "tokenize_splits",
     "IGNORE_INDEX",
     "Attention",
     "ModelConfig",

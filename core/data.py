@@ -126,10 +126,11 @@ def tokenize_splits(splits: CorpusSplits, tokenizer: ByteTokenizer) -> TokenSpli
 
 
 class PackedSequences(Dataset):
-    """Non-overlapping windows of ``seq_len + 1`` tokens; the ragged tail is dropped.
+    """Windows of ``seq_len + 1`` tokens with stride ``seq_len``; the ragged tail is dropped.
 
-    Item ``i`` is window ``tokens[i*(T+1) : (i+1)*(T+1)]`` split into ``input_ids = w[:-1]`` and
-    ``labels = w[1:]`` (already shifted: ``labels[t]`` is the target for position ``t``).
+    Item ``i`` is window ``tokens[i*T : i*T + T + 1]`` split into ``input_ids = w[:-1]`` and
+    ``labels = w[1:]`` (already shifted: ``labels[t]`` is the target for position ``t``). Neighbouring
+    windows share one boundary token, so every token after the first is a prediction target exactly once.
     """
 
     def __init__(self, tokens: torch.Tensor, seq_len: int) -> None:
@@ -137,14 +138,14 @@ class PackedSequences(Dataset):
             raise ValueError(f"PackedSequences.seq_len={seq_len!r} is invalid: must be an int >= 1")
         if not isinstance(tokens, torch.Tensor) or tokens.ndim != 1 or tokens.dtype != torch.long:
             raise ValueError("PackedSequences.tokens must be a 1-D torch.long tensor")
-        n = tokens.numel() // (seq_len + 1)
+        n = (tokens.numel() - 1) // seq_len
         if n == 0:
             raise ValueError(
                 f"PackedSequences: {tokens.numel()} tokens is too few for one window of seq_len+1="
                 f"{seq_len + 1}; lower seq_len"
             )
         self.seq_len = seq_len
-        self.windows = tokens[: n * (seq_len + 1)].view(n, seq_len + 1)  # [n, T+1], a view, no copy
+        self.windows = tokens[: n * seq_len + 1].unfold(0, seq_len + 1, seq_len)  # [n, T+1], a view, no copy
 
     def __len__(self) -> int:
         return self.windows.shape[0]
@@ -226,9 +227,7 @@ class StepSampler:
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"StepSampler.shard: rank={rank!r} must be in [0, {world_size})")
         if idx.shape != (self.global_batch,):
-            raise ValueError(
-                f"StepSampler.shard: idx has shape {tuple(idx.shape)}, expected ({self.global_batch},)"
-            )
+            raise ValueError(f"StepSampler.shard: idx has shape {tuple(idx.shape)}, expected ({self.global_batch},)")
         per_rank = self.global_batch // world_size
         return idx[rank * per_rank : (rank + 1) * per_rank]
 
