@@ -13,11 +13,25 @@ from moekit.core.data import (
     tokenize_splits,
 )
 from moekit.core.generate import filter_logits, generate
+from moekit.core.hf import (
+    config_from_hf,
+    config_to_hf,
+    hf_to_moekit,
+    load_hf,
+    moekit_to_hf,
+    save_hf,
+)
 from moekit.core.layers import Attention, RMSNorm, SwiGLU, apply_rope, rope_cos_sin
 from moekit.core.model import IGNORE_INDEX, ModelOutput, Transformer, lm_loss
 from moekit.core.tokenizer import ByteTokenizer
 
 __all__ = [
+    "config_from_hf",
+    "config_to_hf",
+    "hf_to_moekit",
+    "load_hf",
+    "moekit_to_hf",
+    "save_hf",
     "CORPORA",
     "ByteTokenizer",
     "CorpusSplits",
