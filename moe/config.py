@@ -26,7 +26,14 @@ class MoEConfig:
     ``d_expert`` is each expert's SwiGLU hidden width. Fine-grained segmentation (DeepSeekMoE) means
     more, narrower experts with a larger ``top_k`` at the same active compute.
     ``capacity_factor=None`` is dropless; otherwise each expert takes at most
-    ``ceil(capacity_factor * tokens * top_k / num_experts)`` assignments.
+    ``ceil(capacity_factor * tokens * top_k / num_experts)`` assignments, counting real (unpadded)
+    tokens only. For ``router='expert_choice'`` that number is how many tokens each expert picks, and
+    ``top_k`` is the average number of experts per token.
+
+    ``renormalize`` rescales the selected weights to sum to 1 only when ``top_k > 1``: at top-1 it would
+    pin the weight at 1.0 and cut the router off from the task gradient (Switch scales by the raw
+    probability). ``topk_order='topk_then_softmax'`` weights sum to 1 by construction. Expert choice
+    ignores ``topk_order``, ``renormalize`` and ``drop_policy``.
     """
 
     num_experts: int = 8
@@ -41,8 +48,8 @@ class MoEConfig:
     capacity_factor: float | None = None  # None = dropless
     eval_capacity_factor: float | None = None  # None = same as capacity_factor
     drop_policy: str = "score"  # which assignments survive capacity: by router score or by position
-    router_noise: float = 0.0  # noisy top-k: scale of the learned noise; also used as jitter for others
-    router_jitter: float = 0.0  # multiplicative input jitter eps (Switch), training only
+    router_noise: float = 0.0  # noisy top-k only: scale of the learned, input-dependent logit noise
+    router_jitter: float = 0.0  # multiplicative router-input jitter eps (Switch), any router, training only
     load_balance_coef: float = 0.01
     z_loss_coef: float = 0.001
     bias_update_rate: float = 0.0  # >0 enables DeepSeek-V3 aux-loss-free balancing
@@ -53,6 +60,7 @@ class MoEConfig:
     dispatch: str = "auto"  # one of DISPATCH_IMPLS
     dead_expert_window: int = 100  # an expert is dead after this many steps without tokens
     expert_parallel_size: int = 1
+    num_groups: int = 3  # telemetry: group ids in [0, num_groups) get a per-group expert histogram
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -93,6 +101,8 @@ class MoEConfig:
             _fail("topk_order", self.topk_order, "only applies with score_func='softmax'")
         if self.router == "noisy_topk" and self.router_noise <= 0:
             _fail("router_noise", self.router_noise, "router='noisy_topk' needs router_noise > 0")
+        if self.router != "noisy_topk" and self.router_noise != 0:
+            _fail("router_noise", self.router_noise, "only applies to router='noisy_topk' (see router_jitter)")
         for name in ("router_noise", "router_jitter", "load_balance_coef", "z_loss_coef", "bias_update_rate"):
             if getattr(self, name) < 0:
                 _fail(name, getattr(self, name), "must be >= 0")
@@ -112,6 +122,10 @@ class MoEConfig:
             )
         if self.dead_expert_window < 1:
             _fail("dead_expert_window", self.dead_expert_window, "must be >= 1")
+        if self.num_groups < 1:
+            _fail("num_groups", self.num_groups, "must be >= 1")
+        if self.d_shared is not None and self.d_shared < 1:
+            _fail("d_shared", self.d_shared, "must be >= 1, or None for d_expert")
 
     @property
     def shared_width(self) -> int:

@@ -1,0 +1,138 @@
+"""Dispatch: send routed assignments to their experts, apply capacity, combine weighted outputs.
+
+Shapes: ``N`` tokens, ``D`` d_model, ``E`` experts, ``A`` assignments (see :class:`Routing`).
+
+- ``dispatch_reference``: obviously correct, slow. Its own capacity rule in plain Python, then one
+  expert call per kept assignment. Tests only.
+- ``dispatch_fast(impl='sorted')``: one stable argsort of assignments by expert (dropped ones last), one
+  gather of the kept rows, per-expert matmuls on contiguous slices of ``unbind``-ed weights, one
+  ``index_add`` back. Combine weights scale the narrower of the hidden ``[A, F]`` and output ``[A, D]``
+  rows (memory traffic, not FLOPs, is what the gather/scatter side costs). One host sync:
+  ``counts.tolist()`` to slice per expert.
+- ``dispatch_fast(impl='grouped_mm')``: the same permutation, then ``torch._grouped_mm`` over all
+  experts at once with device-side offsets; static shapes and no host sync. Dropped and padded
+  assignments ride along as zero rows at the tail of the last group (zero in, zero out, zero grad).
+
+Capacity keep rule (token choice, ``capacity`` C per expert, real tokens only): ``drop_policy='score'``
+keeps each expert's C highest-score assignments (batch-prioritised routing; ties go to the earlier
+token), ``'position'`` keeps its C earliest tokens (flattened B*T order). Dropped assignments contribute
+nothing: the token keeps its other experts' output and the residual.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moekit.moe.experts import RoutedExperts
+from moekit.moe.router import Routing
+
+
+def select_capacity(
+    expert_a: Tensor, score_a: Tensor, valid_a: Tensor, num_experts: int, capacity: Tensor | int, drop_policy: str
+) -> Tensor:
+    """Vectorised keep rule -> ``keep_a [A]`` bool. Assignments must come in token order (as token-choice
+    routing emits them: ``a = n*K + k``), which makes the flat order the 'position' priority."""
+    a = expert_a.numel()
+    device = expert_a.device
+    key_a = torch.where(valid_a, expert_a, num_experts)  # padded -> sentinel bucket E, never kept
+    if drop_policy == "score":
+        prio_a = torch.argsort(score_a, descending=True, stable=True)  # ties: earlier assignment first
+        order_a = prio_a[torch.argsort(key_a[prio_a], stable=True)]
+    else:
+        order_a = torch.argsort(key_a, stable=True)
+    key_sorted = key_a[order_a]  # [A] grouped by expert, by priority within each
+    counts_e = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+    counts_e.index_add_(0, key_a, torch.ones_like(key_a))
+    starts_e = counts_e.cumsum(0) - counts_e
+    rank_sorted = torch.arange(a, device=device) - starts_e[key_sorted]  # rank within the expert's queue
+    keep_sorted = (rank_sorted < capacity) & (key_sorted < num_experts)
+    return torch.empty_like(keep_sorted).scatter_(0, order_a, keep_sorted)
+
+
+def dispatch_fast(
+    x_nd: Tensor,
+    routing: Routing,
+    experts: RoutedExperts,
+    drop_policy: str,
+    impl: str = "sorted",
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Routed-expert output ``y_nd [N, D]`` (zero for padded tokens) and ``keep_a [A]``."""
+    n, d = x_nd.shape
+    num_experts = experts.num_experts
+    if routing.capacity is None:
+        keep_a = routing.valid_a
+    else:
+        keep_a = select_capacity(
+            routing.expert_a, routing.score_a, routing.valid_a, num_experts, routing.capacity, drop_policy
+        )
+    key_a = torch.where(keep_a, routing.expert_a, num_experts)  # dropped/padded -> sentinel E, sorts last
+    order_a = torch.argsort(key_a, stable=True)  # [A]
+    counts_e = torch.zeros(num_experts + 1, dtype=torch.long, device=x_nd.device)
+    counts_e = counts_e.index_add_(0, key_a, torch.ones_like(key_a))[:num_experts]  # kept rows per expert
+
+    scale_hidden = experts.scale_hidden
+    if impl == "grouped_mm":
+        a = order_a.numel()
+        token_a = routing.token_a[order_a]
+        kept_a = keep_a[order_a]
+        xs_ad = x_nd.index_select(0, token_a) * kept_a[:, None].to(x_nd.dtype)  # dropped rows -> zeros
+        offs_e = counts_e.cumsum(0).to(torch.int32)
+        offs_e[-1] = a  # the tail of zero rows joins the last group instead of being left uninitialised
+        weight_a = routing.weight_a[order_a] * kept_a
+        dtype = compute_dtype or x_nd.dtype
+        ys_ad = experts.forward_grouped(xs_ad, offs_e, dtype, weight_a if scale_hidden else None)
+    else:
+        counts = counts_e.tolist()  # the one host sync of this path: per-expert slice sizes
+        idx_a = order_a[: sum(counts)]
+        token_a = routing.token_a[idx_a]
+        weight_a = routing.weight_a[idx_a]
+        ys_ad = experts.forward_sorted(x_nd.index_select(0, token_a), counts, weight_a if scale_hidden else None)
+    if not scale_hidden:
+        ys_ad = ys_ad * weight_a.to(ys_ad.dtype)[:, None]
+    y_nd = ys_ad.new_zeros(n, d).index_add(0, token_a, ys_ad)
+    return y_nd, keep_a
+
+
+def reference_keep(
+    token_a: Tensor,
+    expert_a: Tensor,
+    score_a: Tensor,
+    valid_a: Tensor,
+    num_experts: int,
+    capacity: int | None,
+    drop_policy: str,
+) -> Tensor:
+    """Keep rule written out per expert: sort its real assignments by priority, keep the first C."""
+    tokens, experts, scores, valid = token_a.tolist(), expert_a.tolist(), score_a.tolist(), valid_a.tolist()
+    keep = [False] * len(tokens)
+    for e in range(num_experts):
+        mine = [a for a in range(len(tokens)) if valid[a] and experts[a] == e]
+        if capacity is not None:
+            if drop_policy == "score":
+                mine.sort(key=lambda a: (-scores[a], tokens[a]))
+            else:
+                mine.sort(key=lambda a: tokens[a])
+            mine = mine[:capacity]
+        for a in mine:
+            keep[a] = True
+    return torch.tensor(keep, dtype=torch.bool, device=token_a.device)
+
+
+def dispatch_reference(
+    x_nd: Tensor, routing: Routing, experts: RoutedExperts, capacity: int | None, drop_policy: str
+) -> tuple[Tensor, Tensor]:
+    """Loop over assignments: ``y[n] += weight * expert_e(x[n])`` for every kept one."""
+    n, d = x_nd.shape
+    keep_a = reference_keep(
+        routing.token_a, routing.expert_a, routing.score_a, routing.valid_a, experts.num_experts, capacity, drop_policy
+    )
+    rows = [x_nd.new_zeros(d) for _ in range(n)]
+    keep = keep_a.tolist()
+    for a, (tok, e) in enumerate(zip(routing.token_a.tolist(), routing.expert_a.tolist())):
+        if keep[a]:
+            out_d = experts.expert(x_nd[tok : tok + 1], e)[0]
+            rows[tok] = rows[tok] + routing.weight_a[a].to(x_nd.dtype) * out_d
+    y_nd = torch.stack(rows) if rows else x_nd.new_zeros(0, d)
+    return y_nd, keep_a

@@ -1,0 +1,162 @@
+"""MoELayer: router + routed experts + optional shared experts, the drop-in for a dense FFN slot.
+
+Shapes: ``B`` batch, ``T`` tokens, ``D`` d_model, ``N`` = B*T, ``E`` experts, ``A`` assignments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from moekit.moe.config import MoEConfig
+from moekit.moe.dispatch import dispatch_fast, dispatch_reference
+from moekit.moe.experts import RoutedExperts, SharedExperts, grouped_mm_supported
+from moekit.moe.losses import assignment_counts, load_balance_loss, router_z_loss
+from moekit.moe.router import Router, Routing
+from moekit.moe.telemetry import RoutingStats, compute_stats
+
+
+class MoEOutput(NamedTuple):
+    y: Tensor  # [B, T, D]
+    aux_loss: Tensor  # scalar, already weighted: load_balance_coef * lb + z_loss_coef * z
+    losses: dict[str, Tensor]  # unweighted: {"load_balance": .., "z": ..}
+    stats: RoutingStats
+
+
+class MoELayer(nn.Module):
+    """Routed SwiGLU experts (``cfg.num_experts`` of width ``cfg.d_expert``, ``cfg.top_k`` per token)
+    plus ``cfg.num_shared_experts`` always-active shared experts.
+
+    ``forward(x_btd, token_mask=None, group_ids=None) -> MoEOutput``. Padded tokens (``token_mask``
+    False) are never routed, use no capacity and do not enter the losses; their routed output is zero
+    (shared experts still apply). Weights start at normal(0, init_std); output projections
+    (``w_down``) at normal(0, out_init_std), default ``init_std`` (a dense model of L layers usually
+    passes ``init_std / sqrt(2 * L)``).
+
+    Parameters: ``router.weight [E, D]`` (+ ``router.w_noise`` for noisy top-k), ``experts.w_gate
+    [E, D, F]``, ``experts.w_up [E, D, F]``, ``experts.w_down [E, F, D]``, ``shared.{w_gate,w_up,w_down}
+    .weight`` (nn.Linear). Buffers: ``router.expert_bias [E]`` (persistent, only with
+    ``bias_update_rate > 0``), ``router.load_counts [E]`` and ``steps_since_used [E]`` (not persistent).
+    Training forwards update the last two; activation checkpointing that re-runs the forward counts
+    a micro-batch twice (harmless for the sign update, visible in the dead-expert age).
+
+    ``balance_scope='global'`` (with an initialised process group) all-reduces the load-balance
+    assignment counts and the aux-loss-free load; telemetry stays per rank.
+    """
+
+    def __init__(
+        self, d_model: int, cfg: MoEConfig, *, init_std: float = 0.02, out_init_std: float | None = None
+    ) -> None:
+        super().__init__()
+        if d_model < 1:
+            raise ValueError(f"MoELayer d_model={d_model!r} is invalid: must be >= 1")
+        if cfg.dispatch == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+            raise ValueError("MoEConfig.dispatch='grouped_mm' is invalid: this torch has no torch._grouped_mm")
+        self.cfg = cfg
+        self.d_model = d_model
+        out_std = init_std if out_init_std is None else out_init_std
+        self.router = Router(d_model, cfg, init_std=init_std)
+        self.experts = RoutedExperts(cfg.num_experts, d_model, cfg.d_expert, init_std=init_std, out_init_std=out_std)
+        self.shared: SharedExperts | None = None
+        if cfg.num_shared_experts > 0:
+            self.shared = SharedExperts(
+                d_model, cfg.num_shared_experts, cfg.shared_width, init_std=init_std, out_init_std=out_std
+            )
+        self.register_buffer("steps_since_used", torch.zeros(cfg.num_experts, dtype=torch.long), persistent=False)
+        # Expert-parallel hook (installed by moekit.moe.parallel.shard_experts): replaces the local dispatch
+        # with the same contract, (layer, x_nd, routing) -> (y_nd, keep_a).
+        self.expert_parallel: Callable[[MoELayer, Tensor, Routing], tuple[Tensor, Tensor]] | None = None
+
+    def route(self, x_nd: Tensor, mask_n: Tensor | None = None) -> Routing:
+        """The routing decision for flattened tokens ``x_nd [N, D]`` (no buffer updates)."""
+        return self.router(x_nd, mask_n)
+
+    def _compute_dtype(self, x: Tensor) -> torch.dtype:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
+
+    def resolve_dispatch(self, x: Tensor) -> str:
+        """Which implementation runs for input ``x``: 'reference', 'sorted' or 'grouped_mm'.
+
+        'grouped_mm' falls back to 'sorted' where the kernel does not run (dtype, device, alignment);
+        'auto' picks grouped_mm on CUDA in bf16 and sorted elsewhere (on CPU, per-expert BLAS calls
+        on contiguous slices are as fast and need no 16-byte-aligned widths).
+        """
+        impl = self.cfg.dispatch
+        if impl in ("reference", "sorted"):
+            return impl
+        dtype = self._compute_dtype(x)
+        ok = grouped_mm_supported(x.device, dtype, self.d_model, self.cfg.d_expert)
+        if impl == "auto":
+            ok = ok and x.device.type == "cuda" and dtype == torch.bfloat16
+        return "grouped_mm" if ok else "sorted"
+
+    def dispatch(self, x_nd: Tensor, routing: Routing, impl: str | None = None) -> tuple[Tensor, Tensor]:
+        """Routed-expert output ``[N, D]`` and ``keep_a [A]`` for a routing decision."""
+        if self.expert_parallel is not None:  # sharded experts: only the hook can run them
+            return self.expert_parallel(self, x_nd, routing)
+        impl = impl or self.resolve_dispatch(x_nd)
+        dtype = self._compute_dtype(x_nd)
+        if impl == "reference":
+            capacity = None
+            if routing.capacity is not None:
+                capacity = self.cfg.capacity(int(routing.num_real), self.training)  # host sync: tests only
+            y_nd, keep_a = dispatch_reference(x_nd, routing, self.experts, capacity, self.cfg.drop_policy)
+            return y_nd.to(dtype), keep_a  # same output dtype as the fast paths (autocast's)
+        return dispatch_fast(x_nd, routing, self.experts, self.cfg.drop_policy, impl=impl, compute_dtype=dtype)
+
+    def _losses(self, routing: Routing, mask_n: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg = self.cfg
+        z = router_z_loss(routing.logits_ne, mask_n)
+        if routing.expert_idx_nk is None:  # expert choice is balanced by construction
+            lb = z.new_zeros(())
+        else:
+            counts_e = None
+            if cfg.balance_scope == "global" and torch.distributed.is_available():
+                if torch.distributed.is_initialized():
+                    counts_e = assignment_counts(routing.expert_idx_nk, cfg.num_experts, mask_n)
+                    torch.distributed.all_reduce(counts_e)
+            lb = load_balance_loss(routing.probs_ne, routing.expert_idx_nk, mask_n, counts_e=counts_e)
+        aux = z.new_zeros(())
+        if cfg.load_balance_coef > 0:
+            aux = aux + cfg.load_balance_coef * lb
+        if cfg.z_loss_coef > 0:
+            aux = aux + cfg.z_loss_coef * z
+        return aux, {"load_balance": lb, "z": z}
+
+    def forward(self, x_btd: Tensor, token_mask: Tensor | None = None, group_ids: Tensor | None = None) -> MoEOutput:
+        """``x_btd [B, T, D]`` (any leading dims), ``token_mask [B, T]`` bool (True = real) or None,
+        ``group_ids [B, T]`` long for per-group telemetry (ids outside [0, num_groups) are not counted)."""
+        d = x_btd.shape[-1]
+        x_nd = x_btd.reshape(-1, d)  # [N, D]
+        mask_n = None if token_mask is None else token_mask.reshape(-1).to(torch.bool)
+        routing = self.route(x_nd, mask_n)
+        y_nd, keep_a = self.dispatch(x_nd, routing)
+        if self.shared is not None:
+            y_nd = y_nd + self.shared(x_nd)
+        aux, losses = self._losses(routing, mask_n)
+
+        if self.training:
+            with torch.no_grad():
+                self.router.record_load(routing)
+                used_e = torch.zeros_like(self.steps_since_used).index_add_(0, routing.expert_a, keep_a.long()) > 0
+                self.steps_since_used.copy_(torch.where(used_e, 0, self.steps_since_used + 1))
+        dead = (self.steps_since_used >= self.cfg.dead_expert_window).sum()
+        group_n = None if group_ids is None else group_ids.reshape(-1)
+        stats = compute_stats(routing, keep_a, mask_n, self.cfg.num_experts, dead, group_n, self.cfg.num_groups)
+        return MoEOutput(y_nd.view(x_btd.shape), aux, losses, stats)
+
+    def update_bias(self) -> None:
+        """Aux-loss-free balancing step (no-op unless ``bias_update_rate > 0``); see :meth:`Router.update_bias`."""
+        self.router.update_bias()
+
+
+def update_router_biases(model: nn.Module) -> None:
+    """Apply :meth:`MoELayer.update_bias` to every MoE layer in ``model``; call after ``optimizer.step()``."""
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.update_bias()

@@ -1,0 +1,123 @@
+"""Routing telemetry: per-layer counters as device tensors (no host sync until logged).
+
+Shapes: ``N`` tokens, ``E`` experts, ``A`` assignments, ``Gr`` telemetry groups (e.g. text / image /
+audio tokens, from ``group_ids``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moekit.moe.router import Routing
+
+
+@dataclass
+class RoutingStats:
+    """One MoE layer's routing for one forward. All fields are detached tensors."""
+
+    tokens_per_expert: Tensor  # [E] assignments each expert processed (after capacity)
+    routed_assignments: Tensor  # scalar: real assignments before capacity (expert choice: slots filled)
+    dropped_assignments: Tensor  # scalar: real assignments removed by capacity
+    dropped_tokens: Tensor  # scalar: real tokens left with no routed expert at all
+    num_tokens: Tensor  # scalar: real tokens
+    router_entropy: Tensor  # scalar: mean over real tokens of the routing distribution's entropy (nats)
+    dead_experts: Tensor  # scalar: experts unused for >= dead_expert_window training forwards
+    tokens_per_expert_by_group: Tensor | None = None  # [Gr, E] kept assignments by token group
+
+    @property
+    def drop_rate(self) -> Tensor:
+        return self.dropped_assignments / self.routed_assignments.clamp(min=1)
+
+    @property
+    def load_imbalance(self) -> Tensor:
+        """max / mean of tokens_per_expert: 1.0 is perfectly balanced, E means one expert took all."""
+        load = self.tokens_per_expert.float()
+        return load.max() / load.mean().clamp(min=1e-9)
+
+    @property
+    def load_cv(self) -> Tensor:
+        """Coefficient of variation std / mean (population std) of tokens_per_expert."""
+        load = self.tokens_per_expert.float()
+        return load.std(unbiased=False) / load.mean().clamp(min=1e-9)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain floats and lists for JSON logging (this is where the host sync happens)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name] = value.tolist()
+        for name in ("drop_rate", "load_imbalance", "load_cv"):
+            out[name] = getattr(self, name).item()
+        return out
+
+
+_SCALARS = ("drop_rate", "router_entropy", "load_imbalance", "load_cv")
+
+
+def summarize_routing(stats: Sequence[RoutingStats], prefix: str = "moe/") -> dict[str, float]:
+    """Aggregate layers for logging with one host sync: means of rates, entropy, imbalance and CV,
+    the worst layer's imbalance, and totals of dropped tokens and dead experts."""
+    if not stats:
+        return {}
+    per_layer = torch.stack(
+        [
+            torch.stack(
+                [getattr(s, name).float() for name in _SCALARS] + [s.dropped_tokens.float(), s.dead_experts.float()]
+            )
+            for s in stats
+        ]
+    )  # [layers, len(_SCALARS) + 2]
+    means, maxes, sums = per_layer.mean(0).tolist(), per_layer.amax(0).tolist(), per_layer.sum(0).tolist()
+    out = {f"{prefix}{name}": means[i] for i, name in enumerate(_SCALARS)}
+    out[f"{prefix}load_imbalance_max"] = maxes[_SCALARS.index("load_imbalance")]
+    out[f"{prefix}dropped_tokens"] = sums[len(_SCALARS)]
+    out[f"{prefix}dead_experts"] = sums[len(_SCALARS) + 1]
+    return out
+
+
+@torch.no_grad()
+def compute_stats(
+    routing: Routing,
+    keep_a: Tensor,
+    mask_n: Tensor | None,
+    num_experts: int,
+    dead_experts: Tensor,
+    group_n: Tensor | None = None,
+    num_groups: int = 3,
+) -> RoutingStats:
+    """Counters from one routing decision and the dispatch's ``keep_a``; sync-free (index_add, no bincount)."""
+    device = keep_a.device
+    n = routing.probs_ne.shape[0]
+    kept_a = keep_a.float()
+    tokens_per_expert = torch.zeros(num_experts, device=device).index_add_(0, routing.expert_a, kept_a)
+    routed = routing.valid_a.sum().float()
+    kept = kept_a.sum()
+    real_n = torch.ones(n, dtype=torch.bool, device=device) if mask_n is None else mask_n
+    kept_per_token_n = torch.zeros(n, device=device).index_add_(0, routing.token_a, kept_a)
+    dropped_tokens = ((kept_per_token_n == 0) & real_n).sum().float()
+    entropy_n = torch.special.entr(routing.probs_ne.float()).sum(-1)
+    num_tokens = real_n.sum().float()
+    entropy = (entropy_n * real_n).sum() / num_tokens.clamp(min=1)
+    by_group = None
+    if group_n is not None:
+        group_a = group_n[routing.token_a]
+        in_range_a = (group_a >= 0) & (group_a < num_groups)
+        cell_a = group_a.clamp(0, num_groups - 1) * num_experts + routing.expert_a
+        by_group = torch.zeros(num_groups * num_experts, device=device)
+        by_group = by_group.index_add_(0, cell_a, kept_a * in_range_a).view(num_groups, num_experts)
+    return RoutingStats(
+        tokens_per_expert=tokens_per_expert,
+        routed_assignments=routed,
+        dropped_assignments=routed - kept,
+        dropped_tokens=dropped_tokens,
+        num_tokens=num_tokens,
+        router_entropy=entropy,
+        dead_experts=dead_experts.detach(),
+        tokens_per_expert_by_group=by_group,
+    )

@@ -1,0 +1,212 @@
+"""Fast dispatch paths vs the reference: outputs, keep decisions and every gradient, across the config matrix."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+from moekit.moe.config import MoEConfig
+from moekit.moe.dispatch import reference_keep, select_capacity
+from moekit.moe.experts import grouped_mm_supported
+from moekit.moe.layer import MoELayer
+
+D = 8
+# torch.default_generator.manual_seed: CPU-only seeding; torch.manual_seed also queues lazy CUDA/XPU/MTIA
+# seeding with a formatted stack trace, which costs more than a whole test case here.
+
+
+def _matrix() -> list[MoEConfig]:
+    """Every valid combination, minus combinations that differ only in fields the router ignores
+    (expert choice: order/renormalize/policy; dropless: policy; top-k-then-softmax and top-1: renormalize)."""
+    cfgs, seen = [], set()
+    axes = itertools.product(
+        ("topk", "switch", "noisy_topk", "expert_choice"),
+        ("softmax", "sigmoid"),
+        ("softmax_then_topk", "topk_then_softmax"),
+        (True, False),
+        (None, 0.5, 1.0, 1.5),
+        ("score", "position"),
+        (0, 2),
+        (False, True),
+    )
+    for router, score, order, renorm, cap, policy, shared, fine in axes:
+        e, k, f = (16, 4, 4) if fine else (4, 2, 8)
+        k = 1 if router == "switch" else k
+        try:
+            cfg = MoEConfig(
+                num_experts=e,
+                top_k=k,
+                d_expert=f,
+                num_shared_experts=shared,
+                d_shared=4,
+                router=router,
+                score_func=score,
+                topk_order=order,
+                renormalize=renorm,
+                capacity_factor=cap,
+                drop_policy=policy,
+                router_noise=0.5 if router == "noisy_topk" else 0.0,
+                router_jitter=0.1 if router == "switch" else 0.0,
+                router_dtype="model",
+                z_loss_coef=0.01,
+            )
+        except ValueError:
+            continue
+        ignored = []
+        if router == "expert_choice":
+            ignored = ["topk_order", "renormalize", "drop_policy"]
+        elif cap is None:
+            ignored = ["drop_policy"]
+        if router != "expert_choice" and (order == "topk_then_softmax" or k == 1):
+            ignored.append("renormalize")
+        key = tuple(sorted((n, repr(v)) for n, v in cfg.to_dict().items() if n not in ignored))
+        if key not in seen:
+            seen.add(key)
+            cfgs.append(cfg)
+    return cfgs
+
+
+MATRIX = _matrix()
+
+
+def _cfg_id(cfg: MoEConfig) -> str:
+    return (
+        f"{cfg.router}-{cfg.score_func}-{cfg.topk_order[:4]}-rn{int(cfg.renormalize)}-cap{cfg.capacity_factor}"
+        f"-{cfg.drop_policy}-sh{cfg.num_shared_experts}-E{cfg.num_experts}K{cfg.top_k}"
+    )
+
+
+def _run(cfg: MoEConfig, impl: str, state: dict, x_btd: torch.Tensor, mask_bt: torch.Tensor, proj: torch.Tensor):
+    layer = MoELayer(D, dataclasses.replace(cfg, dispatch=impl)).to(x_btd.dtype)
+    layer.load_state_dict(state)
+    layer.train()
+    x = x_btd.clone().requires_grad_(True)
+    torch.default_generator.manual_seed(1234)  # same noise / jitter draws for every implementation
+    out = layer(x, token_mask=mask_bt)
+    assert layer.resolve_dispatch(x) == impl
+    ((out.y * proj).sum() + out.aux_loss).backward()
+    grads = {"x": x.grad}
+    grads.update({name: p.grad for name, p in layer.named_parameters()})
+    return out, grads
+
+
+def _inputs(dtype: torch.dtype, cfg: MoEConfig):
+    gen = torch.Generator().manual_seed(0)
+    x_btd = torch.randn(2, 5, D, generator=gen, dtype=dtype)
+    mask_bt = torch.ones(2, 5, dtype=torch.bool)
+    mask_bt[0, 4:] = False  # right padding
+    mask_bt[1, :2] = False  # left padding: positions matter for drop_policy='position'
+    proj = torch.randn(2, 5, D, generator=gen, dtype=dtype)
+    torch.default_generator.manual_seed(0)
+    state = MoELayer(D, cfg, init_std=0.5).to(dtype).state_dict()
+    return x_btd, mask_bt, proj, state
+
+
+def _assert_same(ref, fast, atol: float, rtol: float) -> None:
+    (out_r, grads_r), (out_f, grads_f) = ref, fast
+    assert torch.equal(out_r.stats.tokens_per_expert, out_f.stats.tokens_per_expert)
+    assert torch.equal(out_r.stats.dropped_assignments, out_f.stats.dropped_assignments)
+    torch.testing.assert_close(out_f.y, out_r.y, atol=atol, rtol=rtol)
+    assert grads_r.keys() == grads_f.keys()
+    for name, g_ref in grads_r.items():
+        assert g_ref is not None, name
+        torch.testing.assert_close(grads_f[name], g_ref, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_matrix_covers_the_axes():
+    assert len({(c.router, c.score_func, c.topk_order) for c in MATRIX}) == 4 * 3 - 1  # switch+sigmoid order
+    assert {c.capacity_factor for c in MATRIX} == {None, 0.5, 1.0, 1.5}
+    assert len(MATRIX) > 300
+
+
+@pytest.mark.parametrize("cfg", MATRIX, ids=_cfg_id)
+def test_sorted_matches_reference_float64(cfg: MoEConfig):
+    x_btd, mask_bt, proj, state = _inputs(torch.float64, cfg)
+    ref = _run(cfg, "reference", state, x_btd, mask_bt, proj)
+    if cfg.capacity_factor == 0.5 and cfg.router != "expert_choice":
+        assert ref[0].stats.dropped_assignments > 0  # the capacity branch really drops here
+    _assert_same(ref, _run(cfg, "sorted", state, x_btd, mask_bt, proj), atol=1e-12, rtol=1e-10)
+
+
+NO_GROUPED_MM = not grouped_mm_supported(torch.device("cpu"), torch.float32, D, 4)
+
+
+# _grouped_mm has no float64 kernel: float32 with a tolerance (routing is shared code, so decisions are
+# identical). Every combination against the float64-verified sorted path, a sample against the reference.
+@pytest.mark.skipif(NO_GROUPED_MM, reason="no _grouped_mm")
+@pytest.mark.parametrize("cfg", MATRIX, ids=_cfg_id)
+def test_grouped_mm_matches_sorted_float32(cfg: MoEConfig):
+    x_btd, mask_bt, proj, state = _inputs(torch.float32, cfg)
+    ref = _run(cfg, "sorted", state, x_btd, mask_bt, proj)
+    _assert_same(ref, _run(cfg, "grouped_mm", state, x_btd, mask_bt, proj), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(NO_GROUPED_MM, reason="no _grouped_mm")
+@pytest.mark.parametrize("cfg", MATRIX[::7], ids=_cfg_id)
+def test_grouped_mm_matches_reference_float32(cfg: MoEConfig):
+    x_btd, mask_bt, proj, state = _inputs(torch.float32, cfg)
+    ref = _run(cfg, "reference", state, x_btd, mask_bt, proj)
+    _assert_same(ref, _run(cfg, "grouped_mm", state, x_btd, mask_bt, proj), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["sorted", "grouped_mm", "reference"])
+def test_bf16_autocast_close_to_float32(impl: str):
+    cfg = MoEConfig(num_experts=4, top_k=2, d_expert=16, capacity_factor=1.0, num_shared_experts=1, dispatch=impl)
+    torch.default_generator.manual_seed(0)
+    layer = MoELayer(D, cfg, init_std=0.3)
+    x = torch.randn(2, 6, D, requires_grad=True)
+    want = layer(x).y
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.y.dtype == torch.bfloat16 and out.aux_loss.dtype == torch.float32
+    torch.testing.assert_close(out.y.float(), want, atol=2e-2, rtol=5e-2)
+    out.y.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+def test_grouped_mm_backward_accepts_expanded_grad():
+    if not grouped_mm_supported(torch.device("cpu"), torch.float32, D, 8):
+        pytest.skip("no _grouped_mm")
+    torch.default_generator.manual_seed(0)
+    layer = MoELayer(D, MoEConfig(num_experts=4, top_k=2, d_expert=8, dispatch="grouped_mm"))
+    x = torch.randn(3, 4, D, requires_grad=True)
+    layer(x).y.sum().backward()  # sum() hands an expanded (stride-0) grad to the last matmul
+    assert torch.isfinite(layer.experts.w_down.grad).all() and layer.experts.w_down.grad.abs().sum() > 0
+
+
+def test_grouped_mm_falls_back_to_sorted_where_unsupported():
+    layer = MoELayer(6, MoEConfig(num_experts=4, top_k=2, d_expert=6, dispatch="grouped_mm"))
+    assert layer.resolve_dispatch(torch.zeros(1, 6)) == "sorted"  # 6 floats: row stride not 16-byte aligned
+    assert layer.resolve_dispatch(torch.zeros(1, 6, dtype=torch.float64)) == "sorted"
+    auto = MoELayer(8, MoEConfig(num_experts=4, top_k=2, d_expert=8, dispatch="auto"))
+    assert auto.resolve_dispatch(torch.zeros(1, 8)) == "sorted"  # auto: grouped_mm only on CUDA bf16
+
+
+# Hand-made keep rule: 6 tokens, top-1, every assignment's expert and score chosen by hand.
+EXPERT_A = torch.tensor([0, 0, 1, 0, 0, 1])
+SCORE_A = torch.tensor([0.1, 0.9, 0.5, 0.9, 0.3, 0.7])
+TOKEN_A = torch.arange(6)
+
+
+@pytest.mark.parametrize(
+    ("capacity", "policy", "valid", "expected"),
+    [
+        (2, "score", [1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 0, 1]),  # expert 0 keeps its two 0.9s
+        (1, "score", [1, 1, 1, 1, 1, 1], [0, 1, 0, 0, 0, 1]),  # tie 0.9/0.9 -> the earlier token
+        (2, "position", [1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 1]),  # earliest tokens win
+        (2, "position", [0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]),  # padded tokens take no slot
+        (1, "score", [1, 0, 1, 0, 1, 1], [0, 0, 0, 0, 1, 1]),  # padded 0.9s cannot win; 0.3 beats 0.1
+        (None, "score", [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]),  # dropless keeps every real one
+    ],
+)
+def test_keep_rule_by_hand(capacity, policy, valid, expected):
+    valid_a = torch.tensor(valid, dtype=torch.bool)
+    want = torch.tensor(expected, dtype=torch.bool)
+    ref = reference_keep(TOKEN_A, EXPERT_A, SCORE_A, valid_a, 2, capacity, policy)
+    assert torch.equal(ref, want)
+    if capacity is not None:
+        fast = select_capacity(EXPERT_A, SCORE_A, valid_a, 2, torch.tensor(capacity), policy)
+        assert torch.equal(fast, want)

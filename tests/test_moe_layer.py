@@ -1,0 +1,182 @@
+"""MoELayer: padding semantics, capacity bounds, shared experts, aux-loss-free balancing, training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.moe.config import MoEConfig
+from moekit.moe.layer import MoELayer, MoEOutput, update_router_biases
+
+D = 8
+
+
+def _layer(seed: int = 0, init_std: float = 0.5, **kw) -> MoELayer:
+    cfg = MoEConfig(**{"num_experts": 4, "top_k": 2, "d_expert": 8, "router_dtype": "float64", **kw})
+    torch.manual_seed(seed)
+    return MoELayer(D, cfg, init_std=init_std).double()
+
+
+def _swiglu(x, w_gate, w_up, w_down):
+    return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
+
+
+MASK = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"capacity_factor": 0.5, "drop_policy": "score"},
+        {"capacity_factor": 0.5, "drop_policy": "position"},
+        {"router": "expert_choice", "capacity_factor": 1.0},
+        {"router": "switch", "top_k": 1, "capacity_factor": 1.0},
+        {"num_shared_experts": 1, "capacity_factor": 1.0, "dispatch": "reference"},
+    ],
+)
+def test_padded_tokens_are_invisible(kw):
+    """Real tokens get exactly what they get with the padding cut out; padded routed output is zero."""
+    layer = _layer(**kw)
+    x = torch.randn(2, 6, D, dtype=torch.float64).masked_fill(~MASK[..., None], 100.0)
+    out = layer(x, MASK)
+    cut = layer(x[MASK][None])
+    torch.testing.assert_close(out.y[MASK], cut.y[0])
+    assert torch.equal(out.stats.tokens_per_expert, cut.stats.tokens_per_expert)
+    assert out.stats.num_tokens.item() == MASK.sum().item()
+    shared = layer.shared(x[~MASK]) if layer.shared is not None else 0.0
+    torch.testing.assert_close(out.y[~MASK], torch.zeros_like(out.y[~MASK]) + shared)
+
+
+@pytest.mark.parametrize("router", ["topk", "switch", "expert_choice"])
+@pytest.mark.parametrize("factor", [0.5, 1.0, 1.5])
+def test_no_expert_exceeds_capacity(router: str, factor: float):
+    k = 1 if router == "switch" else 2
+    layer = _layer(router=router, top_k=k, capacity_factor=factor, init_std=2.0)  # skewed routing
+    out = layer(torch.randn(2, 6, D, dtype=torch.float64), MASK)
+    cap = layer.cfg.capacity(int(MASK.sum()), training=True)
+    assert out.stats.tokens_per_expert.max().item() <= cap
+    if router != "expert_choice":
+        assert out.stats.routed_assignments.item() == MASK.sum().item() * k
+
+
+def test_dropless_never_drops():
+    layer = _layer(init_std=3.0)  # very skewed router: one expert would blow any capacity
+    out = layer(torch.randn(4, 8, D, dtype=torch.float64))
+    assert out.stats.dropped_assignments.item() == 0 and out.stats.dropped_tokens.item() == 0
+    assert out.stats.tokens_per_expert.sum().item() == 4 * 8 * 2
+
+
+def test_eval_capacity_factor_applies_in_eval():
+    layer = _layer(capacity_factor=0.5, eval_capacity_factor=4.0, init_std=2.0)
+    x = torch.randn(2, 6, D, dtype=torch.float64)
+    assert layer.train()(x).stats.dropped_assignments.item() > 0
+    assert layer.eval()(x).stats.dropped_assignments.item() == 0
+
+
+def test_single_expert_is_a_dense_swiglu():
+    layer = _layer(num_experts=1, top_k=1, num_shared_experts=2, d_shared=3)
+    x = torch.randn(2, 3, D, dtype=torch.float64)
+    ex, sh = layer.experts, layer.shared
+    # Two shared experts = the two halves of the fused hidden layer, summed.
+    shared = sum(
+        _swiglu(x, sh.w_gate.weight[s].T, sh.w_up.weight[s].T, sh.w_down.weight[:, s].T)
+        for s in (slice(0, 3), slice(3, 6))
+    )
+    want = _swiglu(x, ex.w_gate[0], ex.w_up[0], ex.w_down[0]) + shared  # softmax over one expert = 1
+    out = layer(x)
+    assert isinstance(out, MoEOutput) and out.y.shape == x.shape
+    torch.testing.assert_close(out.y, want)
+
+
+def test_init_std_and_output_projection_std():
+    cfg = MoEConfig(num_experts=4, top_k=2, d_expert=128, num_shared_experts=1)
+    torch.manual_seed(0)
+    layer = MoELayer(128, cfg, init_std=0.05, out_init_std=0.01)
+    for p, std in [
+        (layer.router.weight, 0.05),
+        (layer.experts.w_gate, 0.05),
+        (layer.experts.w_up, 0.05),
+        (layer.experts.w_down, 0.01),
+        (layer.shared.w_down.weight, 0.01),
+    ]:
+        assert p.std().item() == pytest.approx(std, rel=0.1)
+    assert tuple(layer.experts.w_gate.shape) == (4, 128, 128) and tuple(layer.experts.w_down.shape) == (4, 128, 128)
+
+
+def _skewed_balancing_layer(rate: float) -> MoELayer:
+    layer = _layer(num_experts=4, top_k=1, bias_update_rate=rate, init_std=0.1)
+    with torch.no_grad():
+        layer.router.weight[0] += 0.15  # expert 0 wins for most inputs with a positive mean
+    return layer
+
+
+def test_aux_loss_free_bias_moves_toward_balance():
+    layer = _skewed_balancing_layer(rate=0.01)
+    x = torch.randn(16, 8, D, dtype=torch.float64).abs()
+    first = layer(x).stats.load_imbalance.item()
+    assert first > 3.0
+    for _ in range(20):
+        layer(x)
+        update_router_biases(nn.Sequential(nn.Identity(), layer))
+    assert layer.router.expert_bias[0].item() < 0 < layer.router.expert_bias[1:].max().item()
+    assert layer(x).stats.load_imbalance.item() < first / 2
+
+
+def test_bias_counts_accumulate_over_micro_batches_and_reset():
+    layer = _skewed_balancing_layer(rate=0.1)
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    a = layer(x[:1]).stats.tokens_per_expert
+    b = layer(x[1:], torch.tensor([[True, True, True, False, False]])).stats.tokens_per_expert
+    assert torch.equal(layer.router.load_counts, (a + b).long())
+    counts = layer.router.load_counts.double()
+    layer.update_bias()
+    torch.testing.assert_close(layer.router.expert_bias, 0.1 * torch.sign(counts.mean() - counts))
+    assert layer.router.load_counts.sum().item() == 0
+    layer.eval()(x)  # eval forwards record nothing, so the next update is a no-op
+    bias = layer.router.expert_bias.clone()
+    layer.update_bias()
+    assert torch.equal(layer.router.expert_bias, bias)
+    assert "router.expert_bias" in layer.state_dict() and "router.load_counts" not in layer.state_dict()
+
+
+def test_layer_trains_on_toy_regression():
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=4, top_k=2, d_expert=16, capacity_factor=1.5, num_shared_experts=1)
+    layer = MoELayer(D, cfg, init_std=0.2)
+    x = torch.randn(4, 16, D)
+    target = torch.tanh(x @ torch.randn(D, D))
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    router_init = layer.router.weight.detach().clone()
+    losses = []
+    for _ in range(30):
+        out = layer(x)
+        loss = F.mse_loss(out.y, target)
+        (loss + out.aux_loss).backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert not torch.allclose(layer.router.weight, router_init)
+
+
+def test_global_balance_scope_single_rank(tmp_path):
+    """balance_scope='global' sums counts over ranks; with one rank it must equal the local result."""
+    dist = torch.distributed
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group yet")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        x = torch.randn(2, 6, D, dtype=torch.float64)
+        local, glob = _skewed_balancing_layer(0.1), _skewed_balancing_layer(0.1)
+        glob.cfg.balance_scope = "global"
+        out_local, out_global = local(x), glob(x)
+        torch.testing.assert_close(out_global.losses["load_balance"], out_local.losses["load_balance"])
+        local.update_bias()
+        glob.update_bias()
+        assert torch.equal(glob.router.expert_bias, local.router.expert_bias)
+        assert glob.router.expert_bias.abs().sum() > 0
+    finally:
+        dist.destroy_process_group()
