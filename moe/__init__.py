@@ -5,14 +5,35 @@ losses, capacity with dropping or dropless, shared and fine-grained experts, a f
 against a naive reference, routing telemetry, dense twins and sparse upcycling.
 """
 
+import importlib
+from typing import Any
+
 from moekit.moe.config import MoEConfig
 from moekit.moe.experts import RoutedExperts, SharedExperts
 from moekit.moe.layer import MoELayer, MoEOutput, update_router_biases
 from moekit.moe.losses import assignment_counts, load_balance_loss, router_z_loss
-from moekit.moe.matching import MatchReport, check_matched, dense_twin, describe, param_matched_twin
 from moekit.moe.router import Router, Routing
 from moekit.moe.telemetry import RoutingStats, summarize_routing
-from moekit.moe.upcycle import upcycle
+
+# matching and upcycle build on moekit.core, whose ModelConfig imports MoEConfig from this package:
+# loading them on first use (PEP 562) keeps `import moekit.core` and `import moekit.moe` cycle-free.
+_LAZY = {
+    "MatchReport": "moekit.moe.matching",
+    "check_matched": "moekit.moe.matching",
+    "dense_twin": "moekit.moe.matching",
+    "describe": "moekit.moe.matching",
+    "param_matched_twin": "moekit.moe.matching",
+    "upcycle": "moekit.moe.upcycling",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'moekit.moe' has no attribute {name!r}")
+
 
 __all__ = [
     "MatchReport",

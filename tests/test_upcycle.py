@@ -6,7 +6,7 @@ import torch
 from moekit.core.config import ModelConfig
 from moekit.core.model import Transformer
 from moekit.moe.config import MoEConfig
-from moekit.moe.upcycle import upcycle
+from moekit.moe.upcycling import upcycle
 
 
 def dense_model() -> Transformer:

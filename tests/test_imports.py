@@ -1,0 +1,23 @@
+"""Each package imports on its own, in any order, and exports what its __all__ promises."""
+
+import subprocess
+import sys
+
+import pytest
+
+PACKAGES = ["moekit.core", "moekit.moe", "moekit.multimodal"]
+
+
+@pytest.mark.parametrize("first", PACKAGES + ["moekit.core.layers", "moekit.moe.matching", "moekit.core.train"])
+def test_fresh_import_order(first):
+    code = f"import {first}\n" + "".join(f"import {p}\n" for p in PACKAGES)
+    code += "".join(f"m = __import__('{p}', fromlist=['*'])\n[getattr(m, n) for n in m.__all__]\n" for p in PACKAGES)
+    # The GPL speech engine must never be loaded by importing the library.
+    code += "import sys\nassert not any('espeak' in k for k in sys.modules), 'espeak loaded'\n"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_lazy_exports_are_functions():
+    from moekit.moe import dense_twin, upcycle
+
+    assert callable(upcycle) and callable(dense_twin)
