@@ -12,6 +12,18 @@ from moekit.moe.config import MoEConfig
 from moekit.moe.experts import RoutedExperts, SharedExperts
 from moekit.moe.layer import MoELayer, MoEOutput, update_router_biases
 from moekit.moe.losses import assignment_counts, load_balance_loss, router_z_loss
+from moekit.moe.parallel import (
+    ExpertParallelGroups,
+    allreduce_expert_grads,
+    apply_expert_parallel,
+    comm_volume,
+    ep_clip_grad_norm_,
+    exclude_experts_from_ddp,
+    expert_parameters,
+    init_expert_parallel,
+    shard_experts,
+    unshard_experts,
+)
 from moekit.moe.router import Router, Routing
 from moekit.moe.telemetry import RoutingStats, summarize_routing
 
@@ -36,6 +48,16 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ExpertParallelGroups",
+    "allreduce_expert_grads",
+    "apply_expert_parallel",
+    "comm_volume",
+    "ep_clip_grad_norm_",
+    "exclude_experts_from_ddp",
+    "expert_parameters",
+    "init_expert_parallel",
+    "shard_experts",
+    "unshard_experts",
     "MatchReport",
     "MoEConfig",
     "MoELayer",
