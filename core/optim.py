@@ -1,0 +1,71 @@
+"""AdamW with decoupled weight decay on matrices only, and the warmup + decay learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+DECAY_SCHEDULES = ("cosine", "linear", "constant")
+
+
+def split_decay_params(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Parameter names that get weight decay, and those that do not.
+
+    No decay for vectors (norm gains, biases, router biases) nor for embedding tables: decaying them
+    shrinks scales and rare-token rows for no regularisation benefit. Matrices (and stacked expert
+    tensors, ndim >= 2) decay. A tied LM head shares the embedding parameter, so it is not decayed either.
+    """
+    embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():  # shared (tied) parameters are listed once
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or id(p) in embedding_params else decay).append(name)
+    return decay, no_decay
+
+
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    decay, no_decay = split_decay_params(model)
+    params = dict(model.named_parameters())
+    groups = [
+        {"params": [params[n] for n in decay], "weight_decay": weight_decay},
+        {"params": [params[n] for n in no_decay], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float, decay: str = "cosine") -> float:
+    """Multiplier on the peak learning rate for optimizer step ``step`` (0-based).
+
+    Linear warmup ``(step + 1) / warmup_steps`` (so the first step already moves), then a decay from 1 to
+    ``min_lr_ratio`` reached at the last step of ``total_steps``.
+    """
+    if decay not in DECAY_SCHEDULES:
+        raise ValueError(f"decay={decay!r} is invalid; allowed values are {', '.join(DECAY_SCHEDULES)}")
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
+    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float, decay: str
+) -> LambdaLR:
+    """LambdaLR over ``lr_factor``. Its state is just the step count, so resume restores it exactly."""
+
+    def factor(step: int) -> float:
+        return lr_factor(step, warmup_steps, total_steps, min_lr_ratio, decay)
+
+    return LambdaLR(optimizer, factor)

@@ -1,0 +1,584 @@
+"""TrainConfig and the reusable training loop over Accelerate; ``build_lm_trainer`` wires it for language models.
+
+Shapes: ``B`` micro-batch (sequences), ``T`` sequence length, ``K`` logged loss components.
+
+Data order never comes from a DataLoader: ``StepSampler`` fixes the global batch of every step, each rank
+takes its contiguous shard, and the shard is cut into micro-batches for gradient accumulation. So a run
+on 1 or N processes, or one resumed from a checkpoint, sees exactly the same sequences at every step.
+
+Metrics (``<run_dir>/metrics.jsonl``, one JSON object per log event, and TensorBoard under ``<run_dir>/tb``):
+``train_loss`` is the LM cross-entropy (the objective is ``loss + aux_loss``; ``aux_loss`` is logged apart),
+``val_bpb = val_loss / ln 2 * tokens_per_byte``, ``tokens_per_s`` over all ranks, excluding eval/save time.
+``mfu = 3 * flops_per_token * tokens_per_s / (num_processes * probe_flops)``, where ``probe_flops`` is the
+best FLOP/s of a square matmul in the training dtype on this machine (``measure_matmul_flops``, run at
+start-up and again after each evaluation, keeping the best): an achievable peak rather than a datasheet
+number, so it is meaningful on CPUs and unknown GPUs alike, and lower than vendor-peak-based MFU figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from moekit.core.checkpoint import CheckpointManager
+from moekit.core.data import StepSampler, make_batch
+from moekit.core.optim import DECAY_SCHEDULES, build_optimizer, build_scheduler
+
+if TYPE_CHECKING:
+    from moekit.core.configio import RunConfig
+    from moekit.core.tokenizer import ByteTokenizer
+
+MIXED_PRECISIONS = ("no", "bf16")
+TRACKERS = ("tensorboard", "none")
+METRICS_FILE = "metrics.jsonl"
+IGNORE_INDEX = -100
+
+
+def _fail(cls: str, name: str, value: Any, allowed: str) -> NoReturn:
+    raise ValueError(f"{cls}.{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, evaluation and bookkeeping of one run. Batch sizes count sequences."""
+
+    steps: int = 1000  # optimizer steps; the lr schedule spans exactly these
+    batch_size: int = 32  # global batch: sequences per optimizer step over all ranks and micro-batches
+    micro_batch_size: int | None = None  # sequences per forward on one rank; None = batch_size / num_processes
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    warmup_steps: int = 100
+    decay: str = "cosine"  # one of DECAY_SCHEDULES
+    weight_decay: float = 0.1  # matrices only (see optim.split_decay_params)
+    betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    grad_clip: float | None = 1.0  # max global grad norm; None = no clipping
+    mixed_precision: str = "no"  # "no" (float32) or "bf16" autocast (CPU too)
+    eval_every: int = 200  # steps between evaluations; 0 = only at the end
+    eval_batches: int = 4  # val windows evaluated = eval_batches * batch_size (capped by the val set)
+    log_every: int = 10
+    save_every: int = 0  # steps between checkpoints; 0 = only when train() returns
+    keep_checkpoints: int = 2
+    seed: int = 0
+    log_with: str = "tensorboard"  # one of TRACKERS
+    progress_bar: bool = True
+    mfu_probe: bool = True  # time a matmul at start-up for the MFU denominator
+    cpu: bool = False  # force CPU even when an accelerator is present
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision is False:  # YAML 1.1 reads an unquoted `no` as false
+            self.mixed_precision = "no"
+        for name, low in (("steps", 1), ("batch_size", 1), ("log_every", 1), ("eval_batches", 1),
+                          ("keep_checkpoints", 1), ("warmup_steps", 0), ("eval_every", 0), ("save_every", 0),
+                          ("seed", 0)):  # fmt: skip
+            if not _is_int(getattr(self, name)) or getattr(self, name) < low:
+                _fail("TrainConfig", name, getattr(self, name), f"must be an int >= {low}")
+        mb = self.micro_batch_size
+        if mb is not None and (not _is_int(mb) or mb < 1 or self.batch_size % mb):
+            _fail(
+                "TrainConfig", "micro_batch_size", mb, f"must be an int >= 1 that divides batch_size={self.batch_size}"
+            )
+        for name, ok, rule in (
+            ("lr", lambda x: x > 0, "> 0"),
+            ("min_lr_ratio", lambda x: 0 <= x <= 1, "in [0, 1]"),
+            ("weight_decay", lambda x: x >= 0, ">= 0"),
+            ("adam_eps", lambda x: x > 0, "> 0"),
+            ("grad_clip", lambda x: x > 0, "> 0, or None for no clipping"),
+        ):
+            value = getattr(self, name)
+            if value is None and name == "grad_clip":
+                continue
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and ok(value)):
+                _fail("TrainConfig", name, value, f"must be a number {rule}")
+            setattr(self, name, float(value))
+        self.betas = tuple(self.betas)
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            _fail("TrainConfig", "betas", self.betas, "must be two numbers in [0, 1)")
+        for name, choices in (
+            ("decay", DECAY_SCHEDULES),
+            ("mixed_precision", MIXED_PRECISIONS),
+            ("log_with", TRACKERS),
+        ):
+            if getattr(self, name) not in choices:
+                _fail("TrainConfig", name, getattr(self, name), f"allowed values are {', '.join(choices)}")
+        for name in ("progress_bar", "mfu_probe", "cpu"):
+            if not isinstance(getattr(self, name), bool):
+                _fail("TrainConfig", name, getattr(self, name), "must be true or false")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def measure_matmul_flops(
+    device: torch.device, dtype: torch.dtype, n: int | None = None, min_iters: int = 5, min_seconds: float = 0.2
+) -> float:
+    """Best FLOP/s of an ``[n, n] @ [n, n]`` matmul (``2 n^3`` FLOPs) on ``device`` in ``dtype``.
+
+    Repeats for at least ``min_iters`` products and ``min_seconds`` and keeps the fastest, which filters
+    out interference from other processes. ``n`` defaults to 4096 on GPUs and 512 on CPUs. Inputs come
+    from a private generator so that the probe leaves the global RNG, and hence training, untouched.
+    """
+    n = n or (4096 if device.type == "cuda" else 512)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up: kernel selection, allocator
+    sync()
+    best, iters, start = math.inf, 0, time.perf_counter()
+    while iters < min_iters or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+        iters += 1
+    return 2.0 * n**3 / max(best, 1e-9)
+
+
+class Trainer:
+    """Optimise ``model`` on ``train_data`` with Accelerate; evaluate, log and checkpoint into ``run_dir``.
+
+    ``model(**batch)`` must return an object with ``loss`` (and optionally ``aux_loss``, ``moe_losses``,
+    ``moe_stats``); batches are ``collate(dataset, indices)`` dicts with a ``labels`` entry. Every rank must
+    run the same calls (``train``, ``evaluate``, ``close``): they contain collectives. When some MoE layer
+    uses aux-loss-free balancing, ``update_router_biases`` runs after every optimizer step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        run_dir: str | os.PathLike,
+        train_data: Dataset,
+        val_data: Dataset | None = None,
+        *,
+        resume: bool = False,
+        flops_per_token: int | None = None,
+        tokens_per_byte: float | None = None,
+        hparams: Mapping[str, Any] | None = None,
+        after_step: Callable[[nn.Module], None] | None = None,  # extra hook after each optimizer step
+        collate: Callable[[Dataset, Tensor], dict[str, Tensor]] = make_batch,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.train_data, self.val_data, self.collate = train_data, val_data, collate
+        self.flops_per_token, self.tokens_per_byte = flops_per_token, tokens_per_byte
+        self.after_step = [*_router_bias_hooks(model), *([after_step] if after_step else [])]
+        acc = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            cpu=cfg.cpu,
+            log_with=None if cfg.log_with == "none" else cfg.log_with,
+            project_dir=str(self.run_dir),
+            step_scheduler_with_optimizer=False,  # we step it once per optimizer step, whatever the world size
+            # DDP's default re-broadcast of rank 0's buffers before every forward would overwrite the MoE
+            # routers' per-rank load counters mid-accumulation; parameters are synced by DDP regardless.
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        )
+        self.accelerator = acc
+        world = acc.num_processes
+        if cfg.batch_size % world:
+            _fail("TrainConfig", "batch_size", cfg.batch_size, f"must be divisible by num_processes={world}")
+        per_rank = cfg.batch_size // world
+        self.micro_batch_size = cfg.micro_batch_size or per_rank
+        if per_rank % self.micro_batch_size:
+            _fail(
+                "TrainConfig",
+                "micro_batch_size",
+                cfg.micro_batch_size,
+                f"must divide the per-process batch batch_size/num_processes={per_rank}",
+            )
+        self.accum_steps = per_rank // self.micro_batch_size
+        acc.gradient_accumulation_steps = self.accum_steps
+
+        self.ckpt = CheckpointManager(self.run_dir / "ckpt", cfg.keep_checkpoints)
+        latest = self.ckpt.latest()
+        if latest is not None and not resume:
+            raise FileExistsError(
+                f"{self.run_dir} already holds checkpoints (latest {latest.name}); pass resume=True (--resume) "
+                "to continue, or choose a new run directory"
+            )
+        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.adam_eps)
+        scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.decay)
+        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        self.sampler = StepSampler(len(train_data), cfg.batch_size, cfg.seed)
+        self._eval_chunks = self._eval_shard()
+
+        self.step = 0
+        self.tokens_seen = 0
+        self.train_seconds = 0.0
+        self.last_metrics: dict[str, Any] = {}
+        if latest is not None:
+            state = self.ckpt.load(acc, latest)
+            for key in ("batch_size", "seed"):
+                if state.get(key) != getattr(cfg, key):
+                    raise ValueError(
+                        f"resume: checkpoint {latest} was trained with {key}={state.get(key)}, config has "
+                        f"{key}={getattr(cfg, key)}; the data order would not continue exactly"
+                    )
+            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            self.train_seconds = state.get("train_seconds", 0.0)
+        self._start_metrics_file()
+        if cfg.log_with != "none":
+            acc.init_trackers("tb", config=_tracker_hparams(hparams or {"train": vars(cfg)}))
+        self.probe_flops: float | None = None
+        self._reprobe()
+
+    # ------------------------------------------------------------------ public
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def train(self, max_steps: int | None = None) -> dict[str, Any]:
+        """Train until ``cfg.steps`` (or ``max_steps``, if smaller); checkpoint on return.
+
+        Reaching ``cfg.steps`` also runs a final evaluation and writes ``<run_dir>/final`` with
+        ``save_pretrained`` when the model has it. Returns a summary of the run so far.
+        """
+        cfg, acc = self.cfg, self.accelerator
+        stop = cfg.steps if max_steps is None else min(max_steps, cfg.steps)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            desc="train",
+            disable=not (acc.is_local_main_process and cfg.progress_bar),
+            dynamic_ncols=True,
+        )
+        window = _Window(self.accelerator.device)
+        while self.step < stop:
+            lr = self.scheduler.get_last_lr()[0]
+            self._train_step(window)
+            self.step += 1
+            bar.update(1)
+            final = self.step == cfg.steps
+            if self.step % cfg.log_every == 0 or final or self.step == stop:
+                metrics = self._log_train(window, lr)
+                bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
+            if self.val_data is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or final):
+                window.pause()
+                self._log(self.evaluate())
+                self._reprobe()
+                window.resume()
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step != stop:
+                window.pause()
+                self.save_checkpoint()
+                window.resume()
+        bar.close()
+        self.save_checkpoint()
+        if self.step == cfg.steps:
+            self.save_final()
+        return self.summary()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Mean loss over the fixed val windows (sharded over ranks); all ranks get the same numbers."""
+        if self.val_data is None:
+            raise ValueError("Trainer.evaluate: no val_data was given")
+        model = self.unwrapped_model  # no DDP wrapper: evaluation needs no gradient sync
+        was_training = model.training
+        model.eval()
+        dev = self.accelerator.device
+        sums = torch.zeros(2, dtype=torch.float64, device=dev)  # [loss * targets, targets]
+        for chunk in self._eval_chunks:
+            batch = self._to_device(self.collate(self.val_data, chunk))
+            with self.accelerator.autocast():
+                out = model(**batch)
+            n = (batch["labels"] != IGNORE_INDEX).sum()
+            sums += torch.stack([out.loss.double() * n, n.double()])
+        model.train(was_training)
+        total = self.accelerator.gather_for_metrics(sums[None]).sum(0)  # [2]
+        val_loss = float(total[0] / total[1].clamp(min=1))
+        out: dict[str, Any] = {"step": self.step, "tokens_seen": self.tokens_seen, "val_loss": val_loss}
+        if self.tokens_per_byte is not None:
+            out["val_bpb"] = val_loss / math.log(2) * self.tokens_per_byte
+        self.last_metrics.update(out)
+        return out
+
+    def save_checkpoint(self) -> Path:
+        state = {
+            "tokens_seen": self.tokens_seen,
+            "train_seconds": self.train_seconds,
+            "batch_size": self.cfg.batch_size,
+            "seed": self.cfg.seed,
+        }
+        return self.ckpt.save(self.accelerator, self.step, state)
+
+    def save_final(self) -> Path | None:
+        """``save_pretrained`` into ``<run_dir>/final`` (main process), if the model supports it."""
+        model = self.unwrapped_model
+        path = self.run_dir / "final"
+        if self.is_main_process and hasattr(model, "save_pretrained"):
+            model.save_pretrained(path)
+        self.accelerator.wait_for_everyone()
+        return path if hasattr(model, "save_pretrained") else None
+
+    def summary(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.last_metrics.items() if k != "moe_layers"}
+        out.update(step=self.step, tokens_seen=self.tokens_seen, train_seconds=self.train_seconds)
+        if self.train_seconds > 0:
+            out["mean_tokens_per_s"] = self.tokens_seen / self.train_seconds
+        return out
+
+    def close(self) -> None:
+        """Finish trackers and destroy the process group (gloo aborts at exit otherwise)."""
+        self.accelerator.end_training()
+
+    # ------------------------------------------------------------------ internals
+    def _reprobe(self) -> None:
+        """Measure the matmul peak again and keep the best: one probe that ran while other processes
+        competed for the device would otherwise understate the peak (MFU > 1) for the whole run."""
+        if self.cfg.mfu_probe and self.flops_per_token:
+            dtype = torch.bfloat16 if self.cfg.mixed_precision == "bf16" else torch.float32
+            flops = measure_matmul_flops(self.accelerator.device, dtype)
+            self.probe_flops = max(self.probe_flops or 0.0, flops)
+
+    def _train_step(self, window: _Window) -> None:
+        acc, rank, world = self.accelerator, self.accelerator.process_index, self.accelerator.num_processes
+        local = self.sampler.shard(self.sampler.indices(self.step), rank, world)  # [batch_size / world]
+        self.model.train()
+        stats: list[Any] = []
+        for m in range(self.accum_steps):
+            mb = local[m * self.micro_batch_size : (m + 1) * self.micro_batch_size]
+            batch = self._to_device(self.collate(self.train_data, mb))
+            with acc.accumulate(self.model):
+                out = self.model(**batch)
+                aux = out.aux_loss if getattr(out, "aux_loss", None) is not None else torch.zeros_like(out.loss)
+                acc.backward(out.loss + aux)
+                if acc.sync_gradients and self.cfg.grad_clip is not None:
+                    window.grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            window.add(out.loss, aux, getattr(out, "moe_losses", None) or {})
+            stats = getattr(out, "moe_stats", None) or []
+        if not acc.sync_gradients:
+            raise RuntimeError("gradient accumulation fell out of step with the optimizer; this is a bug")
+        self.scheduler.step()
+        for hook in self.after_step:
+            hook(self.unwrapped_model)
+        tokens = self.cfg.batch_size * int(batch["labels"].shape[-1])
+        self.tokens_seen += tokens
+        window.tokens += tokens
+        window.moe_stats = stats
+
+    def _log_train(self, window: _Window, lr: float) -> dict[str, Any]:
+        metrics: dict[str, Any] = {"step": self.step, "tokens_seen": self.tokens_seen, "lr": lr}
+        metrics.update(window.reduce(self.accelerator))
+        if window.grad_norm is not None:
+            metrics["grad_norm"] = float(window.grad_norm)
+        seconds = window.seconds()  # after reduce(): the device has finished the window's work
+        if seconds > 0:
+            tps = window.tokens / seconds
+            metrics["tokens_per_s"] = tps
+            if self.probe_flops and self.flops_per_token:
+                peak = self.probe_flops * self.accelerator.num_processes
+                metrics["mfu"] = 3 * self.flops_per_token * tps / peak
+        self.train_seconds += seconds
+        if window.moe_stats:  # the last micro-batch's routing, this rank's view
+            from moekit.moe.telemetry import summarize_routing
+
+            metrics.update(summarize_routing(window.moe_stats))
+            metrics["moe_layers"] = [s.to_dict() for s in window.moe_stats]
+        window.restart()
+        self._log(metrics)
+        return metrics
+
+    def _log(self, metrics: dict[str, Any]) -> None:
+        self.last_metrics.update(metrics)
+        if not self.is_main_process:
+            return
+        with open(self.run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
+        if scalars and self.cfg.log_with != "none":
+            self.accelerator.log(scalars, step=self.step)
+
+    def _start_metrics_file(self) -> None:
+        """Fresh run: empty file. Resume: drop events logged after the checkpoint (the run will redo them)."""
+        if not self.is_main_process:
+            return
+        path = self.run_dir / METRICS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if self.step > 0 and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def _eval_shard(self) -> list[Tensor]:
+        """This rank's micro-batches of a fixed, evenly spaced set of val windows (same count on every rank)."""
+        if self.val_data is None:
+            return []
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        n_val = len(self.val_data)
+        n = min(n_val, self.cfg.eval_batches * self.cfg.batch_size) // world * world
+        if n == 0:
+            raise ValueError(f"val set has {n_val} windows, fewer than num_processes={world}")
+        idx = torch.arange(n) * n_val // n  # [n] evenly spread over the whole val split
+        mine = idx[rank::world]
+        return list(mine.split(self.micro_batch_size))
+
+    def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
+
+
+class _Window:
+    """Loss sums and throughput counters since the last log event (device tensors: no per-step host sync).
+
+    The clock runs from ``restart`` to the next log, paused around evaluation and checkpointing; log
+    events read it right after an all-reduce, which waits for queued device work.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.restart()
+
+    def restart(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.count = 0
+        self.tokens = 0
+        self.grad_norm: Tensor | None = None
+        self.moe_stats: list[Any] = []
+        self._seconds = 0.0
+        self._t0 = time.perf_counter()
+
+    def pause(self) -> None:
+        self._seconds += time.perf_counter() - self._t0
+
+    def resume(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self._seconds + time.perf_counter() - self._t0
+
+    def add(self, loss: Tensor, aux: Tensor, moe_losses: Mapping[str, Tensor]) -> None:
+        parts = {"train_loss": loss, "aux_loss": aux, **{f"moe_loss/{k}": v for k, v in moe_losses.items()}}
+        for k, v in parts.items():
+            v = torch.as_tensor(v, device=self.device).detach().double()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.count += 1
+
+    def reduce(self, accelerator: Accelerator) -> dict[str, float]:
+        """Means over micro-batches and ranks (one all-reduce); every rank must call it."""
+        keys = sorted(self.sums)
+        stacked = torch.stack([self.sums[k] for k in keys])  # [K]
+        total = accelerator.reduce(stacked, reduction="sum")
+        return dict(zip(keys, (total / (self.count * accelerator.num_processes)).tolist()))
+
+
+def _router_bias_hooks(model: nn.Module) -> list[Callable[[nn.Module], None]]:
+    """``update_router_biases`` when some MoE layer uses aux-loss-free balancing (it must run every step)."""
+    from moekit.moe.layer import MoELayer, update_router_biases
+
+    if any(isinstance(m, MoELayer) and m.cfg.bias_update_rate > 0 for m in model.modules()):
+        return [update_router_biases]
+    return []
+
+
+def _tracker_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """TensorBoard hparams accept only int/float/str/bool: flatten sections, stringify the rest."""
+    from moekit.core.configio import config_to_dict, flatten_dict
+
+    flat = flatten_dict(config_to_dict(hparams))
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
+
+
+# ---------------------------------------------------------------- language-model wiring
+def build_lm_trainer(
+    cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False
+) -> tuple[Trainer, ByteTokenizer]:
+    """Tokenise the corpus, build the Transformer and its Trainer, write ``config.yaml``, print the model facts."""
+    from moekit.core.accounting import count_params, flops_per_token
+    from moekit.core.data import PackedSequences, load_corpus, tokenize_splits
+    from moekit.core.model import Transformer
+    from moekit.core.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    if cfg.model.vocab_size < tok.vocab_size:
+        _fail("ModelConfig", "vocab_size", cfg.model.vocab_size, f"must be >= the tokenizer's {tok.vocab_size}")
+    run_dir = Path(run_dir)
+    if resume:
+        cfg.check_resumable(run_dir)
+    splits = tokenize_splits(load_corpus(cfg.data.corpus), tok)
+    train_ds = PackedSequences(splits.train, cfg.data.seq_len)
+    val_ds = PackedSequences(splits.val, cfg.data.seq_len)
+    set_seed(cfg.train.seed)  # identical initial weights on every rank and on every rerun
+    model = Transformer(cfg.model)
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    trainer = Trainer(
+        model,
+        cfg.train,
+        run_dir,
+        train_ds,
+        val_ds,
+        resume=resume,
+        flops_per_token=fpt,
+        tokens_per_byte=1.0,  # byte tokenizer; BOS/EOS per document make this a ~1e-5 overestimate of bpb
+        hparams=cfg.to_dict(),
+    )
+    if trainer.is_main_process:
+        cfg.save(run_dir)
+    params = count_params(cfg.model)
+    acc = trainer.accelerator
+    acc.print(
+        f"model: {params.total / 1e6:.3f}M params ({params.active / 1e6:.3f}M active, "
+        f"{params.embedding / 1e6:.3f}M embedding), {fpt / 1e6:.3f} MFLOPs/token forward at seq_len "
+        f"{cfg.data.seq_len}, ffn layers {cfg.model.ffn_kinds()}"
+    )
+    acc.print(
+        f"data: {cfg.data.corpus} {splits.train.numel():,} train / {splits.val.numel():,} val tokens, "
+        f"{len(train_ds):,} train windows; {acc.num_processes} process(es) on {acc.device}, micro-batch "
+        f"{trainer.micro_batch_size} x {trainer.accum_steps} accumulation, {cfg.train.mixed_precision} precision"
+        + (f"; resuming at step {trainer.step}" if trainer.step else "")
+    )
+    if trainer.probe_flops:
+        acc.print(f"matmul probe: {trainer.probe_flops / 1e9:.1f} GFLOP/s per process (MFU denominator)")
+    return trainer, tok
+
+
+def sample_text(
+    model: nn.Module,
+    tokenizer: ByteTokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = 0.95,
+    seed: int = 0,
+) -> list[str]:
+    """Continue each prompt (batched, left-padded); returns prompt + continuation texts."""
+    from moekit.core.generate import generate
+
+    device = next(model.parameters()).device
+    ids_bt = tokenizer.encode(list(prompts), add_bos=True, padding_side="left").to(device)  # [B, T]
+    mask_bt = (ids_bt != tokenizer.PAD).long()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out_bt = generate(
+        model,
+        ids_bt,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=tokenizer.EOS,
+        pad_token_id=tokenizer.PAD,
+        attention_mask=mask_bt,
+        generator=gen,
+    )
+    return tokenizer.decode_batch(out_bt)

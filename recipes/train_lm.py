@@ -1,0 +1,61 @@
+"""Train a byte-level language model (dense or MoE) on a registered corpus.
+
+    python recipes/train_lm.py --config recipes/configs/cpu-small.yaml --out runs/cpu-small
+    python recipes/train_lm.py --config recipes/configs/debug.yaml --out runs/dbg model.moe.num_experts=4
+    torchrun --nproc_per_node 2 recipes/train_lm.py --config recipes/configs/debug.yaml --out runs/dbg2
+    accelerate launch recipes/train_lm.py --config recipes/configs/gpu.yaml --out runs/gpu
+    python recipes/train_lm.py --out runs/dbg --resume         # continue with the saved OUT/config.yaml
+
+Overrides are dotted ``section.key=value`` pairs (positional or ``--set``), applied after the YAML file.
+The resolved config is written to ``OUT/config.yaml``; metrics to ``OUT/metrics.jsonl`` and ``OUT/tb``;
+checkpoints to ``OUT/ckpt``; the final model (``save_pretrained``) to ``OUT/final``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from moekit.core.configio import CONFIG_FILE, load_run_config
+from moekit.core.train import build_lm_trainer, sample_text
+
+PROMPTS = ("**ROMEO**\n", "**HAMLET**\nTo be, or not", "**KING HENRY V**\nOnce more")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--config", help="YAML preset (e.g. recipes/configs/debug.yaml); with --resume, default OUT/config.yaml"
+    )
+    parser.add_argument("--out", required=True, help="run directory")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/ckpt/latest if present")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
+    parser.add_argument("--samples", type=int, default=len(PROMPTS), help="texts to generate at the end")
+    parser.add_argument("--sample-tokens", type=int, default=200)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=200")
+    args = parser.parse_intermixed_args(argv)
+
+    config = args.config
+    if config is None and args.resume and (Path(args.out) / CONFIG_FILE).is_file():
+        config = Path(args.out) / CONFIG_FILE  # resume as configured before, unless told otherwise
+    cfg = load_run_config(config, [*args.overrides, *args.set])
+    trainer, tokenizer = build_lm_trainer(cfg, args.out, resume=args.resume)
+    summary = trainer.train()
+    if trainer.is_main_process:
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.samples)]
+        if prompts:
+            texts = sample_text(trainer.unwrapped_model, tokenizer, prompts, max_new_tokens=args.sample_tokens)
+            for text in texts:
+                print(f"----- sample\n{text}")
+        nan = float("nan")
+        print(
+            f"----- done: step {summary['step']}, val_loss {summary.get('val_loss', nan):.4f} "
+            f"(bpb {summary.get('val_bpb', nan):.4f}), train_loss {summary.get('train_loss', nan):.4f}, "
+            f"{summary.get('mean_tokens_per_s', 0.0):,.0f} tokens/s over {summary['train_seconds']:.1f}s of training"
+        )
+    trainer.close()
+    return summary
+
+
+if __name__ == "__main__":
+    main()

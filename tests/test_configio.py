@@ -1,0 +1,144 @@
+"""Config layering: dataclass defaults -> YAML file -> dotted overrides; key and value errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moekit.core.config import ModelConfig
+from moekit.core.configio import DataConfig, RunConfig, load_run_config, parse_override
+from moekit.core.train import TrainConfig
+from moekit.moe.config import MoEConfig
+
+
+def _yaml(tmp_path, data) -> str:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_defaults_only():
+    assert load_run_config() == RunConfig(ModelConfig(), TrainConfig(), DataConfig())
+
+
+def test_yaml_then_overrides_later_layer_wins(tmp_path):
+    path = _yaml(tmp_path, {"model": {"d_model": 128, "n_layers": 3}, "train": {"steps": 7, "lr": 0.002}})
+    cfg = load_run_config(path, ["model.d_model=96", "train.warmup_steps=3"])
+    assert cfg.model.d_model == 96  # override beats YAML
+    assert cfg.model.n_layers == 3  # YAML beats default
+    assert cfg.train.steps == 7 and cfg.train.lr == 0.002 and cfg.train.warmup_steps == 3
+    assert cfg.model.n_heads == 4 and cfg.data.seq_len == 128  # untouched defaults
+
+
+def test_override_values_are_parsed_and_coerced():
+    cfg = load_run_config(
+        None,
+        [
+            "train.lr=3e-4",  # YAML 1.1 reads this as text; the float field converts it
+            "train.weight_decay=0",  # int -> float
+            "train.grad_clip=null",
+            "train.betas=[0.8, 0.9]",
+            "train.progress_bar=false",
+            "train.mixed_precision=no",  # YAML reads unquoted `no` as false
+            "model.n_kv_heads=2",
+        ],
+    )
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.train.weight_decay == 0.0 and isinstance(cfg.train.weight_decay, float)
+    assert cfg.train.grad_clip is None
+    assert cfg.train.betas == (0.8, 0.9)
+    assert cfg.train.progress_bar is False
+    assert cfg.train.mixed_precision == "no"
+    assert cfg.model.n_kv_heads == 2
+
+
+def test_moe_override_creates_moe_config_with_defaults(tmp_path):
+    path = _yaml(tmp_path, {"model": {"moe": None, "d_model": 64}})
+    cfg = load_run_config(path, ["model.moe.num_experts=4", "model.moe.layers=[1]"])
+    assert cfg.model.moe == MoEConfig(num_experts=4, layers=[1])
+    assert cfg.model.moe.top_k == 2  # the MoEConfig default, not something the override set
+    assert cfg.model.ffn_kinds() == ["dense", "moe", "dense", "dense"]
+
+
+def test_moe_section_in_yaml_merges_with_overrides_and_null_clears(tmp_path):
+    path = _yaml(tmp_path, {"model": {"moe": {"num_experts": 8, "top_k": 1}}})
+    cfg = load_run_config(path, ["model.moe.d_expert=32"])
+    assert cfg.model.moe == MoEConfig(num_experts=8, top_k=1, d_expert=32)
+    assert load_run_config(path, ["model.moe=null"]).model.moe is None
+
+
+def test_mapping_overrides_are_accepted():
+    cfg = load_run_config(None, {"model.d_model": 32, "train": {"steps": 500}})
+    assert cfg.model.d_model == 32 and cfg.train.steps == 500
+
+
+@pytest.mark.parametrize(
+    "override, named, allowed",
+    [
+        ("model.d_modle=3", "d_modle", "d_model"),
+        ("optim.lr=1", "optim", "train"),
+        ("model.moe.num_expert=8", "num_expert", "num_experts"),
+        ("train.stepz=3", "stepz", "steps"),
+    ],
+)
+def test_unknown_override_key_names_key_and_allowed_keys(override, named, allowed):
+    with pytest.raises(ValueError, match=named) as err:
+        load_run_config(None, [override])
+    assert allowed in str(err.value)
+
+
+def test_unknown_yaml_key_is_rejected(tmp_path):
+    path = _yaml(tmp_path, {"train": {"steps": 3, "warmup": 1}})
+    with pytest.raises(ValueError, match=r"'train\.warmup'.*allowed keys.*warmup_steps"):
+        load_run_config(path)
+
+
+def test_malformed_overrides():
+    with pytest.raises(ValueError, match="section.key=value"):
+        parse_override("model.d_model")
+    with pytest.raises(ValueError, match="plain value, not a section"):
+        load_run_config(None, ["train.lr.peak=1"])
+    with pytest.raises(ValueError, match="mapping or null"):
+        load_run_config(None, ["model.moe=8"])
+    with pytest.raises(ValueError, match="expected a number"):
+        load_run_config(None, ["train.lr=fast"])
+
+
+@pytest.mark.parametrize(
+    "override, field, allowed",
+    [
+        ("train.mixed_precision=fp16", "mixed_precision", "bf16"),
+        ("train.decay=step", "decay", "cosine"),
+        ("train.log_with=wandb", "log_with", "tensorboard"),
+        ("train.micro_batch_size=5", "micro_batch_size", "divides batch_size=32"),
+        ("data.corpus=wikipedia", "corpus", "shakespeare"),
+        ("model.moe.top_k=9", "top_k", "num_experts=8"),
+    ],
+)
+def test_invalid_values_name_field_and_allowed(override, field, allowed):
+    with pytest.raises(ValueError, match=field) as err:
+        load_run_config(None, [override])
+    assert allowed in str(err.value)
+
+
+def test_seq_len_must_fit_the_model():
+    with pytest.raises(ValueError, match=r"data.seq_len=512 exceeds model.max_seq_len=256"):
+        load_run_config(None, ["data.seq_len=512"])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_run_config(None, ["model.moe.num_experts=4", "train.betas=[0.8, 0.99]", "train.lr=2e-3"])
+    path = cfg.save(tmp_path / "run")
+    assert path.name == "config.yaml"
+    assert load_run_config(path) == cfg
+    assert yaml.safe_load(path.read_text())["model"]["moe"]["num_experts"] == 4
+
+
+@pytest.mark.parametrize("preset", ["debug", "cpu-small", "gpu"])
+def test_presets_load_and_validate(preset):
+    root = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+    cfg = load_run_config(root / f"{preset}.yaml")
+    assert cfg.model.vocab_size == 272 and cfg.data.seq_len <= cfg.model.max_seq_len
+    assert load_run_config(root / f"{preset}.yaml", ["model.moe.num_experts=4"]).model.moe.num_experts == 4
