@@ -27,9 +27,14 @@ from moekit.moe.parallel import (
 from moekit.moe.router import Router, Routing
 from moekit.moe.telemetry import RoutingStats, summarize_routing
 
-# matching and upcycle build on moekit.core, whose ModelConfig imports MoEConfig from this package:
+# matching, upcycling and the comparison build on moekit.core, whose ModelConfig imports MoEConfig from this package:
 # loading them on first use (PEP 562) keeps `import moekit.core` and `import moekit.moe` cycle-free.
 _LAZY = {
+    "CompareConfig": "moekit.moe.compare",
+    "ComparisonConfig": "moekit.moe.compare",
+    "plan_runs": "moekit.moe.compare",
+    "run_comparison": "moekit.moe.compare",
+    "write_report": "moekit.moe.report",
     "MatchReport": "moekit.moe.matching",
     "check_matched": "moekit.moe.matching",
     "dense_twin": "moekit.moe.matching",
@@ -48,6 +53,11 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CompareConfig",
+    "ComparisonConfig",
+    "plan_runs",
+    "run_comparison",
+    "write_report",
     "ExpertParallelGroups",
     "allreduce_expert_grads",
     "apply_expert_parallel",
