@@ -212,6 +212,9 @@ class Trainer:
                 f"{self.run_dir} already holds checkpoints (latest {latest.name}); pass resume=True (--resume) "
                 "to continue, or choose a new run directory"
             )
+        # Expert parallelism: keep this rank's expert slice and hide it from DDP, before the optimizer sees
+        # the parameters (sharding replaces them) and before prepare() wraps the model.
+        self.ep_groups = _expert_parallel(model)
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.adam_eps)
         scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.decay)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
@@ -362,7 +365,13 @@ class Trainer:
                 out = self.model(**batch)
                 aux = out.aux_loss if getattr(out, "aux_loss", None) is not None else torch.zeros_like(out.loss)
                 acc.backward(out.loss + aux)
-                if acc.sync_gradients and self.cfg.grad_clip is not None:
+                if acc.sync_gradients and self.ep_groups is not None:
+                    from moekit.moe.parallel import allreduce_expert_grads, ep_clip_grad_norm_
+
+                    allreduce_expert_grads(self.model, self.ep_groups)
+                    if self.cfg.grad_clip is not None:  # the norm over all expert slices, same on every rank
+                        window.grad_norm = ep_clip_grad_norm_(self.model, self.cfg.grad_clip, self.ep_groups)
+                elif acc.sync_gradients and self.cfg.grad_clip is not None:
                     window.grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -489,6 +498,22 @@ def _router_bias_hooks(model: nn.Module) -> list[Callable[[nn.Module], None]]:
     if any(isinstance(m, MoELayer) and m.cfg.bias_update_rate > 0 for m in model.modules()):
         return [update_router_biases]
     return []
+
+
+def _expert_parallel(model: nn.Module) -> Any:
+    """Shard the experts over ``moe.expert_parallel_size`` ranks and exclude them from DDP; the groups or None."""
+    from moekit.moe.layer import MoELayer
+    from moekit.moe.parallel import apply_expert_parallel, exclude_experts_from_ddp, init_expert_parallel
+
+    sizes = {m.cfg.expert_parallel_size for m in model.modules() if isinstance(m, MoELayer)}
+    if not sizes or sizes == {1}:
+        return None
+    if len(sizes) > 1:
+        raise ValueError(f"MoEConfig.expert_parallel_size differs between MoE layers: {sorted(sizes)}")
+    groups = init_expert_parallel(sizes.pop())
+    apply_expert_parallel(model, groups)
+    exclude_experts_from_ddp(model)
+    return groups
 
 
 def _tracker_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
