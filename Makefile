@@ -26,7 +26,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 demo: venv
-	$(PY) recipes/train_lm.py --config recipes/configs/cpu-small.yaml --out runs/demo
+	$(PY) recipes/compare.py --config recipes/configs/compare-cpu.yaml --out runs/demo
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

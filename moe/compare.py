@@ -314,6 +314,12 @@ def run_comparison(cfg: ComparisonConfig, out_dir: str | os.PathLike) -> list[di
         run_dir = out / "runs" / spec.folder
         done = run_dir / RESULT_FILE
         if done.is_file():
+            saved = run_dir / "config.yaml"
+            if saved.is_file() and yaml.safe_load(saved.read_text()) != spec.run.to_dict():
+                raise ValueError(
+                    f"{run_dir} finished with a different config than this comparison plans for it; "
+                    "use a new --out folder (or delete that run) instead of mixing results"
+                )
             rows.append(json.loads(done.read_text()))
             print(f"[compare] {spec.folder}: finished earlier, reusing {done}", flush=True)
             continue

@@ -1,6 +1,7 @@
 """The sparse-vs-dense comparison: matching, identical data order, resume, summary schema."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -8,7 +9,7 @@ from moekit.core.accounting import flops_per_token
 from moekit.core.configio import load_config
 from moekit.moe.compare import SUMMARY_FIELDS, ComparisonConfig, plan_runs
 
-CONFIG = "recipes/configs/compare-debug.yaml"
+CONFIG = str(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "compare-debug.yaml")
 
 
 def load(*overrides):
@@ -107,3 +108,5 @@ def test_end_to_end_identical_data_and_resume(tmp_path):
     rows2 = _run_recipe(out, "train.steps=6", "train.eval_every=3", "train.save_every=3")
     assert (out / "runs" / "dense-seed0" / "result.json").stat().st_mtime == dense_mtime, "dense was redone"
     assert rows2[1]["final_val_loss"] == pytest.approx(rows[1]["final_val_loss"], abs=1e-6)
+    with pytest.raises(ValueError, match="different config"):
+        _run_recipe(out, "train.steps=6", "train.eval_every=3", "train.save_every=3", "train.lr=1e-3")
