@@ -55,8 +55,12 @@ def headline(rows: list[dict[str, Any]]) -> str:
     diff, diff_sd = mean_spread(diffs)
     tokens = groups[best][0]["tokens_trained"]
     fpt_m, fpt_d = groups[best][0]["flops_per_token"], groups["dense"][0]["flops_per_token"]
-    wins = diff < 0 and (len(diffs) < 2 or all(d < 0 for d in diffs))
-    verdict = "beats" if wins else ("does not beat" if diff >= 0 else "is not reliably better than")
+    if diff < 0 and all(d < 0 for d in diffs):
+        verdict = "beats"
+    elif diff > 0 and all(d > 0 for d in diffs):
+        verdict = "is worse than"
+    else:  # the seeds disagree on the sign: the difference is within seed-to-seed noise
+        verdict = "is not distinguishable (the seeds disagree on the sign) from"
     spread = f" ± {diff_sd:.4f} (sd over {len(diffs)} paired seeds)" if len(diffs) > 1 else " (1 seed)"
     return (
         f"At matched active compute ({fpt_m / 1e6:.2f} vs {fpt_d / 1e6:.2f} MFLOPs/token) and {tokens:,} training "

@@ -110,3 +110,19 @@ def test_end_to_end_identical_data_and_resume(tmp_path):
     assert rows2[1]["final_val_loss"] == pytest.approx(rows[1]["final_val_loss"], abs=1e-6)
     with pytest.raises(ValueError, match="different config"):
         _run_recipe(out, "train.steps=6", "train.eval_every=3", "train.save_every=3", "train.lr=1e-3")
+
+
+def _rows(dense, moe):
+    base = dict(tokens_trained=100, flops_per_token=10)
+    return [dict(name="dense", kind="dense", seed=s, final_val_loss=v, **base) for s, v in enumerate(dense)] + [
+        dict(name="moe-8x2", kind="moe", seed=s, final_val_loss=v, **base) for s, v in enumerate(moe)
+    ]
+
+
+def test_headline_states_the_verdict_with_paired_spread():
+    from moekit.moe.report import headline
+
+    text = headline(_rows([2.0, 2.1], [1.9, 2.05]))
+    assert "moe-8x2 model beats its dense twin" in text and "-0.0750 ± 0.0354" in text
+    assert "is worse than" in headline(_rows([2.0, 2.1], [2.1, 2.2]))
+    assert "not distinguishable" in headline(_rows([2.0, 2.1], [1.9, 2.2]))
