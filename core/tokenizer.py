@@ -88,9 +88,7 @@ class ByteTokenizer:
         ids_t[int(add_bos) : int(add_bos) + raw.size] = torch.from_numpy(raw.astype(np.int64))
         return ids_t
 
-    def _encode_batch(
-        self, texts: list[str], add_bos: bool, add_eos: bool, padding_side: str
-    ) -> torch.Tensor:
+    def _encode_batch(self, texts: list[str], add_bos: bool, add_eos: bool, padding_side: str) -> torch.Tensor:
         encoded = [t.encode("utf-8") for t in texts]
         n_b = torch.tensor([len(e) for e in encoded], dtype=torch.long)  # [B] content bytes per row
         flat = torch.from_numpy(np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(np.int64))
@@ -117,9 +115,7 @@ class ByteTokenizer:
     def _decode_table(self) -> np.ndarray:
         names = {v: k for k, v in self.special_tokens.items()}
         table = [bytes([i]) for i in range(self.NUM_BYTES)]
-        table += [
-            f"<|{names.get(i, f'reserved_{i}')}|>".encode() for i in range(self.NUM_BYTES, self.vocab_size)
-        ]
+        table += [f"<|{names.get(i, f'reserved_{i}')}|>".encode() for i in range(self.NUM_BYTES, self.vocab_size)]
         return np.array(table, dtype=object)
 
     def _as_numpy(self, ids: IdsLike) -> np.ndarray:
