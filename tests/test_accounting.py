@@ -51,3 +51,32 @@ def test_training_flops_are_three_times_forward():
     # Backward skips the input-embedding grad matmul only; within 2% of 3x forward.
     expected = train_flops_per_token(cfg, cfg.max_seq_len - 1)
     assert abs(expected - measured) / measured < 0.02, (expected, measured)
+
+
+MOE_CONFIGS = [
+    dict(num_experts=4, top_k=2, d_expert=48),
+    dict(num_experts=8, top_k=1, d_expert=96, router="switch"),
+    dict(num_experts=16, top_k=4, d_expert=24, num_shared_experts=1, d_shared=32),  # fine-grained + shared
+    dict(num_experts=4, top_k=2, d_expert=48, every_n_layers=2, router="noisy_topk", router_noise=1.0),
+]
+
+
+@pytest.mark.parametrize("moe_kw", MOE_CONFIGS)
+@pytest.mark.parametrize("dispatch", ["reference", "sorted"])
+def test_moe_params_and_flops_are_exact(moe_kw, dispatch):
+    from moekit.moe.config import MoEConfig
+
+    cfg = ModelConfig(**DENSE_CONFIGS[0], moe=MoEConfig(**moe_kw, dispatch=dispatch))
+    model = Transformer(cfg).eval()
+    pc = count_params(cfg)
+    assert pc.total == sum(p.numel() for p in model.parameters())
+    # Active = total minus the routed experts a token does not use.
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+    unused = moe_layers * (cfg.moe.num_experts - cfg.moe.top_k) * 3 * cfg.d_model * cfg.moe.d_expert
+    assert pc.active == pc.total - unused
+    B, T = 2, 16
+    x = torch.randint(0, cfg.vocab_size, (B, T))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(x)
+    measured = fc.get_total_flops() / (B * T)
+    assert abs(flops_per_token(cfg, T) - measured) / measured < 0.02, (flops_per_token(cfg, T), measured)
