@@ -18,6 +18,7 @@ report.md, summary.json, PNG plots, runs/<model>-seed<k>/ (each a full train_lm 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch.distributed as dist
@@ -54,8 +55,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cfg = load_config(ComparisonConfig, args.config, overrides)
     specs = plan_runs(cfg)
     matching = matching_table(specs)
-    main_process = not dist.is_initialized() or dist.get_rank() == 0
-    if main_process:
+    # The process group starts with the first run's Accelerator; until then the launcher's RANK tells.
+    if os.environ.get("RANK", "0") == "0":
         print(f"matching (forward FLOPs per token at seq_len {cfg.data.seq_len}):")
         print(f"  {'model':<24} {'kind':<6} {'params total':>14} {'params active':>14} {'FLOPs/token':>14} steps")
         for m in matching:
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     out = Path(args.out)
     rows = run_comparison(cfg, out)
-    if main_process:
+    if not dist.is_initialized() or dist.get_rank() == 0:
         sweep_key = parse_sweep(cfg.compare.sweep)[0] if cfg.compare.sweep else None
         report = write_report(out, specs, rows, matching, cfg.to_dict(), sweep_key)
         print(f"\n{headline(rows)}\nreport: {report}")

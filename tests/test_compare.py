@@ -126,3 +126,35 @@ def test_headline_states_the_verdict_with_paired_spread():
     assert "moe-8x2 model beats its dense twin" in text and "-0.0750 ± 0.0354" in text
     assert "is worse than" in headline(_rows([2.0, 2.1], [2.1, 2.2]))
     assert "not distinguishable" in headline(_rows([2.0, 2.1], [1.9, 2.2]))
+
+
+@pytest.mark.slow
+def test_comparison_runs_on_two_processes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "compare.py"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        str(recipe),
+        "--config",
+        CONFIG,
+        "--out",
+        str(tmp_path / "cmp"),
+        "train.steps=4",
+        "train.eval_every=2",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("2 process(es)") == 2, "both runs must really use 2 processes"
+    assert proc.stdout.count("report:") == 1, "only rank 0 writes the report"
+    summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    assert [r["tokens_trained"] for r in summary] == [4 * 8 * 64] * 2
