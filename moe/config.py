@@ -19,6 +19,10 @@ def _fail(name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"MoEConfig.{name}={value!r} is invalid: {allowed}")
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 @dataclass
 class MoEConfig:
     """Routed feed-forward configuration; nested as ``ModelConfig(moe=MoEConfig(...))``.
@@ -34,6 +38,18 @@ class MoEConfig:
     pin the weight at 1.0 and cut the router off from the task gradient (Switch scales by the raw
     probability). ``topk_order='topk_then_softmax'`` weights sum to 1 by construction. Expert choice
     ignores ``topk_order``, ``renormalize`` and ``drop_policy``.
+
+    Per-modality routing (group ids = modality ids, passed as ``group_ids`` to the layer; ``None`` means
+    every token is group 0):
+
+    - ``modality_experts=[n_0, n_1, ...]`` reserves experts for each group: group ``g`` owns the contiguous
+      block ``[n_0 + ... + n_{g-1}, ... + n_g)``, and experts from ``sum(n)`` to ``num_experts`` are common to
+      all groups. A token of group ``g`` can only be routed to its block and the common experts (ids outside
+      ``[0, len(modality_experts))`` may use every expert); see ``moekit.moe.modality``. ``None`` is
+      learned shared routing over all experts.
+    - ``local_entropy_coef`` / ``global_entropy_coef``: LIMoE's per-modality entropy losses (Mustafa et al.
+      2022) for the groups in ``entropy_groups`` (``None`` = every group in ``[0, num_groups)``), with
+      ``global_entropy_threshold`` (nats) as LIMoE's threshold ``tau``; formulas in ``moekit.moe.losses``.
     """
 
     num_experts: int = 8
@@ -61,6 +77,11 @@ class MoEConfig:
     dead_expert_window: int = 100  # an expert is dead after this many steps without tokens
     expert_parallel_size: int = 1
     num_groups: int = 3  # telemetry: group ids in [0, num_groups) get a per-group expert histogram
+    modality_experts: list[int] | None = None  # experts reserved per group id; the rest are common; None = shared
+    local_entropy_coef: float = 0.0  # LIMoE local entropy loss (per token, minimised)
+    global_entropy_coef: float = 0.0  # LIMoE global entropy loss (per group marginal, entropy maximised)
+    global_entropy_threshold: float | None = None  # tau in nats: global loss max(0, tau - H); None = -H
+    entropy_groups: list[int] | None = None  # groups the entropy losses apply to; None = all of [0, num_groups)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -126,6 +147,59 @@ class MoEConfig:
             _fail("num_groups", self.num_groups, "must be >= 1")
         if self.d_shared is not None and self.d_shared < 1:
             _fail("d_shared", self.d_shared, "must be >= 1, or None for d_expert")
+        self._check_modality_fields()
+
+    def _check_modality_fields(self) -> None:
+        me = self.modality_experts
+        if me is not None:
+            if not isinstance(me, (list, tuple)) or not me or any(not _is_int(n) or n < 0 for n in me):
+                _fail(
+                    "modality_experts", me, "must be a non-empty list of expert counts >= 0 (one per group id), or None"
+                )
+            self.modality_experts = me = list(me)
+            if len(me) > self.num_groups:
+                _fail("modality_experts", me, f"has more entries than num_groups={self.num_groups}")
+            common = self.num_experts - sum(me)
+            if common < 0:
+                _fail("modality_experts", me, f"reserves {sum(me)} experts, more than num_experts={self.num_experts}")
+            need = 1 if self.router == "expert_choice" else self.top_k
+            short = [g for g, n in enumerate(me) if n + common < need]
+            if short:
+                _fail(
+                    "modality_experts",
+                    me,
+                    f"groups {short} can reach fewer than {need} experts (own + {common} common); each needs "
+                    + ("at least one" if need == 1 else f"top_k={self.top_k}"),
+                )
+        for name in ("local_entropy_coef", "global_entropy_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                _fail(name, value, "must be a number >= 0")
+        tau = self.global_entropy_threshold
+        if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or tau <= 0):
+            _fail(
+                "global_entropy_threshold",
+                tau,
+                "must be > 0 (nats, e.g. ln(4) for a soft minimum of 4 experts) or None",
+            )
+        groups = self.entropy_groups
+        if groups is not None:
+            if (
+                not isinstance(groups, (list, tuple))
+                or not groups
+                or any(not _is_int(g) or not 0 <= g < self.num_groups for g in groups)
+            ):
+                _fail(
+                    "entropy_groups",
+                    groups,
+                    f"must be a non-empty list of group ids in [0, num_groups={self.num_groups}), or None",
+                )
+            self.entropy_groups = sorted(set(groups))
+
+    @property
+    def entropy_group_ids(self) -> list[int]:
+        """Groups the LIMoE entropy losses cover."""
+        return self.entropy_groups if self.entropy_groups is not None else list(range(self.num_groups))
 
     @property
     def shared_width(self) -> int:

@@ -14,15 +14,21 @@ from torch import Tensor, nn
 from moekit.moe.config import MoEConfig
 from moekit.moe.dispatch import dispatch_fast, dispatch_reference
 from moekit.moe.experts import RoutedExperts, SharedExperts, grouped_mm_supported
-from moekit.moe.losses import assignment_counts, load_balance_loss, router_z_loss
+from moekit.moe.losses import (
+    assignment_counts,
+    global_entropy_loss,
+    load_balance_loss,
+    local_entropy_loss,
+    router_z_loss,
+)
 from moekit.moe.router import Router, Routing
 from moekit.moe.telemetry import RoutingStats, compute_stats
 
 
 class MoEOutput(NamedTuple):
     y: Tensor  # [B, T, D]
-    aux_loss: Tensor  # scalar, already weighted: load_balance_coef * lb + z_loss_coef * z
-    losses: dict[str, Tensor]  # unweighted: {"load_balance": .., "z": ..}
+    aux_loss: Tensor  # scalar, already weighted: load_balance_coef * lb + z_loss_coef * z (+ entropy terms)
+    losses: dict[str, Tensor]  # unweighted: {"load_balance", "z"} (+ "local_entropy", "global_entropy" when on)
     stats: RoutingStats
 
 
@@ -70,9 +76,9 @@ class MoELayer(nn.Module):
         # with the same contract, (layer, x_nd, routing) -> (y_nd, keep_a).
         self.expert_parallel: Callable[[MoELayer, Tensor, Routing], tuple[Tensor, Tensor]] | None = None
 
-    def route(self, x_nd: Tensor, mask_n: Tensor | None = None) -> Routing:
+    def route(self, x_nd: Tensor, mask_n: Tensor | None = None, group_n: Tensor | None = None) -> Routing:
         """The routing decision for flattened tokens ``x_nd [N, D]`` (no buffer updates)."""
-        return self.router(x_nd, mask_n)
+        return self.router(x_nd, mask_n, group_n)
 
     def _compute_dtype(self, x: Tensor) -> torch.dtype:
         if torch.is_autocast_enabled(x.device.type):
@@ -109,7 +115,9 @@ class MoELayer(nn.Module):
             return y_nd.to(dtype), keep_a  # same output dtype as the fast paths (autocast's)
         return dispatch_fast(x_nd, routing, self.experts, self.cfg.drop_policy, impl=impl, compute_dtype=dtype)
 
-    def _losses(self, routing: Routing, mask_n: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+    def _losses(
+        self, routing: Routing, mask_n: Tensor | None, group_n: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
         z = router_z_loss(routing.logits_ne, mask_n)
         if routing.expert_idx_nk is None:  # expert choice is balanced by construction
@@ -126,19 +134,32 @@ class MoELayer(nn.Module):
             aux = aux + cfg.load_balance_coef * lb
         if cfg.z_loss_coef > 0:
             aux = aux + cfg.z_loss_coef * z
-        return aux, {"load_balance": lb, "z": z}
+        losses = {"load_balance": lb, "z": z}
+        # LIMoE entropy losses, summed over the covered groups (computed only when they are switched on).
+        groups = cfg.entropy_group_ids
+        if cfg.local_entropy_coef > 0:
+            losses["local_entropy"] = local_entropy_loss(routing.probs_ne, group_n, mask_n, groups).sum()
+            aux = aux + cfg.local_entropy_coef * losses["local_entropy"]
+        if cfg.global_entropy_coef > 0:
+            losses["global_entropy"] = global_entropy_loss(
+                routing.probs_ne, group_n, mask_n, groups, cfg.global_entropy_threshold
+            ).sum()
+            aux = aux + cfg.global_entropy_coef * losses["global_entropy"]
+        return aux, losses
 
     def forward(self, x_btd: Tensor, token_mask: Tensor | None = None, group_ids: Tensor | None = None) -> MoEOutput:
         """``x_btd [B, T, D]`` (any leading dims), ``token_mask [B, T]`` bool (True = real) or None,
-        ``group_ids [B, T]`` long for per-group telemetry (ids outside [0, num_groups) are not counted)."""
+        ``group_ids [B, T]`` long modality ids: per-group telemetry (ids outside [0, num_groups) are not
+        counted), modality expert groups and the entropy losses (None = every token is group 0 for those)."""
         d = x_btd.shape[-1]
         x_nd = x_btd.reshape(-1, d)  # [N, D]
         mask_n = None if token_mask is None else token_mask.reshape(-1).to(torch.bool)
-        routing = self.route(x_nd, mask_n)
+        group_n = None if group_ids is None else group_ids.reshape(-1)
+        routing = self.route(x_nd, mask_n, group_n)
         y_nd, keep_a = self.dispatch(x_nd, routing)
         if self.shared is not None:
             y_nd = y_nd + self.shared(x_nd)
-        aux, losses = self._losses(routing, mask_n)
+        aux, losses = self._losses(routing, mask_n, group_n)
 
         if self.training:
             with torch.no_grad():
@@ -146,7 +167,6 @@ class MoELayer(nn.Module):
                 used_e = torch.zeros_like(self.steps_since_used).index_add_(0, routing.expert_a, keep_a.long()) > 0
                 self.steps_since_used.copy_(torch.where(used_e, 0, self.steps_since_used + 1))
         dead = (self.steps_since_used >= self.cfg.dead_expert_window).sum()
-        group_n = None if group_ids is None else group_ids.reshape(-1)
         stats = compute_stats(routing, keep_a, mask_n, self.cfg.num_experts, dead, group_n, self.cfg.num_groups)
         return MoEOutput(y_nd.view(x_btd.shape), aux, losses, stats)
 

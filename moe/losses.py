@@ -1,10 +1,13 @@
 """Router auxiliary losses as pure functions over real (unpadded) tokens.
 
-Shapes: ``N`` tokens, ``E`` experts, ``K`` experts per token. ``mask_n`` is bool ``[N]`` (True = real)
-or None (all real). Both losses are returned unweighted; the layer applies the coefficients.
+Shapes: ``N`` tokens, ``E`` experts, ``K`` experts per token, ``Gs`` groups an entropy loss covers.
+``mask_n`` is bool ``[N]`` (True = real) or None (all real); ``group_n`` is long ``[N]`` (modality ids).
+Every loss is returned unweighted; the layer applies the coefficients.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -56,3 +59,65 @@ def router_z_loss(logits_ne: Tensor, mask_n: Tensor | None = None) -> Tensor:
     w_n, n_real = _real_weights(logits_ne.shape[0], mask_n, logits_ne)
     z_n = torch.logsumexp(logits_ne, dim=-1)
     return (z_n.square() * w_n).sum() / n_real
+
+
+# ---------------------------------------------------------------- LIMoE per-modality entropy losses
+def _entropy(p_xe: Tensor) -> Tensor:
+    """``-sum_e p log p`` over the last axis with a finite gradient at ``p = 0``.
+
+    Experts masked out by modality groups have probability exactly 0; ``d/dp (p log p)`` is ``-inf``
+    there and would turn the softmax backward into NaN (``0 * inf``). Clamping inside the log keeps the
+    value exact (``0 * log(tiny) = 0``) and the gradient finite; the softmax Jacobian then zeroes it.
+    """
+    return -(p_xe * p_xe.clamp(min=torch.finfo(p_xe.dtype).tiny).log()).sum(-1)
+
+
+def _group_weights(group_n: Tensor | None, mask_n: Tensor | None, groups: Sequence[int], like: Tensor) -> Tensor:
+    """``w_gn [Gs, N]``: 1 where token ``n`` is real and belongs to ``groups[g]`` (``group_n=None``: all group 0)."""
+    n = like.shape[0]
+    if group_n is None:
+        group_n = torch.zeros(n, dtype=torch.long, device=like.device)
+    ids_g = torch.as_tensor(list(groups), dtype=group_n.dtype, device=like.device)
+    w_gn = group_n[None, :] == ids_g[:, None]
+    if mask_n is not None:
+        w_gn = w_gn & mask_n[None, :]
+    return w_gn.to(like.dtype)
+
+
+def local_entropy_loss(
+    probs_ne: Tensor, group_n: Tensor | None, mask_n: Tensor | None, groups: Sequence[int]
+) -> Tensor:
+    """LIMoE local entropy loss per group, ``[len(groups)]`` (minimised):
+
+        local_g = (1 / n_g) * sum_{real n in g} H(p(. | x_n)),   H(p) = -sum_e p_e log p_e
+
+    Low when each token commits to few experts. ``n_g`` counts the real tokens of group ``g``; a group
+    with no tokens gives 0.
+    """
+    w_gn = _group_weights(group_n, mask_n, groups, probs_ne)
+    return (w_gn @ _entropy(probs_ne)) / w_gn.sum(1).clamp(min=1)
+
+
+def global_entropy_loss(
+    probs_ne: Tensor,
+    group_n: Tensor | None,
+    mask_n: Tensor | None,
+    groups: Sequence[int],
+    threshold: float | None = None,
+) -> Tensor:
+    """LIMoE global entropy loss per group, ``[len(groups)]`` (minimised, so the entropy is maximised):
+
+        pbar_g   = (1 / n_g) * sum_{real n in g} p(. | x_n)      # the group's average routing distribution
+        global_g = -H(pbar_g)                                    # threshold None
+        global_g = max(0, tau - H(pbar_g))                       # threshold tau (LIMoE's Omega_tau)
+
+    Low when the group's tokens, taken together, spread over many experts; ``tau = ln m`` stops pushing
+    once the group's marginal is as spread as a uniform distribution over ``m`` experts. A group with no
+    tokens gives 0.
+    """
+    w_gn = _group_weights(group_n, mask_n, groups, probs_ne)
+    n_g = w_gn.sum(1)
+    pbar_ge = (w_gn @ probs_ne) / n_g.clamp(min=1)[:, None]
+    h_g = _entropy(pbar_ge)
+    loss_g = -h_g if threshold is None else (threshold - h_g).clamp(min=0)
+    return torch.where(n_g > 0, loss_g, torch.zeros_like(loss_g))

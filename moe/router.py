@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.moe.config import MoEConfig
+from moekit.moe.modality import allowed_experts_table, token_allowed_experts
 
 _ROUTER_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -76,6 +77,10 @@ class Router(nn.Module):
     :meth:`update_bias` consumes them, so gradient accumulation sees every micro-batch. ``expert_bias``
     follows ``module.to(dtype)``: keep the weights in fp32 (autocast for speed), or the +-rate steps
     round away in bf16.
+
+    With ``cfg.modality_experts`` the bool buffer ``allowed_experts [G + 1, E]`` (not persistent) masks
+    the logits of experts outside a token's modality group to ``-inf`` before anything else reads them
+    (``moekit.moe.modality``); ``Routing.logits_ne`` and ``probs_ne`` are the masked ones.
     """
 
     def __init__(self, d_model: int, cfg: MoEConfig, *, init_std: float = 0.02) -> None:
@@ -95,9 +100,17 @@ class Router(nn.Module):
         else:
             self.expert_bias = None
             self.load_counts = None
+        self.allowed_experts: Tensor | None
+        if cfg.modality_experts is not None:
+            # Derived from the config (not learned state): rebuilt at construction, kept out of checkpoints.
+            table_ge = allowed_experts_table(cfg.modality_experts, cfg.num_experts)  # [G + 1, E]
+            self.register_buffer("allowed_experts", table_ge, persistent=False)
+        else:
+            self.allowed_experts = None
 
-    def forward(self, x_nd: Tensor, mask_n: Tensor | None = None) -> Routing:
-        """Route ``x_nd [N, D]``; ``mask_n [N]`` bool (True = real token) or None (all real)."""
+    def forward(self, x_nd: Tensor, mask_n: Tensor | None = None, group_n: Tensor | None = None) -> Routing:
+        """Route ``x_nd [N, D]``; ``mask_n [N]`` bool (True = real token) or None (all real); ``group_n [N]``
+        long modality ids, used only with ``cfg.modality_experts`` (None = every token is group 0)."""
         cfg = self.cfg
         n = x_nd.shape[0]
         dtype = router_compute_dtype(cfg, x_nd)
@@ -107,10 +120,14 @@ class Router(nn.Module):
                 jitter = torch.empty_like(xr_nd).uniform_(1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
                 xr_nd = xr_nd * jitter
             logits_ne = F.linear(xr_nd, self.weight.to(dtype))  # [N, E]
+            allowed_ne = None
+            if self.allowed_experts is not None:  # modality expert groups: forbidden experts get -inf
+                allowed_ne = token_allowed_experts(self.allowed_experts, group_n, n)  # [N, E]
+                logits_ne = logits_ne.masked_fill(~allowed_ne, -math.inf)
             route_logits_ne = logits_ne
             if self.w_noise is not None and self.training:
                 noise_std_ne = F.softplus(F.linear(xr_nd, self.w_noise.to(dtype))) * cfg.router_noise
-                route_logits_ne = logits_ne + torch.randn_like(logits_ne) * noise_std_ne
+                route_logits_ne = logits_ne + torch.randn_like(logits_ne) * noise_std_ne  # -inf stays -inf
             if cfg.score_func == "sigmoid":
                 scores_ne = torch.sigmoid(route_logits_ne)
                 probs_ne = scores_ne / scores_ne.sum(-1, keepdim=True)
@@ -121,8 +138,8 @@ class Router(nn.Module):
             else:
                 num_real = mask_n.sum()
             if cfg.router == "expert_choice":
-                return self._expert_choice(logits_ne, probs_ne, scores_ne, mask_n, num_real)
-            return self._token_choice(logits_ne, route_logits_ne, probs_ne, scores_ne, mask_n, num_real)
+                return self._expert_choice(logits_ne, probs_ne, scores_ne, mask_n, num_real, allowed_ne)
+            return self._token_choice(logits_ne, route_logits_ne, probs_ne, scores_ne, mask_n, num_real, allowed_ne)
 
     def _token_choice(
         self,
@@ -132,12 +149,15 @@ class Router(nn.Module):
         scores_ne: Tensor,
         mask_n: Tensor | None,
         num_real: Tensor,
+        allowed_ne: Tensor | None = None,
     ) -> Routing:
         cfg = self.cfg
         n, k = scores_ne.shape[0], cfg.top_k
         select_ne = scores_ne.detach()
         if self.expert_bias is not None:
             select_ne = select_ne + self.expert_bias.to(select_ne.dtype)
+            if allowed_ne is not None:  # a forbidden expert's score is 0, but the bias could still lift it
+                select_ne = select_ne.masked_fill(~allowed_ne, -math.inf)
         expert_idx_nk = select_ne.topk(k, dim=-1).indices  # [N, K]
         score_nk = scores_ne.gather(1, expert_idx_nk)  # [N, K] unbiased
         if cfg.topk_order == "topk_then_softmax":
@@ -166,7 +186,13 @@ class Router(nn.Module):
         )
 
     def _expert_choice(
-        self, logits_ne: Tensor, probs_ne: Tensor, scores_ne: Tensor, mask_n: Tensor | None, num_real: Tensor
+        self,
+        logits_ne: Tensor,
+        probs_ne: Tensor,
+        scores_ne: Tensor,
+        mask_n: Tensor | None,
+        num_real: Tensor,
+        allowed_ne: Tensor | None = None,
     ) -> Routing:
         cfg = self.cfg
         n, e = scores_ne.shape
@@ -176,12 +202,16 @@ class Router(nn.Module):
         select_en = scores_ne.detach().t()  # [E, N]
         if mask_n is not None:
             select_en = select_en.masked_fill(~mask_n, -math.inf)  # padded tokens rank last
+        if allowed_ne is not None:
+            select_en = select_en.masked_fill(~allowed_ne.t(), -math.inf)  # so do other groups' tokens
         token_ec = select_en.topk(c_max, dim=1).indices  # [E, C]
         weight_ec = scores_ne.t().gather(1, token_ec)  # [E, C]
         rank_ec = torch.arange(c_max, device=scores_ne.device).expand(e, c_max)
         valid_ec = rank_ec < c_real
         if mask_n is not None:
             valid_ec = valid_ec & mask_n[token_ec]
+        if allowed_ne is not None:  # an expert with fewer allowed tokens than C leaves the rest unused
+            valid_ec = valid_ec & allowed_ne.t().gather(1, token_ec)
         return Routing(
             token_a=token_ec.reshape(-1),
             expert_a=torch.arange(e, device=scores_ne.device).repeat_interleave(c_max),

@@ -2,6 +2,12 @@
 
 Shapes: ``N`` tokens, ``E`` experts, ``A`` assignments, ``Gr`` telemetry groups (e.g. text / image /
 audio tokens, from ``group_ids``).
+
+Per-group counters split the overall ones exactly when every group id lies in ``[0, Gr)``:
+``tokens_per_expert_by_group.sum(0) == tokens_per_expert``, ``tokens_by_group.sum() == num_tokens`` and
+``(router_entropy_by_group * tokens_by_group).sum() / num_tokens == router_entropy``. Modality purity
+(``moekit.moe.modality``): ``purity_e = max_g s_ge / sum_g s_ge`` with ``s_ge = c_ge / n_g``, ``c`` =
+``tokens_per_expert_by_group``, ``n`` = ``tokens_by_group``.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from moekit.moe.modality import mean_purity, modality_purity
 from moekit.moe.router import Routing
 
 
@@ -28,6 +35,22 @@ class RoutingStats:
     router_entropy: Tensor  # scalar: mean over real tokens of the routing distribution's entropy (nats)
     dead_experts: Tensor  # scalar: experts unused for >= dead_expert_window training forwards
     tokens_per_expert_by_group: Tensor | None = None  # [Gr, E] kept assignments by token group
+    tokens_by_group: Tensor | None = None  # [Gr] real tokens of each group
+    router_entropy_by_group: Tensor | None = None  # [Gr] mean routing entropy over each group's real tokens
+
+    @property
+    def modality_purity(self) -> Tensor | None:
+        """[E] purity of each expert (0 for an unused one); None without group ids."""
+        if self.tokens_per_expert_by_group is None or self.tokens_by_group is None:
+            return None
+        return modality_purity(self.tokens_per_expert_by_group, self.tokens_by_group)
+
+    @property
+    def mean_modality_purity(self) -> Tensor | None:
+        """Load-weighted mean of ``modality_purity`` (scalar); None without group ids."""
+        if self.tokens_per_expert_by_group is None or self.tokens_by_group is None:
+            return None
+        return mean_purity(self.tokens_per_expert_by_group, self.tokens_by_group)
 
     @property
     def drop_rate(self) -> Tensor:
@@ -54,6 +77,9 @@ class RoutingStats:
                 out[f.name] = value.tolist()
         for name in ("drop_rate", "load_imbalance", "load_cv"):
             out[name] = getattr(self, name).item()
+        if self.modality_purity is not None:
+            out["modality_purity"] = self.modality_purity.tolist()
+            out["mean_modality_purity"] = self.mean_modality_purity.item()
         return out
 
 
@@ -78,6 +104,9 @@ def summarize_routing(stats: Sequence[RoutingStats], prefix: str = "moe/") -> di
     out[f"{prefix}load_imbalance_max"] = maxes[_SCALARS.index("load_imbalance")]
     out[f"{prefix}dropped_tokens"] = sums[len(_SCALARS)]
     out[f"{prefix}dead_experts"] = sums[len(_SCALARS) + 1]
+    purities = [s.mean_modality_purity for s in stats if s.mean_modality_purity is not None]
+    if purities:
+        out[f"{prefix}modality_purity"] = torch.stack(purities).mean().item()
     return out
 
 
@@ -104,13 +133,18 @@ def compute_stats(
     entropy_n = torch.special.entr(routing.probs_ne.float()).sum(-1)
     num_tokens = real_n.sum().float()
     entropy = (entropy_n * real_n).sum() / num_tokens.clamp(min=1)
-    by_group = None
+    by_group = tokens_by_group = entropy_by_group = None
     if group_n is not None:
         group_a = group_n[routing.token_a]
         in_range_a = (group_a >= 0) & (group_a < num_groups)
         cell_a = group_a.clamp(0, num_groups - 1) * num_experts + routing.expert_a
         by_group = torch.zeros(num_groups * num_experts, device=device)
         by_group = by_group.index_add_(0, cell_a, kept_a * in_range_a).view(num_groups, num_experts)
+        in_range_n = (group_n >= 0) & (group_n < num_groups) & real_n
+        group_idx_n = group_n.clamp(0, num_groups - 1)
+        tokens_by_group = torch.zeros(num_groups, device=device).index_add_(0, group_idx_n, in_range_n.float())
+        entropy_sum_g = torch.zeros(num_groups, device=device).index_add_(0, group_idx_n, entropy_n * in_range_n)
+        entropy_by_group = entropy_sum_g / tokens_by_group.clamp(min=1)
     return RoutingStats(
         tokens_per_expert=tokens_per_expert,
         routed_assignments=routed,
@@ -120,4 +154,6 @@ def compute_stats(
         router_entropy=entropy,
         dead_experts=dead_experts.detach(),
         tokens_per_expert_by_group=by_group,
+        tokens_by_group=tokens_by_group,
+        router_entropy_by_group=entropy_by_group,
     )

@@ -1,0 +1,495 @@
+"""Dense vs MoE multimodal models at matched active compute: plan the runs, train them identically, report.
+
+The MoE base config (``model.lm.moe`` set) gets a dense twin whose decoder has the same active FLOPs per
+token (``moekit.moe.matching.dense_twin``: the SwiGLU width is chosen to match router + top-k experts).
+The image and audio encoders and projectors are identical in both, so matching the decoder's active
+FLOPs matches the totals; the report states both, measured on the training mixture (FLOPs per sample:
+decoder on real tokens, each image, each clip at its own length). Every run sees the same samples in the
+same order for a given seed, the same initial-weight seed, optimizer, schedule and budget.
+
+Runs can train side by side (``compare.workers`` processes, ``compare.threads`` torch threads each): on a
+small, shared CPU two single-threaded processes beat one two-threaded process by a wide margin (the
+models are small, and intra-op threads spin on each other when the cores are contended). A finished run
+leaves ``result.json`` and is not redone; an interrupted one resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moekit.core.accounting import flops_per_token
+from moekit.moe.compare import SUMMARY_FIELDS, PeakMemory, _apply_overrides, _write_json, data_digest, moe_name
+from moekit.moe.matching import check_matched, dense_twin, describe
+from moekit.moe.modality import load_fractions
+from moekit.moe.report import _plot_bars, _plot_curves, _plot_routing, group_rows, headline, mean_spread
+from moekit.multimodal.tasks import DigitTasks
+from moekit.multimodal.train import (
+    CANDIDATES,
+    CHANCE,
+    MultimodalRunConfig,
+    SampleCollate,
+    TrainableMultimodalLM,
+    build_multimodal_trainer,
+    flops_profile,
+    load_run_tasks,
+)
+
+RESULT_FILE = "result.json"
+MODALITIES = ("text", "image", "audio")  # group ids 0, 1, 2 (moekit.multimodal.sequence)
+MM_SUMMARY_FIELDS = (
+    *SUMMARY_FIELDS,
+    "lm_flops_per_token",
+    "flops_per_sample",
+    "val_text_loss",
+    *(f"{t}_acc" for t in CANDIDATES),
+)
+
+
+@dataclass
+class MMCompareConfig:
+    """The ``compare`` section of a multimodal comparison YAML."""
+
+    task: str = "multimodal"  # the comparison recipe's switch; this config is the multimodal one
+    seeds: int = 1  # runs per model: seeds train.seed, train.seed + 1, ...
+    max_flops_mismatch: float = 0.02  # refuse MoE/dense pairs whose decoder active FLOPs differ by more
+    allow_mismatch: bool = False
+    variants: list[str] = field(default_factory=list)  # extra MoE runs: "moe.modality_experts=[3,2,2]"
+    workers: int = 1  # runs trained at the same time, each in its own process
+    threads: int | None = None  # torch intra-op threads per run; None = torch's default
+
+    def __post_init__(self) -> None:
+        if self.task != "multimodal":
+            raise ValueError(f"MMCompareConfig.task={self.task!r} is invalid: this config is for 'multimodal'")
+        for name, low in (("seeds", 1), ("workers", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"MMCompareConfig.{name}={value!r} is invalid: must be an int >= {low}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"MMCompareConfig.threads={self.threads!r} is invalid: must be an int >= 1 or None")
+        if not 0 <= self.max_flops_mismatch < 1:
+            raise ValueError(f"MMCompareConfig.max_flops_mismatch={self.max_flops_mismatch} must be in [0, 1)")
+
+
+@dataclass
+class MultimodalComparisonConfig(MultimodalRunConfig):
+    """A multimodal run config (the MoE base, ``model.lm.moe`` set) plus the ``compare`` section."""
+
+    compare: MMCompareConfig = field(default_factory=MMCompareConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.model.lm.moe is None:
+            raise ValueError(
+                "MultimodalComparisonConfig.model.lm.moe is None: the comparison starts from a MoE decoder and "
+                "derives its dense twin; set model.lm.moe (e.g. model.lm.moe.num_experts=8)"
+            )
+
+    def run_config(self) -> MultimodalRunConfig:
+        return MultimodalRunConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MultimodalRunConfig)})
+
+
+@dataclass
+class MMRunSpec:
+    name: str  # "dense", "moe-8x2", ...
+    kind: str  # "dense" | "moe"
+    seed: int
+    run: MultimodalRunConfig
+
+    @property
+    def folder(self) -> str:
+        return f"{self.name}-seed{self.seed}"
+
+
+def plan_multimodal_runs(cfg: MultimodalComparisonConfig) -> list[MMRunSpec]:
+    """Every (model, seed) run, dense twin first; refuses decoders whose active FLOPs are not matched."""
+    c, lm = cfg.compare, cfg.model.lm
+    seq = lm.max_seq_len
+    models = [(moe_name(lm.moe), "moe", lm)]
+    for text in c.variants:
+        m = _apply_overrides(lm, text)
+        if m.moe is None:
+            raise ValueError(f"MMCompareConfig.variants entry {text!r} removes the MoE; variants must stay MoE")
+        name = moe_name(m.moe)
+        models.append((f"{name}[{text}]" if any(name == n for n, *_ in models) else name, "moe", m))
+    twin = dense_twin(lm, seq)
+    models.insert(0, ("dense", "dense", twin))
+    if not c.allow_mismatch:
+        ref = describe("dense", twin, seq)
+        for name, kind, m in models:
+            if kind == "moe":
+                check_matched(describe(name, m, seq), ref, "flops_per_token", c.max_flops_mismatch)
+    base = cfg.run_config()
+    specs = []
+    for name, kind, m in models:
+        for s in range(c.seeds):
+            run = dataclasses.replace(
+                base,
+                model=dataclasses.replace(base.model, lm=m),
+                train=dataclasses.replace(base.train, seed=base.train.seed + s),
+            )
+            specs.append(MMRunSpec(name, kind, base.train.seed + s, run))
+    return specs
+
+
+def model_facts(run: MultimodalRunConfig, tasks: DigitTasks) -> dict[str, Any]:
+    """Parameters (decoder total/active, encoders + projectors) and forward FLOPs: the decoder's active
+    FLOPs per token at ``max_seq_len`` (what is matched) and the mixture's FLOPs per sample and per token."""
+    model = TrainableMultimodalLM(run.model)
+    rep = model.report()
+    prof = flops_profile(model, tasks, SampleCollate(model, run.data.pad_to_multiple_of), run.train.batch_size)
+    media = rep.params["total"] - rep.params["lm_total"]
+    return dict(
+        params_total=rep.params["total"],
+        params_active=rep.params["active"],
+        lm_params_total=rep.params["lm_total"],
+        lm_params_active=rep.params["lm_active"],
+        encoder_params=media,
+        lm_flops_per_token=flops_per_token(run.model.lm, run.model.lm.max_seq_len),
+        flops_per_sample=prof["per_sample"],
+        flops_per_token=prof["per_token"]["total"],
+        steps=run.train.steps,
+    )
+
+
+def multimodal_matching_table(specs: list[MMRunSpec], tasks: DigitTasks) -> list[dict[str, Any]]:
+    seen: dict[str, dict[str, Any]] = {}
+    for s in specs:
+        if s.name not in seen:
+            seen[s.name] = dict(name=s.name, kind=s.kind, **model_facts(s.run, tasks))
+    return list(seen.values())
+
+
+@contextlib.contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    """torch intra-op threads set to ``n`` inside the block (None: unchanged), restored afterwards."""
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def run_one_multimodal(spec: MMRunSpec, run_dir: Path, tasks: DigitTasks | None = None) -> dict[str, Any]:
+    """Train one run (resuming if it was interrupted) and return its summary row; writes result.json."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tasks = tasks if tasks is not None else load_run_tasks(spec.run)
+    resume = (run_dir / "ckpt").is_dir() and any((run_dir / "ckpt").iterdir())
+    t0 = time.perf_counter()
+    trainer = build_multimodal_trainer(spec.run, run_dir, resume=resume, tasks=tasks)
+    acc = trainer.accelerator
+    with PeakMemory(acc.device) as mem:
+        summary = trainer.train()
+    facts = model_facts(spec.run, tasks)
+    val_loss = summary.get("val_loss")
+    row = dict(
+        name=spec.name,
+        kind=spec.kind,
+        seed=spec.seed,
+        **{k: v for k, v in facts.items() if k != "steps"},
+        tokens_trained=summary["tokens_seen"],
+        samples_trained=summary["step"] * spec.run.train.batch_size,
+        train_flops=3 * facts["flops_per_sample"]["total"] * summary["step"] * spec.run.train.batch_size,
+        final_val_loss=val_loss,
+        val_bits_per_byte=None if val_loss is None else val_loss / math.log(2),  # byte targets
+        val_text_loss=summary.get("text_loss"),
+        **{k: v for k, v in summary.items() if k.endswith("_acc") or (k.endswith("_loss") and k[:-5] in CANDIDATES)},
+        tokens_per_s=summary.get("mean_tokens_per_s"),
+        peak_mem_mib=round(mem.mib, 1),
+        wall_s=round(summary.get("train_seconds", 0.0), 2),
+        run_wall_s=round(time.perf_counter() - t0, 2),  # this call: setup, training, evaluation
+        data_digest=data_digest(spec.run, len(trainer.train_data)),
+        routing=trainer.last_metrics.get("routing"),
+    )
+    if acc.is_main_process:
+        _write_json(run_dir / RESULT_FILE, row)
+    trainer.close()
+    return row
+
+
+def _worker_init(threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def _worker_run(spec: MMRunSpec, run_dir: str) -> dict[str, Any]:
+    return run_one_multimodal(spec, Path(run_dir))
+
+
+def run_multimodal_comparison(
+    cfg: MultimodalComparisonConfig, out_dir: str | os.PathLike, dry_run: bool = False
+) -> list[dict[str, Any]]:
+    """Plan, print the matching, train (or reuse) every run under ``out_dir/runs`` and write the report.
+
+    Returns the summary rows in plan order (empty for ``dry_run``).
+    """
+    out = Path(out_dir)
+    c = cfg.compare
+    t0, load0 = time.perf_counter(), _loadavg()
+    specs = plan_multimodal_runs(cfg)
+    with num_threads(c.threads):
+        tasks = load_run_tasks(cfg.run_config())
+        matching = multimodal_matching_table(specs, tasks)
+    print("matching (decoder active FLOPs/token at max_seq_len; FLOPs per sample on the training mixture):")
+    for m in matching:
+        fs = m["flops_per_sample"]
+        print(
+            f"  {m['name']:<24} {m['kind']:<6} params {m['params_total']:>10,} (decoder {m['lm_params_active']:,} "
+            f"active of {m['lm_params_total']:,}) decoder {m['lm_flops_per_token']:>10,} FLOPs/token; per sample "
+            f"decoder {fs['lm'] / 1e6:.2f} + image {fs['image'] / 1e6:.2f} + audio {fs['audio'] / 1e6:.2f} = "
+            f"{fs['total'] / 1e6:.2f} MFLOPs"
+        )
+    print(f"{len(specs)} runs: " + ", ".join(s.folder for s in specs), flush=True)
+    if dry_run:
+        return []
+    rows: dict[str, dict[str, Any]] = {}
+    todo = []
+    for spec in specs:
+        done = out / "runs" / spec.folder / RESULT_FILE
+        if done.is_file():
+            rows[spec.folder] = json.loads(done.read_text())
+            print(f"[compare] {spec.folder}: finished earlier, reusing {done}", flush=True)
+        else:
+            todo.append(spec)
+    if c.workers > 1 and len(todo) > 1:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            raise ValueError("MMCompareConfig.workers > 1 runs local processes; launch it without torchrun")
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(
+            min(c.workers, len(todo)), mp_context=ctx, initializer=_worker_init, initargs=(c.threads,)
+        ) as pool:
+            futures = {s.folder: pool.submit(_worker_run, s, str(out / "runs" / s.folder)) for s in todo}
+            for folder, fut in futures.items():
+                rows[folder] = fut.result()
+    else:
+        with num_threads(c.threads):
+            for spec in todo:
+                rows[spec.folder] = run_one_multimodal(spec, out / "runs" / spec.folder, tasks)
+    ordered = [rows[s.folder] for s in specs]
+    timing = {"wall_s": round(time.perf_counter() - t0, 1), "loadavg_start": load0, "loadavg_end": _loadavg()}
+    timing.update(workers=c.workers, threads=c.threads, cpus=os.cpu_count())
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:  # every rank trained; one writes the report
+        report = write_multimodal_report(out, specs, ordered, matching, cfg.to_dict(), timing)
+        print(f"\n{headline_multimodal(ordered)}\nreport: {report}")
+    return ordered
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------- report
+def _acc_cell(rs: list[dict[str, Any]], key: str) -> str:
+    m, sd = mean_spread([r.get(key) for r in rs])
+    return "n/a" if math.isnan(m) else f"{100 * m:.1f} ± {100 * sd:.1f}%"
+
+
+def headline_multimodal(rows: list[dict[str, Any]]) -> str:
+    """``moekit.moe.report.headline`` (validation loss, paired over seeds) plus held-out accuracy per task."""
+    groups = group_rows(rows)
+    moe = [n for n, rs in groups.items() if rs[0]["kind"] == "moe"]
+    if "dense" not in groups or not moe:
+        return headline(rows)
+    best = min(moe, key=lambda n: mean_spread([r["final_val_loss"] for r in groups[n]])[0])
+    tasks = [t for t in CANDIDATES if any(f"{t}_acc" in r for r in rows)]
+
+    def accs(name: str) -> str:
+        return ", ".join(f"{t} {_acc_cell(groups[name], f'{t}_acc')}" for t in tasks)
+
+    chance = ", ".join(f"{t} {100 * CHANCE[t]:.0f}%" for t in tasks)
+    return f"{headline(rows)} Held-out accuracy (chance: {chance}): {best} {accs(best)}; dense {accs('dense')}."
+
+
+def _plot_modality_routing(specs: list[MMRunSpec], rows: list[dict[str, Any]], out: Path) -> list[str]:
+    """Per MoE model (first seed), on the val set after training: each modality's share of its expert
+    assignments per expert and layer (heatmaps), and each expert's modality purity per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    row_of = {(r["name"], r["seed"]): r for r in rows}
+    firsts: dict[str, MMRunSpec] = {}
+    for s in specs:
+        firsts.setdefault(s.name, s)
+    for name, s in firsts.items():
+        routing = row_of.get((name, s.seed), {}).get("routing")
+        if s.kind != "moe" or not routing:
+            continue
+        by_group = torch.tensor(routing["tokens_per_expert_by_group"])  # [L, Gr, E]
+        n_layers, n_groups, n_exp = by_group.shape
+        labels = [MODALITIES[g] if g < len(MODALITIES) else f"group {g}" for g in range(n_groups)]
+        fig, axes = plt.subplots(
+            1, n_layers, figsize=(2.2 + 0.45 * n_exp * n_layers, 2.8), squeeze=False, layout="constrained"
+        )
+        for li in range(n_layers):
+            ax = axes[0, li]
+            im = ax.imshow(load_fractions(by_group[li]).numpy(), aspect="auto", cmap="magma", vmin=0, vmax=1)
+            ax.set_title(f"MoE layer {li} (purity {routing['mean_modality_purity'][li]:.2f})", fontsize=9)
+            ax.set_xlabel("expert")
+            ax.set_yticks(range(n_groups), labels if li == 0 else [""] * n_groups)
+            ax.set_xticks(range(n_exp))
+        fig.colorbar(im, ax=axes.ravel().tolist(), label="share of the modality's assignments")
+        fig.suptitle(f"{name}: expert load per modality on held-out data (uniform = {1 / n_exp:.3f})")
+        fname = f"modality_load_{name}.png"
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        files.append(fname)
+
+        purity = torch.tensor(routing["modality_purity"])  # [L, E]
+        fig, ax = plt.subplots(figsize=(1.5 + 0.55 * n_exp, 1.2 + 0.45 * n_layers), layout="constrained")
+        im = ax.imshow(purity.numpy(), aspect="auto", cmap="viridis", vmin=1 / max(n_groups, 1), vmax=1)
+        for (li, e), v in zip(
+            torch.cartesian_prod(torch.arange(n_layers), torch.arange(n_exp)).tolist(), purity.flatten()
+        ):
+            ax.text(e, li, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.75 else "k")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer")
+        ax.set_xticks(range(n_exp))
+        ax.set_yticks(range(n_layers))
+        fig.colorbar(im, ax=ax, label="modality purity")
+        ax.set_title(f"{name}: modality purity of each expert", fontsize=10)
+        fname = f"modality_purity_{name}.png"
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        files.append(fname)
+    return files
+
+
+def write_multimodal_report(
+    out_dir: str | os.PathLike,
+    specs: list[MMRunSpec],
+    rows: list[dict[str, Any]],
+    matching: list[dict[str, Any]],
+    config: dict[str, Any],
+    timing: dict[str, Any] | None = None,
+) -> Path:
+    """Write summary.json, the plots and report.md into ``out_dir``; returns the report path."""
+    import yaml
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "summary.json", [{k: r.get(k) for k in MM_SUMMARY_FIELDS} for r in rows])
+    plots = _plot_curves(specs, out, rows) + [_plot_bars(rows, out)]
+    modality = _plot_modality_routing(specs, rows, out)
+    training_routing = _plot_routing(specs, out)
+    groups = group_rows(rows)
+    tasks = [t for t in CANDIDATES if any(f"{t}_acc" in r for r in rows)]
+
+    lines = ["# Multimodal: sparse vs dense at matched compute", "", f"**Result.** {headline_multimodal(rows)}", ""]
+    lines += ["## What was held equal", ""]
+    lines += [
+        "| model | kind | decoder params total | decoder params active | encoders + projectors | decoder FLOPs/token "
+        "| FLOPs/sample: decoder | image | audio | total | steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in matching:
+        fs = m["flops_per_sample"]
+        lines.append(
+            f"| {m['name']} | {m['kind']} | {m['lm_params_total']:,} | {m['lm_params_active']:,} | "
+            f"{m['encoder_params']:,} | {m['lm_flops_per_token']:,} | {fs['lm'] / 1e6:.3f}M | "
+            f"{fs['image'] / 1e6:.3f}M | {fs['audio'] / 1e6:.3f}M | {fs['total'] / 1e6:.3f}M | {m['steps']} |"
+        )
+    dense = next(m for m in matching if m["name"] == "dense")
+    for m in matching:
+        if m["kind"] == "moe":
+            d_lm = m["lm_flops_per_token"] / dense["lm_flops_per_token"] - 1
+            d_tot = m["flops_per_sample"]["total"] / dense["flops_per_sample"]["total"] - 1
+            lines.append(
+                f"\n{m['name']} vs dense: decoder active FLOPs/token {d_lm:+.2%}, total FLOPs per sample with the "
+                f"encoders {d_tot:+.2%} (the encoders are identical; FLOPs per sample are measured on the first "
+                "training batches, decoder on real tokens only)."
+            )
+    digests = sorted({str(r.get("data_digest")) for r in rows if r["seed"] == rows[0]["seed"]})
+    lines += [
+        "",
+        f"Same samples in the same order for every model with the same seed (data-order digest: {', '.join(digests)}), "
+        "same initial-weight seed, optimizer, schedule and budget. Forward FLOPs: 2 per multiply-add, "
+        "training = 3x forward.",
+        "",
+        "## Results (held-out data: unseen images, unseen voices, validation plays)",
+        "",
+        "| model | seeds | val loss | text loss | "
+        + " | ".join(f"{t} acc" for t in tasks)
+        + " | tokens/s | peak MiB | train s |",
+        "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|",
+    ]
+    for name, rs in groups.items():
+        vl, vs = mean_spread([r["final_val_loss"] for r in rs])
+        tl, ts = mean_spread([r.get("val_text_loss") for r in rs])
+        tp, _ = mean_spread([r["tokens_per_s"] for r in rs])
+        mem, _ = mean_spread([r["peak_mem_mib"] for r in rs])
+        wall, _ = mean_spread([r["wall_s"] for r in rs])
+        accs = " | ".join(_acc_cell(rs, f"{t}_acc") for t in tasks)
+        lines.append(
+            f"| {name} | {len(rs)} | {vl:.4f} ± {vs:.4f} | {tl:.4f} ± {ts:.4f} | {accs} | {tp:,.0f} | {mem:,.0f} | "
+            f"{wall:,.0f} |"
+        )
+    lines.append("| chance | | | | " + " | ".join(f"{100 * CHANCE[t]:.0f}%" for t in tasks) + " | | | |")
+    lines += [
+        "",
+        "Accuracy: the gold answer must have the highest likelihood among all candidates (10 captions, 10 "
+        "transcripts, same/different). Spread is the sample standard deviation over seeds (± 0 for one seed). "
+        "Val loss is in nats per target byte over answers and text windows; text loss over Shakespeare windows.",
+        "",
+    ]
+    lines += ["## Routing by modality (MoE, held-out data after training)", ""]
+    for name, rs in groups.items():
+        routing = rs[0].get("routing")
+        if rs[0]["kind"] == "moe" and routing:
+            purities = ", ".join(f"layer {i}: {p:.3f}" for i, p in enumerate(routing["mean_modality_purity"]))
+            lines.append(f"- **{name}** mean modality purity {purities}.")
+    lines += [
+        "",
+        "Modality purity of expert e: s_ge = c_ge / n_g (assignments of modality g to expert e per token of g), "
+        "purity_e = max_g s_ge / sum_g s_ge; 1 = the expert serves one modality, 1/3 = all three in proportion. "
+        "The layer mean weights experts by sum_g s_ge.",
+        "",
+    ]
+    for f in modality:
+        lines += [f"![{f}]({f})", ""]
+    lines += ["## Training curves, throughput and routing over training", ""]
+    for f in plots + training_routing:
+        lines += [f"![{f}]({f})", ""]
+    if timing:
+        load = f"load average {timing.get('loadavg_start')} at the start, {timing.get('loadavg_end')} at the end"
+        lines += [
+            "## Time",
+            "",
+            f"{timing['wall_s']:.0f} s wall for the whole comparison ({timing.get('workers')} run(s) at a time, "
+            f"{timing.get('threads') or 'default'} torch thread(s) each, {timing.get('cpus')} CPUs; {load}). "
+            "Other processes shared the CPU, so timings are noisy.",
+            "",
+            "| run | train s | setup + train + eval s |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {r['name']}-seed{r['seed']} | {r['wall_s']:.0f} | {r.get('run_wall_s', float('nan')):.0f} |"
+            for r in rows
+        ]
+        lines.append("")
+    lines += ["## Configuration", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
+    path = out / "report.md"
+    tmp = path.with_name(".report.md.tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+    return path
