@@ -72,7 +72,7 @@ class RunConfig:
         path = Path(run_dir) / CONFIG_FILE
         if path.is_file():
             saved = (yaml.safe_load(path.read_text()) or {}).get("model")
-            if saved != config_to_dict(self.model):
+            if _placement_free(saved) != _placement_free(config_to_dict(self.model)):
                 raise ValueError(f"resume: the model section differs from the run's {path}; resume with that model")
 
     def to_yaml(self) -> str:
@@ -86,6 +86,14 @@ class RunConfig:
         tmp.write_text(self.to_yaml())
         os.replace(tmp, path)
         return path
+
+
+def _placement_free(model: Any) -> Any:
+    """The model section without ``moe.expert_parallel_size``: where the experts live is not the model's shape
+    (checkpoints store the experts unsharded, so a run may resume with another expert-parallel size)."""
+    if isinstance(model, dict) and isinstance(model.get("moe"), dict):
+        return {**model, "moe": {k: v for k, v in model["moe"].items() if k != "expert_parallel_size"}}
+    return model
 
 
 def load_run_config(

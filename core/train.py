@@ -13,6 +13,12 @@ Metrics (``<run_dir>/metrics.jsonl``, one JSON object per log event, and TensorB
 best FLOP/s of a square matmul in the training dtype on this machine (``measure_matmul_flops``, run at
 start-up and again after each evaluation, keeping the best): an achievable peak rather than a datasheet
 number, so it is meaningful on CPUs and unknown GPUs alike, and lower than vendor-peak-based MFU figures.
+
+Checkpoints store the unwrapped model, so a run resumes on any number of processes; the routed experts of
+MoE layers go to ``experts.safetensors`` unsharded (``moekit.moe.ep_checkpoint``), so an expert-parallel run
+also resumes with another ``expert_parallel_size``. ``save_final`` and ``gather_full_model`` gather the
+expert shards (collective) into a single-process model on the main process, for ``save_pretrained`` and
+sampling: a sharded MoE layer cannot run on one rank alone.
 """
 
 from __future__ import annotations
@@ -21,14 +27,14 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -36,10 +42,6 @@ from tqdm.auto import tqdm
 from moekit.core.checkpoint import CheckpointManager
 from moekit.core.data import StepSampler, make_batch
 from moekit.core.optim import DECAY_SCHEDULES, build_optimizer, build_scheduler
-
-if TYPE_CHECKING:
-    from moekit.core.configio import RunConfig
-    from moekit.core.tokenizer import ByteTokenizer
 
 MIXED_PRECISIONS = ("no", "bf16")
 TRACKERS = ("tensorboard", "none")
@@ -218,6 +220,10 @@ class Trainer:
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.adam_eps)
         scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.decay)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        from moekit.moe.ep_checkpoint import expert_checkpoint_hooks
+
+        # MoE experts go to experts.safetensors, unsharded, whatever the EP size.
+        self._ckpt_writer, self._ckpt_reader = expert_checkpoint_hooks(model, self.optimizer, self.ep_groups)
         self.sampler = StepSampler(len(train_data), cfg.batch_size, cfg.seed)
         self._eval_chunks = self._eval_shard()
 
@@ -226,7 +232,7 @@ class Trainer:
         self.train_seconds = 0.0
         self.last_metrics: dict[str, Any] = {}
         if latest is not None:
-            state = self.ckpt.load(acc, latest)
+            state = self.ckpt.load(acc, latest, extra_reader=self._ckpt_reader)
             for key in ("batch_size", "seed"):
                 if state.get(key) != getattr(cfg, key):
                     raise ValueError(
@@ -234,6 +240,9 @@ class Trainer:
                         f"{key}={getattr(cfg, key)}; the data order would not continue exactly"
                     )
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            # Accelerate restores its micro-batch counter from rank 0's RNG file; with another process count
+            # (hence accumulation) it would fall out of step with ours.
+            acc.step = self.step * self.accum_steps
             self.train_seconds = state.get("train_seconds", 0.0)
         self._start_metrics_file()
         if cfg.log_with != "none":
@@ -322,16 +331,27 @@ class Trainer:
             "batch_size": self.cfg.batch_size,
             "seed": self.cfg.seed,
         }
-        return self.ckpt.save(self.accelerator, self.step, state)
+        return self.ckpt.save(self.accelerator, self.step, state, extra_writer=self._ckpt_writer)
 
     def save_final(self) -> Path | None:
-        """``save_pretrained`` into ``<run_dir>/final`` (main process), if the model supports it."""
-        model = self.unwrapped_model
+        """``save_pretrained`` of the full (unsharded) model into ``<run_dir>/final``, if the model supports
+        it; loadable in one process. Collective; the main process writes."""
+        if not hasattr(self.unwrapped_model, "save_pretrained"):
+            return None
         path = self.run_dir / "final"
-        if self.is_main_process and hasattr(model, "save_pretrained"):
-            model.save_pretrained(path)
+        full = self.gather_full_model()
+        if full is not None:
+            full.save_pretrained(path)
         self.accelerator.wait_for_everyone()
-        return path if hasattr(model, "save_pretrained") else None
+        return path
+
+    def gather_full_model(self) -> nn.Module | None:
+        """Collective (every rank must call it): on the main process, a single-process copy of the model with
+        the experts unsharded, for sampling or saving; None on the other ranks. The copy shares the other
+        weights with the training model: use it for inference and drop it, do not train it."""
+        from moekit.moe.ep_checkpoint import gather_full_model
+
+        return gather_full_model(self.unwrapped_model, self.ep_groups)
 
     def summary(self) -> dict[str, Any]:
         out = {k: v for k, v in self.last_metrics.items() if k != "moe_layers"}
@@ -522,88 +542,3 @@ def _tracker_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
 
     flat = flatten_dict(config_to_dict(hparams))
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
-
-
-# ---------------------------------------------------------------- language-model wiring
-def build_lm_trainer(
-    cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False
-) -> tuple[Trainer, ByteTokenizer]:
-    """Tokenise the corpus, build the Transformer and its Trainer, write ``config.yaml``, print the model facts."""
-    from moekit.core.accounting import count_params, flops_per_token
-    from moekit.core.data import PackedSequences, load_corpus, tokenize_splits
-    from moekit.core.model import Transformer
-    from moekit.core.tokenizer import ByteTokenizer
-
-    tok = ByteTokenizer()
-    if cfg.model.vocab_size < tok.vocab_size:
-        _fail("ModelConfig", "vocab_size", cfg.model.vocab_size, f"must be >= the tokenizer's {tok.vocab_size}")
-    run_dir = Path(run_dir)
-    if resume:
-        cfg.check_resumable(run_dir)
-    splits = tokenize_splits(load_corpus(cfg.data.corpus), tok)
-    train_ds = PackedSequences(splits.train, cfg.data.seq_len)
-    val_ds = PackedSequences(splits.val, cfg.data.seq_len)
-    set_seed(cfg.train.seed)  # identical initial weights on every rank and on every rerun
-    model = Transformer(cfg.model)
-    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-    trainer = Trainer(
-        model,
-        cfg.train,
-        run_dir,
-        train_ds,
-        val_ds,
-        resume=resume,
-        flops_per_token=fpt,
-        tokens_per_byte=1.0,  # byte tokenizer; BOS/EOS per document make this a ~1e-5 overestimate of bpb
-        hparams=cfg.to_dict(),
-    )
-    if trainer.is_main_process:
-        cfg.save(run_dir)
-    params = count_params(cfg.model)
-    acc = trainer.accelerator
-    acc.print(
-        f"model: {params.total / 1e6:.3f}M params ({params.active / 1e6:.3f}M active, "
-        f"{params.embedding / 1e6:.3f}M embedding), {fpt / 1e6:.3f} MFLOPs/token forward at seq_len "
-        f"{cfg.data.seq_len}, ffn layers {cfg.model.ffn_kinds()}"
-    )
-    acc.print(
-        f"data: {cfg.data.corpus} {splits.train.numel():,} train / {splits.val.numel():,} val tokens, "
-        f"{len(train_ds):,} train windows; {acc.num_processes} process(es) on {acc.device}, micro-batch "
-        f"{trainer.micro_batch_size} x {trainer.accum_steps} accumulation, {cfg.train.mixed_precision} precision"
-        + (f"; resuming at step {trainer.step}" if trainer.step else "")
-    )
-    if trainer.probe_flops:
-        acc.print(f"matmul probe: {trainer.probe_flops / 1e9:.1f} GFLOP/s per process (MFU denominator)")
-    return trainer, tok
-
-
-def sample_text(
-    model: nn.Module,
-    tokenizer: ByteTokenizer,
-    prompts: Sequence[str],
-    max_new_tokens: int = 200,
-    temperature: float = 0.8,
-    top_k: int | None = None,
-    top_p: float | None = 0.95,
-    seed: int = 0,
-) -> list[str]:
-    """Continue each prompt (batched, left-padded); returns prompt + continuation texts."""
-    from moekit.core.generate import generate
-
-    device = next(model.parameters()).device
-    ids_bt = tokenizer.encode(list(prompts), add_bos=True, padding_side="left").to(device)  # [B, T]
-    mask_bt = (ids_bt != tokenizer.PAD).long()
-    gen = torch.Generator(device=device).manual_seed(seed)
-    out_bt = generate(
-        model,
-        ids_bt,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        eos_token_id=tokenizer.EOS,
-        pad_token_id=tokenizer.PAD,
-        attention_mask=mask_bt,
-        generator=gen,
-    )
-    return tokenizer.decode_batch(out_bt)

@@ -9,6 +9,7 @@ import importlib
 from typing import Any
 
 from moekit.moe.config import MoEConfig
+from moekit.moe.ep_checkpoint import gather_full_model, load_expert_state, save_expert_state
 from moekit.moe.experts import RoutedExperts, SharedExperts
 from moekit.moe.layer import MoELayer, MoEOutput, update_router_biases
 from moekit.moe.losses import assignment_counts, load_balance_loss, router_z_loss
@@ -59,6 +60,9 @@ __all__ = [
     "run_comparison",
     "write_report",
     "ExpertParallelGroups",
+    "gather_full_model",
+    "load_expert_state",
+    "save_expert_state",
     "allreduce_expert_grads",
     "apply_expert_parallel",
     "comm_volume",

@@ -32,6 +32,7 @@ from moekit.moe.config import MoEConfig
 from moekit.moe.matching import check_matched, dense_twin, describe, param_matched_twin
 
 BUDGETS = ("tokens", "flops")
+TASKS = ("lm", "multimodal")  # the comparisons recipes/compare.py knows (compare.task)
 RESULT_FILE = "result.json"
 SUMMARY_FIELDS = (
     "name",
@@ -54,6 +55,7 @@ SUMMARY_FIELDS = (
 class CompareConfig:
     """What to compare and how; lives under ``compare:`` in a comparison YAML."""
 
+    task: str = "lm"  # recipes/compare.py's switch: "multimodal" selects moekit.multimodal.compare instead
     seeds: int = 1  # runs per model, seeds train.seed, train.seed + 1, ...
     param_matched: bool = False  # also train a dense model with the MoE model's total parameters
     budget: str = "tokens"  # one of BUDGETS: equal tokens, or equal training FLOPs (steps scale per model)
@@ -65,6 +67,11 @@ class CompareConfig:
     sample_tokens: int = 160
 
     def __post_init__(self) -> None:
+        if self.task != "lm":
+            raise ValueError(
+                f"CompareConfig.task={self.task!r} is invalid here: this config is the language-model comparison "
+                f"('lm'); recipes/compare.py sends 'multimodal' to moekit.multimodal.compare (allowed: {TASKS})"
+            )
         if not isinstance(self.seeds, int) or self.seeds < 1:
             raise ValueError(f"CompareConfig.seeds={self.seeds!r} is invalid: must be an int >= 1")
         if self.budget not in BUDGETS:
@@ -264,7 +271,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def run_one(spec: RunSpec, run_dir: Path, prompt: str, sample_tokens: int) -> dict[str, Any]:
     """Train one run (resuming if it was interrupted) and return its summary row; rank 0 writes result.json."""
-    from moekit.core.train import build_lm_trainer, sample_text
+    from moekit.core.lm import build_lm_trainer, sample_text
 
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = (run_dir / "ckpt").is_dir() and any((run_dir / "ckpt").iterdir())
@@ -275,8 +282,10 @@ def run_one(spec: RunSpec, run_dir: Path, prompt: str, sample_tokens: int) -> di
         summary = trainer.train()
     wall = time.perf_counter() - t0
     sample = ""
-    if acc.is_main_process:
-        sample = sample_text(trainer.unwrapped_model, tok, [prompt], max_new_tokens=sample_tokens, seed=0)[0]
+    full = trainer.gather_full_model()  # collective (expert-parallel shards); the model on the main process
+    if full is not None:
+        sample = sample_text(full, tok, [prompt], max_new_tokens=sample_tokens, seed=0)[0]
+    del full
     fpt = flops_per_token(spec.run.model, spec.run.data.seq_len)
     pc = count_params(spec.run.model)
     row = dict(

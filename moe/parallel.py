@@ -24,6 +24,8 @@ over the replica group and divided by ``W`` (:func:`allreduce_expert_grads`); DD
 them (:func:`exclude_experts_from_ddp`), or it would average different experts' gradients together and
 overwrite the slices of ranks != 0 with rank 0's at wrapping time. Gradient clipping needs the norm
 over all slices (:func:`ep_clip_grad_norm_`): a per-rank norm would clip replicas by different factors.
+
+Checkpoints, the final model and sampling need the experts unsharded: ``moekit.moe.ep_checkpoint``.
 """
 
 from __future__ import annotations

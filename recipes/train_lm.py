@@ -3,6 +3,8 @@
     python recipes/train_lm.py --config recipes/configs/cpu-small.yaml --out runs/cpu-small
     python recipes/train_lm.py --config recipes/configs/debug.yaml --out runs/dbg model.moe.num_experts=4
     torchrun --nproc_per_node 2 recipes/train_lm.py --config recipes/configs/debug.yaml --out runs/dbg2
+    torchrun --nproc_per_node 2 recipes/train_lm.py --config recipes/configs/debug.yaml --out runs/ep2 \
+        model.moe.num_experts=4 model.moe.d_expert=64 model.moe.expert_parallel_size=2   # experts sharded
     accelerate launch recipes/train_lm.py --config recipes/configs/gpu.yaml --out runs/gpu
     python recipes/train_lm.py --out runs/dbg --resume         # continue with the saved OUT/config.yaml
 
@@ -17,7 +19,7 @@ import argparse
 from pathlib import Path
 
 from moekit.core.configio import CONFIG_FILE, load_run_config
-from moekit.core.train import build_lm_trainer, sample_text
+from moekit.core.lm import build_lm_trainer, sample_text
 
 PROMPTS = ("**ROMEO**\n", "**HAMLET**\nTo be, or not", "**KING HENRY V**\nOnce more")
 
@@ -41,10 +43,12 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_run_config(config, [*args.overrides, *args.set])
     trainer, tokenizer = build_lm_trainer(cfg, args.out, resume=args.resume)
     summary = trainer.train()
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.samples)]
+    # Collective: every rank joins the gather of expert shards; the main process gets a one-process model.
+    full = trainer.gather_full_model() if prompts else None
     if trainer.is_main_process:
-        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.samples)]
-        if prompts:
-            texts = sample_text(trainer.unwrapped_model, tokenizer, prompts, max_new_tokens=args.sample_tokens)
+        if full is not None:
+            texts = sample_text(full, tokenizer, prompts, max_new_tokens=args.sample_tokens)
             for text in texts:
                 print(f"----- sample\n{text}")
         nan = float("nan")

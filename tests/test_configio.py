@@ -128,6 +128,16 @@ def test_seq_len_must_fit_the_model():
         load_run_config(None, ["data.seq_len=512"])
 
 
+def test_resume_refuses_another_model_but_allows_another_expert_parallel_size(tmp_path):
+    base = ["model.moe.num_experts=4", "model.moe.expert_parallel_size=2"]
+    load_run_config(None, base).save(tmp_path)
+    load_run_config(None, ["model.moe.num_experts=4"]).check_resumable(tmp_path)  # placement, not shape
+    with pytest.raises(ValueError, match="model section differs"):
+        load_run_config(None, [*base, "model.moe.top_k=1"]).check_resumable(tmp_path)
+    with pytest.raises(ValueError, match="model section differs"):
+        load_run_config(None, ["model.moe=null"]).check_resumable(tmp_path)
+
+
 def test_saved_config_round_trips(tmp_path):
     cfg = load_run_config(None, ["model.moe.num_experts=4", "train.betas=[0.8, 0.99]", "train.lr=2e-3"])
     path = cfg.save(tmp_path / "run")

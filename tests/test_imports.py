@@ -8,7 +8,9 @@ import pytest
 PACKAGES = ["moekit.core", "moekit.moe", "moekit.multimodal"]
 
 
-@pytest.mark.parametrize("first", PACKAGES + ["moekit.core.layers", "moekit.moe.matching", "moekit.core.train"])
+@pytest.mark.parametrize(
+    "first", PACKAGES + ["moekit.core.layers", "moekit.moe.matching", "moekit.core.train", "moekit.core.lm"]
+)
 def test_fresh_import_order(first):
     code = f"import {first}\n" + "".join(f"import {p}\n" for p in PACKAGES)
     code += "".join(f"m = __import__('{p}', fromlist=['*'])\n[getattr(m, n) for n in m.__all__]\n" for p in PACKAGES)

@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 from moekit.core.checkpoint import LATEST, STATE_FILE, CheckpointManager
 from moekit.core.config import ModelConfig
 from moekit.core.data import PackedSequences
+from moekit.core.lm import sample_text
 from moekit.core.model import Transformer
 from moekit.core.optim import build_optimizer, build_scheduler, lr_factor, split_decay_params
-from moekit.core.train import TrainConfig, Trainer, sample_text
+from moekit.core.train import TrainConfig, Trainer
 from moekit.moe.config import MoEConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
