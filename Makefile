@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LINT_PATHS := core moe multimodal recipes tests
 
-.PHONY: venv test lint demo clean distclean
+.PHONY: venv test lint demo demo-multimodal clean distclean
 
 venv: $(STAMP)
 
@@ -27,6 +27,9 @@ lint: venv
 
 demo: venv
 	$(PY) recipes/compare.py --config recipes/configs/compare-cpu.yaml --out runs/demo
+
+demo-multimodal: venv
+	$(PY) recipes/compare.py --config recipes/configs/mm-cpu.yaml --out runs/demo-multimodal
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

@@ -55,17 +55,26 @@ def headline(rows: list[dict[str, Any]]) -> str:
     diff, diff_sd = mean_spread(diffs)
     tokens = groups[best][0]["tokens_trained"]
     fpt_m, fpt_d = groups[best][0]["flops_per_token"], groups["dense"][0]["flops_per_token"]
+    head = (
+        f"At matched active compute ({fpt_m / 1e6:.2f} vs {fpt_d / 1e6:.2f} MFLOPs/token) and {tokens:,} training "
+        f"tokens, the {best} model"
+    )
+    if len(diffs) < 2:  # one seed has no spread: report the gap without a verdict
+        lower = "lower" if diff < 0 else "higher"
+        return (
+            f"{head} reached a {lower} validation loss than its dense twin on a single seed: {m_mean:.4f} vs "
+            f"{d_mean:.4f} nats/byte ({diff:+.4f}); one seed cannot separate that from seed-to-seed noise "
+            "(rerun with --seeds 3)."
+        )
     if diff < 0 and all(d < 0 for d in diffs):
         verdict = "beats"
     elif diff > 0 and all(d > 0 for d in diffs):
         verdict = "is worse than"
     else:  # the seeds disagree on the sign: the difference is within seed-to-seed noise
         verdict = "is not distinguishable (the seeds disagree on the sign) from"
-    spread = f" ± {diff_sd:.4f} (sd over {len(diffs)} paired seeds)" if len(diffs) > 1 else " (1 seed)"
     return (
-        f"At matched active compute ({fpt_m / 1e6:.2f} vs {fpt_d / 1e6:.2f} MFLOPs/token) and {tokens:,} training "
-        f"tokens, the {best} model {verdict} its dense twin: validation loss {m_mean:.4f} ± {m_sd:.4f} vs "
-        f"{d_mean:.4f} ± {d_sd:.4f} nats/byte, a difference of {diff:+.4f}{spread}, n={n} seed(s)."
+        f"{head} {verdict} its dense twin: validation loss {m_mean:.4f} ± {m_sd:.4f} vs {d_mean:.4f} ± {d_sd:.4f} "
+        f"nats/byte, a difference of {diff:+.4f} ± {diff_sd:.4f} (sd over {len(diffs)} paired seeds), n={n} seeds."
     )
 
 

@@ -269,8 +269,14 @@ def run_multimodal_comparison(
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             raise ValueError("MMCompareConfig.workers > 1 runs local processes; launch it without torchrun")
         ctx = multiprocessing.get_context("spawn")
+        # One fresh process per run: a reused worker keeps the previous run's freed heap in its RSS, which
+        # would make the later runs' peak memory (RSS above the start value) read far too low.
         with concurrent.futures.ProcessPoolExecutor(
-            min(c.workers, len(todo)), mp_context=ctx, initializer=_worker_init, initargs=(c.threads,)
+            min(c.workers, len(todo)),
+            mp_context=ctx,
+            initializer=_worker_init,
+            initargs=(c.threads,),
+            max_tasks_per_child=1,
         ) as pool:
             futures = {s.folder: pool.submit(_worker_run, s, str(out / "runs" / s.folder)) for s in todo}
             for folder, fut in futures.items():
@@ -299,7 +305,9 @@ def _loadavg() -> list[float] | None:
 # ---------------------------------------------------------------- report
 def _acc_cell(rs: list[dict[str, Any]], key: str) -> str:
     m, sd = mean_spread([r.get(key) for r in rs])
-    return "n/a" if math.isnan(m) else f"{100 * m:.1f} ± {100 * sd:.1f}%"
+    if math.isnan(m):
+        return "n/a"
+    return f"{100 * m:.1f}%" if len(rs) < 2 else f"{100 * m:.1f} ± {100 * sd:.1f}%"
 
 
 def headline_multimodal(rows: list[dict[str, Any]]) -> str:

@@ -6,6 +6,7 @@
         --sweep num_experts=1,2,4,8
     accelerate launch --multi_gpu --num_processes 8 recipes/compare.py --config recipes/configs/compare-gpu.yaml \
         --out runs/compare-gpu
+    python recipes/compare.py --config recipes/configs/mm-cpu.yaml --out runs/mm-compare     # compare.task: multimodal
 
 The YAML holds the MoE base run (model with a moe section, train, data) and a `compare` section; dotted
 overrides follow (`model.moe.num_experts=16 compare.budget=flops`). The matching (params total/active,
@@ -13,6 +14,11 @@ FLOPs per token) is printed before any training, and a comparison whose active F
 `compare.max_flops_mismatch` is refused unless `--allow-mismatch`. Rerunning the same command resumes:
 finished runs are reused, an interrupted run continues from its last checkpoint. Outputs in OUT:
 report.md, summary.json, PNG plots, runs/<model>-seed<k>/ (each a full train_lm run folder).
+
+`compare.task` picks the comparison: `lm` (default; Shakespeare, moekit.moe.compare) or `multimodal` (image,
+audio and text tasks through one decoder, moekit.multimodal.compare: encoders identical in both models, the
+report adds held-out accuracy per task and per-modality expert load and purity). --sweep, --param-matched and
+--budget belong to the language-model comparison.
 """
 
 from __future__ import annotations
@@ -22,10 +28,27 @@ import os
 from pathlib import Path
 
 import torch.distributed as dist
+import yaml
 
-from moekit.core.configio import load_config
-from moekit.moe.compare import ComparisonConfig, matching_table, parse_sweep, plan_runs, run_comparison
+from moekit.core.configio import load_config, parse_override
+from moekit.moe.compare import TASKS, ComparisonConfig, matching_table, parse_sweep, plan_runs, run_comparison
 from moekit.moe.report import headline, write_report
+
+
+def comparison_task(config: str | None, overrides: list[str]) -> str:
+    """``compare.task`` from the YAML, then the overrides (the last one wins); "lm" when unset."""
+    task = "lm"
+    if config is not None:
+        tree = yaml.safe_load(Path(config).read_text()) or {}
+        section = tree.get("compare") if isinstance(tree, dict) else None
+        task = section.get("task", task) if isinstance(section, dict) else task
+    for o in overrides:
+        key, value = parse_override(o)
+        if key == "compare.task":
+            task = value
+    if task not in TASKS:
+        raise ValueError(f"compare.task={task!r} is invalid: allowed values are {TASKS}")
+    return task
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -44,14 +67,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     overrides = list(args.overrides)
     if args.seeds is not None:
         overrides.append(f"compare.seeds={args.seeds}")
+    if args.allow_mismatch:
+        overrides.append("compare.allow_mismatch=true")
+    if comparison_task(args.config, overrides) == "multimodal":
+        for flag, value in (
+            ("--param-matched", args.param_matched),
+            ("--sweep", args.sweep),
+            ("--budget", args.budget),
+        ):
+            if value:
+                p.error(f"{flag} is for the language-model comparison (compare.task=lm), not compare.task=multimodal")
+        return _multimodal(args.config, overrides, Path(args.out), args.dry_run)
     if args.param_matched:
         overrides.append("compare.param_matched=true")
     if args.sweep:
         overrides.append(f"compare.sweep={args.sweep}")
     if args.budget:
         overrides.append(f"compare.budget={args.budget}")
-    if args.allow_mismatch:
-        overrides.append("compare.allow_mismatch=true")
     cfg = load_config(ComparisonConfig, args.config, overrides)
     specs = plan_runs(cfg)
     matching = matching_table(specs)
@@ -75,6 +107,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"\n{headline(rows)}\nreport: {report}")
     if dist.is_initialized():
         dist.destroy_process_group()  # gloo aborts at exit otherwise
+    return rows
+
+
+def _multimodal(config: str | None, overrides: list[str], out: Path, dry_run: bool) -> list[dict]:
+    from moekit.multimodal.compare import MultimodalComparisonConfig, run_multimodal_comparison
+
+    cfg = load_config(MultimodalComparisonConfig, config, overrides)
+    rows = run_multimodal_comparison(cfg, out, dry_run=dry_run)  # prints the matching; rank 0 writes the report
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return rows
 
 

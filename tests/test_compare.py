@@ -61,15 +61,34 @@ def test_dense_base_config_is_refused():
         load("model.moe=null")
 
 
-def _run_recipe(out, *extra):
+def _recipe():
     import importlib.util
-    import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "recipes" / "compare.py"
+    path = Path(__file__).resolve().parents[1] / "recipes" / "compare.py"
     spec = importlib.util.spec_from_file_location("compare_recipe", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.main(["--config", CONFIG, "--out", str(out), *extra])
+    return mod
+
+
+def _run_recipe(out, *extra):
+    return _recipe().main(["--config", CONFIG, "--out", str(out), *extra])
+
+
+def test_recipe_picks_the_comparison_from_compare_task(tmp_path):
+    from moekit.moe.compare import CompareConfig
+
+    recipe = _recipe()
+    mm = str(Path(CONFIG).with_name("mm-cpu.yaml"))
+    assert recipe.comparison_task(CONFIG, []) == "lm"  # no task key: the language-model comparison
+    assert recipe.comparison_task(mm, []) == "multimodal"
+    assert recipe.comparison_task(mm, ["compare.task=lm"]) == "lm"  # the last override wins
+    with pytest.raises(ValueError, match=r"compare\.task='speech'.*'lm', 'multimodal'"):
+        recipe.comparison_task(CONFIG, ["compare.task=speech"])
+    with pytest.raises(ValueError, match=r"CompareConfig\.task='multimodal'"):
+        CompareConfig(task="multimodal")
+    with pytest.raises(SystemExit):  # argparse error: --sweep belongs to the language-model comparison
+        recipe.main(["--config", mm, "--out", str(tmp_path), "--sweep", "num_experts=1,2", "--dry-run"])
 
 
 @pytest.mark.slow
@@ -126,6 +145,9 @@ def test_headline_states_the_verdict_with_paired_spread():
     assert "moe-8x2 model beats its dense twin" in text and "-0.0750 ± 0.0354" in text
     assert "is worse than" in headline(_rows([2.0, 2.1], [2.1, 2.2]))
     assert "not distinguishable" in headline(_rows([2.0, 2.1], [1.9, 2.2]))
+    one = headline(_rows([2.0], [2.1]))  # one seed: the gap, but no verdict
+    assert "higher validation loss than its dense twin on a single seed" in one and "(+0.1000)" in one
+    assert "worse" not in one and "beats" not in one
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from moekit.multimodal.train import (
     build_multimodal_trainer,
     evaluate_tasks,
     finish_task_metrics,
+    load_mm_run_config,
     load_run_tasks,
 )
 
@@ -54,9 +55,8 @@ def cache(tmp_path_factory) -> str:
 
 
 def _cfg(cache: str, *overrides: str) -> MultimodalRunConfig:
-    return load_config(
-        MultimodalRunConfig, RECIPES / "configs" / "mm-debug.yaml", [f"data.cache_root={cache}", *overrides]
-    )
+    # as recipes/train_multimodal.py reads it: the preset's compare section is the comparison recipe's
+    return load_mm_run_config(RECIPES / "configs" / "mm-debug.yaml", [f"data.cache_root={cache}", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -200,8 +200,21 @@ def test_comparison_plan_matches_decoder_flops_and_keeps_everything_else(cache):
 def test_comparison_end_to_end_writes_the_report_and_resumes(cache, tmp_path, monkeypatch):
     from moekit.multimodal.compare import run_multimodal_comparison
 
-    cfg = _cmp_cfg(cache, "train.steps=2", "train.eval_every=0", "eval.samples_per_task=2", "compare.threads=1")
-    rows = run_multimodal_comparison(cfg, tmp_path)
+    cfg = _cmp_cfg(
+        cache,
+        "train.steps=2",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "eval.samples_per_task=2",
+        "compare.threads=1",
+    )
+    # through the comparison recipe, which picks the multimodal comparison from mm-debug.yaml's compare.task
+    spec = importlib.util.spec_from_file_location("compare_recipe", RECIPES / "compare.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    args = ["--config", str(RECIPES / "configs" / "mm-debug.yaml"), "--out", str(tmp_path)]
+    overrides = [f"data.cache_root={cache}", "train.steps=2", "train.log_every=1", "train.eval_every=0"]
+    rows = recipe.main([*args, *overrides, "eval.samples_per_task=2", "compare.threads=1"])
     assert [r["name"] for r in rows] == ["dense", "moe-4x2"]
     assert rows[0]["data_digest"] == rows[1]["data_digest"]
     assert rows[0]["flops_per_sample"]["image"] == rows[1]["flops_per_sample"]["image"] > 0  # same encoders
