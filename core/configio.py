@@ -99,21 +99,28 @@ def _placement_free(model: Any) -> Any:
 def load_run_config(
     path: str | os.PathLike | None = None, overrides: Iterable[str] | Mapping[str, Any] = ()
 ) -> RunConfig:
-    """Defaults -> YAML file ``path`` (optional) -> dotted ``overrides``."""
-    return load_config(RunConfig, path, overrides)
+    """Defaults -> YAML file ``path`` (optional) -> dotted ``overrides``. A top-level ``compare`` section in the
+    file (a comparison preset's, read by recipes/compare.py) is ignored, so that one preset also trains its
+    MoE base run alone."""
+    return load_config(RunConfig, path, overrides, ignore=("compare",))
 
 
 # ---------------------------------------------------------------- generic layering
 def load_config(
-    cls: type[T], path: str | os.PathLike | None = None, overrides: Iterable[str] | Mapping[str, Any] = ()
+    cls: type[T],
+    path: str | os.PathLike | None = None,
+    overrides: Iterable[str] | Mapping[str, Any] = (),
+    ignore: Iterable[str] = (),
 ) -> T:
-    """Build dataclass ``cls`` from its defaults, a YAML file and dotted overrides (later layers win)."""
+    """Build dataclass ``cls`` from its defaults, a YAML file and dotted overrides (later layers win); the
+    file's top-level sections named in ``ignore`` are skipped (they belong to another recipe)."""
     tree: dict[str, Any] = {}
     if path is not None:
         loaded = yaml.safe_load(Path(path).read_text())
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"config file {path}: top level must be a mapping, got {type(loaded).__name__}")
-        merge_tree(cls, tree, loaded or {})
+        skip = set(ignore)
+        merge_tree(cls, tree, {k: v for k, v in (loaded or {}).items() if k not in skip})
     items = overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides)
     for key, value in items:
         set_dotted(cls, tree, key, value)

@@ -35,11 +35,8 @@ from torch.utils.data import Dataset
 
 from moekit.core.configio import (
     CONFIG_FILE,
-    build_dataclass,
     config_to_dict,
-    merge_tree,
-    parse_override,
-    set_dotted,
+    load_config,
 )
 from moekit.core.model import IGNORE_INDEX, ModelOutput
 from moekit.core.tokenizer import ByteTokenizer
@@ -140,17 +137,7 @@ def load_mm_run_config(
 ) -> MultimodalRunConfig:
     """Defaults -> YAML ``path`` -> dotted ``overrides``, like ``moekit.core.configio.load_config``, except
     that a top-level ``compare`` section (the comparison's, so one preset serves both recipes) is ignored."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config file {path}: top level must be a mapping, got {type(loaded).__name__}")
-        loaded.pop("compare", None)
-        merge_tree(MultimodalRunConfig, tree, loaded)
-    items = overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides)
-    for key, value in items:
-        set_dotted(MultimodalRunConfig, tree, key, value)
-    return build_dataclass(MultimodalRunConfig, tree)
+    return load_config(MultimodalRunConfig, path, overrides, ignore=("compare",))
 
 
 # ---------------------------------------------------------------- data and model glue

@@ -146,9 +146,11 @@ def test_saved_config_round_trips(tmp_path):
     assert yaml.safe_load(path.read_text())["model"]["moe"]["num_experts"] == 4
 
 
-@pytest.mark.parametrize("preset", ["debug", "cpu-small", "gpu"])
+@pytest.mark.parametrize("preset", ["debug", "cpu-small", "gpu", "compare-debug", "compare-cpu", "compare-gpu"])
 def test_presets_load_and_validate(preset):
     root = Path(__file__).resolve().parents[1] / "recipes" / "configs"
     cfg = load_run_config(root / f"{preset}.yaml")
     assert cfg.model.vocab_size == 272 and cfg.data.seq_len <= cfg.model.max_seq_len
     assert load_run_config(root / f"{preset}.yaml", ["model.moe.num_experts=4"]).model.moe.num_experts == 4
+    if preset.startswith("compare"):  # train_lm.py trains a comparison preset's MoE base run, ignoring `compare`
+        assert cfg.model.moe is not None
