@@ -17,9 +17,10 @@ from moekit.core.train import Trainer, _fail
 
 
 def build_lm_trainer(
-    cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False
+    cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, expect_processes: int | None = None
 ) -> tuple[Trainer, ByteTokenizer]:
-    """Tokenise the corpus, build the Transformer and its Trainer, write ``config.yaml``, print the model facts."""
+    """Tokenise the corpus, build the Transformer and its Trainer, write ``config.yaml``, print the model facts.
+    ``expect_processes``: the launcher's world size, checked against Accelerate's (see ``Trainer``)."""
     from moekit.core.accounting import count_params, flops_per_token
     from moekit.core.data import PackedSequences, load_corpus, tokenize_splits
     from moekit.core.model import Transformer
@@ -44,6 +45,7 @@ def build_lm_trainer(
         train_ds,
         val_ds,
         resume=resume,
+        expect_processes=expect_processes,
         flops_per_token=fpt,
         tokens_per_byte=1.0,  # byte tokenizer; BOS/EOS per document make this a ~1e-5 overestimate of bpb
         hparams=cfg.to_dict(),

@@ -34,7 +34,7 @@ from typing import Any, NoReturn
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -174,6 +174,7 @@ class Trainer:
         hparams: Mapping[str, Any] | None = None,
         after_step: Callable[[nn.Module], None] | None = None,  # extra hook after each optimizer step
         collate: Callable[[Dataset, Tensor], dict[str, Tensor]] = make_batch,
+        expect_processes: int | None = None,  # the launcher's world size (recipes pass WORLD_SIZE)
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -193,6 +194,12 @@ class Trainer:
         )
         self.accelerator = acc
         world = acc.num_processes
+        if expect_processes is not None and world != expect_processes:
+            # Otherwise N independent single-process runs would write the same run folder.
+            raise RuntimeError(
+                f"launched as {expect_processes} processes, but Accelerate formed a group of {world}: on a machine "
+                "without GPUs set ACCELERATE_USE_CPU=1 (or train.cpu=true) so that the processes join one gloo group"
+            )
         if cfg.batch_size % world:
             _fail("TrainConfig", "batch_size", cfg.batch_size, f"must be divisible by num_processes={world}")
         per_rank = cfg.batch_size // world
@@ -222,8 +229,11 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         from moekit.moe.ep_checkpoint import expert_checkpoint_hooks
 
-        # MoE experts go to experts.safetensors, unsharded, whatever the EP size.
-        self._ckpt_writer, self._ckpt_reader = expert_checkpoint_hooks(model, self.optimizer, self.ep_groups)
+        # MoE experts go to experts.safetensors, unsharded, whatever the EP size; except under FSDP without
+        # expert parallelism, where they are ordinary sharded parameters that FSDP's own checkpoint holds.
+        self._ckpt_writer, self._ckpt_reader = None, None
+        if not (self._fsdp and self.ep_groups is None):
+            self._ckpt_writer, self._ckpt_reader = expert_checkpoint_hooks(model, self.optimizer, self.ep_groups)
         self.sampler = StepSampler(len(train_data), cfg.batch_size, cfg.seed)
         self._eval_chunks = self._eval_shard()
 
@@ -351,6 +361,8 @@ class Trainer:
         weights with the training model: use it for inference and drop it, do not train it."""
         from moekit.moe.ep_checkpoint import gather_full_model
 
+        if self._fsdp:
+            return _fsdp_full_model(self.accelerator, self.model)
         return gather_full_model(self.unwrapped_model, self.ep_groups)
 
     def summary(self) -> dict[str, Any]:
@@ -365,6 +377,10 @@ class Trainer:
         self.accelerator.end_training()
 
     # ------------------------------------------------------------------ internals
+    @property
+    def _fsdp(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
     def _reprobe(self) -> None:
         """Measure the matmul peak again and keep the best: one probe that ran while other processes
         competed for the device would otherwise understate the peak (MFU > 1) for the whole run."""
@@ -509,6 +525,25 @@ class _Window:
         stacked = torch.stack([self.sums[k] for k in keys])  # [K]
         total = accelerator.reduce(stacked, reduction="sum")
         return dict(zip(keys, (total / (self.count * accelerator.num_processes)).tolist()))
+
+
+def _fsdp_full_model(accelerator: Accelerator, model: nn.Module) -> nn.Module | None:
+    """Collective: on the main process, a plain (unsharded, unwrapped) copy of an FSDP-wrapped ``model``,
+    rebuilt from its ``cfg`` and the full state dict that ``accelerator.get_state_dict`` gathers; None
+    elsewhere. A deep copy of the sharded module would hold DTensors whose forward needs every rank."""
+    state = accelerator.get_state_dict(model)  # full tensors on the main process only
+    if not accelerator.is_main_process:
+        return None
+    from torch.distributed.fsdp import FSDPModule
+
+    wrapped = accelerator.unwrap_model(model)
+    # FSDP2 swaps the module's class for a subclass of FSDPModule; build the original class.
+    cls = next(c for c in type(wrapped).__mro__ if not issubclass(c, FSDPModule))
+    if not hasattr(wrapped, "cfg"):
+        raise TypeError(f"{cls.__name__} has no .cfg: cannot rebuild an unsharded copy of an FSDP model")
+    plain = cls(wrapped.cfg)
+    plain.load_state_dict(state)
+    return plain
 
 
 def _router_bias_hooks(model: nn.Module) -> list[Callable[[nn.Module], None]]:

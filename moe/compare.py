@@ -269,13 +269,15 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def run_one(spec: RunSpec, run_dir: Path, prompt: str, sample_tokens: int) -> dict[str, Any]:
+def run_one(
+    spec: RunSpec, run_dir: Path, prompt: str, sample_tokens: int, expect_processes: int | None = None
+) -> dict[str, Any]:
     """Train one run (resuming if it was interrupted) and return its summary row; rank 0 writes result.json."""
     from moekit.core.lm import build_lm_trainer, sample_text
 
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = (run_dir / "ckpt").is_dir() and any((run_dir / "ckpt").iterdir())
-    trainer, tok = build_lm_trainer(spec.run, run_dir, resume=resume)
+    trainer, tok = build_lm_trainer(spec.run, run_dir, resume=resume, expect_processes=expect_processes)
     acc = trainer.accelerator
     t0 = time.perf_counter()
     with PeakMemory(acc.device) as mem:
@@ -314,7 +316,9 @@ def run_one(spec: RunSpec, run_dir: Path, prompt: str, sample_tokens: int) -> di
     return row
 
 
-def run_comparison(cfg: ComparisonConfig, out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+def run_comparison(
+    cfg: ComparisonConfig, out_dir: str | os.PathLike, expect_processes: int | None = None
+) -> list[dict[str, Any]]:
     """Run (or resume) every planned run under ``out_dir/runs``; returns the summary rows in plan order."""
     out = Path(out_dir)
     specs = plan_runs(cfg)
@@ -332,5 +336,5 @@ def run_comparison(cfg: ComparisonConfig, out_dir: str | os.PathLike) -> list[di
             rows.append(json.loads(done.read_text()))
             print(f"[compare] {spec.folder}: finished earlier, reusing {done}", flush=True)
             continue
-        rows.append(run_one(spec, run_dir, cfg.compare.prompt, cfg.compare.sample_tokens))
+        rows.append(run_one(spec, run_dir, cfg.compare.prompt, cfg.compare.sample_tokens, expect_processes))
     return rows

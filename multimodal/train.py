@@ -365,7 +365,12 @@ def load_run_tasks(cfg: MultimodalRunConfig) -> DigitTasks:
 
 
 def build_multimodal_trainer(
-    cfg: MultimodalRunConfig, run_dir: str | os.PathLike, *, resume: bool = False, tasks: DigitTasks | None = None
+    cfg: MultimodalRunConfig,
+    run_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    tasks: DigitTasks | None = None,
+    expect_processes: int | None = None,
 ) -> MultimodalTrainer:
     """Load the task data (or reuse ``tasks``), build the model and its Trainer, write ``config.yaml``."""
     run_dir = Path(run_dir)
@@ -387,6 +392,7 @@ def build_multimodal_trainer(
         collate=collate,
         tasks=tasks,
         eval_cfg=cfg.eval,
+        expect_processes=expect_processes,
     )
     if trainer.is_main_process:
         cfg.save(run_dir)

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.dry_run:
         return []
     out = Path(args.out)
-    rows = run_comparison(cfg, out)
+    rows = run_comparison(cfg, out, expect_processes=int(os.environ.get("WORLD_SIZE", "1")))
     if not dist.is_initialized() or dist.get_rank() == 0:
         sweep_key = parse_sweep(cfg.compare.sweep)[0] if cfg.compare.sweep else None
         report = write_report(out, specs, rows, matching, cfg.to_dict(), sweep_key)

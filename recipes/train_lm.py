@@ -16,6 +16,7 @@ checkpoints to ``OUT/ckpt``; the final model (``save_pretrained``) to ``OUT/fina
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from moekit.core.configio import CONFIG_FILE, load_run_config
@@ -41,7 +42,9 @@ def main(argv: list[str] | None = None) -> dict:
     if config is None and args.resume and (Path(args.out) / CONFIG_FILE).is_file():
         config = Path(args.out) / CONFIG_FILE  # resume as configured before, unless told otherwise
     cfg = load_run_config(config, [*args.overrides, *args.set])
-    trainer, tokenizer = build_lm_trainer(cfg, args.out, resume=args.resume)
+    # A launcher's WORLD_SIZE that Accelerate does not reproduce means N separate runs: refuse it.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    trainer, tokenizer = build_lm_trainer(cfg, args.out, resume=args.resume, expect_processes=world)
     summary = trainer.train()
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.samples)]
     # Collective: every rank joins the gather of expert shards; the main process gets a one-process model.

@@ -210,3 +210,27 @@ def test_load_weights_accepts_ddp_prefix_and_tied_weights(tmp_path):
     save_file({"embed.weight": state["module.embed.weight"], "extra": torch.zeros(1)}, tmp_path / "bad.safetensors")
     with pytest.raises(RuntimeError, match=r"keys the model does not have: \['extra'\]"):
         _load_weights(dst, tmp_path / "bad.safetensors")
+
+
+def test_fsdp_full_model_is_a_plain_copy_rebuilt_from_the_gathered_state():
+    """Accelerate runs FSDP on GPUs only; the rank-0 rebuild is checked with FSDP2's class swap and a stub
+    accelerator whose get_state_dict returns what FSDP's full-state gather would."""
+    from types import SimpleNamespace
+
+    from torch.distributed.fsdp import FSDPModule
+
+    from moekit.core.train import _fsdp_full_model
+
+    torch.manual_seed(0)
+    moe = MoEConfig(num_experts=4, top_k=2, d_expert=8)
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8, moe=moe)
+    model = Transformer(cfg)
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    model.__class__ = type("FSDPTransformer", (FSDPModule, Transformer), {})  # what fully_shard does
+    acc = SimpleNamespace(get_state_dict=lambda m: full, is_main_process=True, unwrap_model=lambda m: m)
+    plain = _fsdp_full_model(acc, model)
+    assert type(plain) is Transformer and plain is not model
+    ids = torch.randint(0, 64, (2, 8))
+    torch.testing.assert_close(plain(ids).logits, Transformer.forward(model, ids).logits, rtol=0, atol=0)
+    acc.is_main_process = False
+    assert _fsdp_full_model(acc, model) is None

@@ -211,6 +211,14 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, data):
     assert trainer.unwrapped_model.embed.weight.dtype == torch.float32  # master weights stay float32
 
 
+def test_a_launcher_world_size_accelerate_did_not_form_is_refused(tmp_path, data):
+    # e.g. torchrun --nproc_per_node 2 on a CPU-only machine without ACCELERATE_USE_CPU: two 1-process runs
+    with pytest.raises(RuntimeError, match=r"launched as 2 processes.*group of 1.*ACCELERATE_USE_CPU=1"):
+        _trainer(tmp_path / "run", data, _cfg(), expect_processes=2)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before writing anything
+    _trainer(tmp_path / "ok", data, _cfg(), expect_processes=1).close()
+
+
 def test_batch_must_split_over_micro_batches():
     with pytest.raises(ValueError, match=r"micro_batch_size=3 is invalid: .* divides batch_size=4"):
         _cfg(micro_batch_size=3)
