@@ -45,6 +45,7 @@ from moekit.core.optim import DECAY_SCHEDULES, build_optimizer, build_scheduler
 
 MIXED_PRECISIONS = ("no", "bf16")
 TRACKERS = ("tensorboard", "none")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
 METRICS_FILE = "metrics.jsonl"
 IGNORE_INDEX = -100
 
@@ -79,6 +80,8 @@ class TrainConfig:
     progress_bar: bool = True
     mfu_probe: bool = True  # time a matmul at start-up for the MFU denominator
     cpu: bool = False  # force CPU even when an accelerator is present
+    compile: bool = False  # torch.compile the training forward (evaluation, sampling, checkpoints stay eager)
+    compile_backend: str = "inductor"  # one of COMPILE_BACKENDS; aot_eager traces alike without code generation
 
     def __post_init__(self) -> None:
         if self.mixed_precision is False:  # YAML 1.1 reads an unquoted `no` as false
@@ -113,10 +116,11 @@ class TrainConfig:
             ("decay", DECAY_SCHEDULES),
             ("mixed_precision", MIXED_PRECISIONS),
             ("log_with", TRACKERS),
+            ("compile_backend", COMPILE_BACKENDS),
         ):
             if getattr(self, name) not in choices:
                 _fail("TrainConfig", name, getattr(self, name), f"allowed values are {', '.join(choices)}")
-        for name in ("progress_bar", "mfu_probe", "cpu"):
+        for name in ("progress_bar", "mfu_probe", "cpu", "compile"):
             if not isinstance(getattr(self, name), bool):
                 _fail("TrainConfig", name, getattr(self, name), "must be true or false")
 
@@ -227,6 +231,12 @@ class Trainer:
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.adam_eps)
         scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.decay)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        self._compiled: nn.Module | None = None
+        if cfg.compile:
+            if self.ep_groups is not None:
+                _fail("TrainConfig", "compile", True, "is not supported with MoE expert_parallel_size > 1 yet")
+            # A wrapper used by _train_step only: everything else keeps seeing the eager (prepared) module.
+            self._compiled = torch.compile(self.model, backend=cfg.compile_backend)
         from moekit.moe.ep_checkpoint import expert_checkpoint_hooks
 
         # MoE experts go to experts.safetensors, unsharded, whatever the EP size; except under FSDP without
@@ -398,7 +408,7 @@ class Trainer:
             mb = local[m * self.micro_batch_size : (m + 1) * self.micro_batch_size]
             batch = self._to_device(self.collate(self.train_data, mb))
             with acc.accumulate(self.model):
-                out = self.model(**batch)
+                out = self._forward(batch)
                 aux = out.aux_loss if getattr(out, "aux_loss", None) is not None else torch.zeros_like(out.loss)
                 acc.backward(out.loss + aux)
                 if acc.sync_gradients and self.ep_groups is not None:
@@ -422,6 +432,13 @@ class Trainer:
         self.tokens_seen += tokens
         window.tokens += tokens
         window.moe_stats = stats
+
+    def _forward(self, batch: dict[str, Tensor]) -> Any:
+        if self._compiled is None:
+            return self.model(**batch)
+        # The sorted MoE dispatch's per-expert slice sizes then trace as unbacked SymInts: no graph break.
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            return self._compiled(**batch)
 
     def _log_train(self, window: _Window, lr: float) -> dict[str, Any]:
         metrics: dict[str, Any] = {"step": self.step, "tokens_seen": self.tokens_seen, "lr": lr}

@@ -8,10 +8,17 @@ Shapes: ``N`` tokens, ``D`` d_model, ``E`` experts, ``A`` assignments (see :clas
   gather of the kept rows, per-expert matmuls on contiguous slices of ``unbind``-ed weights, one
   ``index_add`` back. Combine weights scale the narrower of the hidden ``[A, F]`` and output ``[A, D]``
   rows (memory traffic, not FLOPs, is what the gather/scatter side costs). One host sync:
-  ``counts.tolist()`` to slice per expert.
+  :func:`expert_split_sizes` to slice per expert.
 - ``dispatch_fast(impl='grouped_mm')``: the same permutation, then ``torch._grouped_mm`` over all
   experts at once with device-side offsets; static shapes and no host sync. Dropped and padded
   assignments ride along as zero rows at the tail of the last group (zero in, zero out, zero grad).
+
+torch.compile: the grouped_mm path traces into one graph as is. The sorted path's per-expert slice
+sizes are data-dependent by nature; with ``torch._dynamo.config.capture_scalar_outputs = True`` they
+trace as unbacked SymInts and the whole layer is one graph, otherwise :func:`expert_split_sizes` is a
+graph break (one per MoE layer, and since it sits inside the model's loop over layers, Dynamo then
+compiles each block on its own instead of the whole model). ``MoELayer`` runs the reference path
+eagerly (``torch.compiler.disable``): it loops over host values by design.
 
 Capacity keep rule (token choice, ``capacity`` C per expert, real tokens only): ``drop_policy='score'``
 keeps each expert's C highest-score assignments (batch-prioritised routing; ties go to the earlier
@@ -50,6 +57,16 @@ def select_capacity(
     return torch.empty_like(keep_sorted).scatter_(0, order_a, keep_sorted)
 
 
+def expert_split_sizes(counts_e: Tensor) -> list[int]:
+    """``counts_e [E]`` as Python ints, the sorted path's per-expert slice sizes: its one host sync.
+
+    Kept apart because it is the one unavoidable torch.compile graph break of the MoE layer: the sizes
+    depend on the routing, i.e. on data. With ``torch._dynamo.config.capture_scalar_outputs = True``
+    Dynamo traces them as unbacked SymInts instead of breaking (see the module docstring).
+    """
+    return counts_e.tolist()
+
+
 def dispatch_fast(
     x_nd: Tensor,
     routing: Routing,
@@ -84,7 +101,7 @@ def dispatch_fast(
         dtype = compute_dtype or x_nd.dtype
         ys_ad = experts.forward_grouped(xs_ad, offs_e, dtype, weight_a if scale_hidden else None)
     else:
-        counts = counts_e.tolist()  # the one host sync of this path: per-expert slice sizes
+        counts = expert_split_sizes(counts_e)
         idx_a = order_a[: sum(counts)]
         token_a = routing.token_a[idx_a]
         weight_a = routing.weight_a[idx_a]

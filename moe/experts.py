@@ -47,13 +47,15 @@ class RoutedExperts(nn.Module):
 
         ``scale_a [A]`` optionally multiplies each row's hidden activation (see :attr:`scale_hidden`).
         ``unbind`` gives per-expert views whose backward is ONE stack into each weight's grad; empty
-        experts are skipped (their grad slice is zero).
+        experts are skipped in eager mode (their grad slice is zero). Under torch.compile ``counts`` are
+        unbacked SymInts: testing one for zero would be a graph break, and an empty matmul is harmless.
         """
         w_gate, w_up, w_down = self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0)
         scales = scale_a.split(counts) if scale_a is not None else None
+        skip_empty = not torch.compiler.is_compiling()
         ys = []
         for e, x_md in enumerate(xs_ad.split(counts)):
-            if counts[e] == 0:
+            if skip_empty and counts[e] == 0:
                 continue
             h_mf = F.silu(x_md @ w_gate[e]) * (x_md @ w_up[e])
             if scales is not None:
@@ -95,14 +97,17 @@ def _grouped_mm(x_ad: Tensor, w_eio: Tensor, offs_e: Tensor) -> Tensor:
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
-    """Whether ``torch._grouped_mm`` runs here: CPU fp32/bf16, CUDA bf16, row strides 16-byte aligned."""
+    """Whether ``torch._grouped_mm`` runs here: CPU fp32/bf16, CUDA bf16, row strides 16-byte aligned.
+
+    Under torch.compile bf16 only: the op's fake (meta) kernel rejects fp32 even where eager runs it.
+    """
     if not hasattr(torch, "_grouped_mm"):
         return False
-    allowed = (torch.bfloat16,) if device.type == "cuda" else (torch.float32, torch.bfloat16)
+    bf16_only = device.type == "cuda" or torch.compiler.is_compiling()
+    allowed = (torch.bfloat16,) if bf16_only else (torch.float32, torch.bfloat16)
     if device.type not in ("cpu", "cuda") or dtype not in allowed:
         return False
-    elem = torch.tensor([], dtype=dtype).element_size()
-    return all((d * elem) % 16 == 0 for d in dims)
+    return all((d * dtype.itemsize) % 16 == 0 for d in dims)
 
 
 class SharedExperts(nn.Module):

@@ -51,6 +51,10 @@ class MoELayer(nn.Module):
 
     ``balance_scope='global'`` (with an initialised process group) all-reduces the load-balance
     assignment counts and the aux-loss-free load; telemetry stays per rank.
+
+    torch.compile: the layer (losses, telemetry and buffer updates included) traces into one graph, as
+    is on the grouped_mm path and with ``torch._dynamo.config.capture_scalar_outputs = True`` on the
+    sorted path (see ``moekit.moe.dispatch``); the reference path runs eagerly.
     """
 
     def __init__(
@@ -88,9 +92,9 @@ class MoELayer(nn.Module):
     def resolve_dispatch(self, x: Tensor) -> str:
         """Which implementation runs for input ``x``: 'reference', 'sorted' or 'grouped_mm'.
 
-        'grouped_mm' falls back to 'sorted' where the kernel does not run (dtype, device, alignment);
-        'auto' picks grouped_mm on CUDA in bf16 and sorted elsewhere (on CPU, per-expert BLAS calls
-        on contiguous slices are as fast and need no 16-byte-aligned widths).
+        'grouped_mm' falls back to 'sorted' where the kernel does not run (dtype, device, alignment,
+        fp32 under torch.compile); 'auto' picks grouped_mm on CUDA in bf16 and sorted elsewhere (on CPU,
+        per-expert BLAS calls on contiguous slices are as fast and need no 16-byte-aligned widths).
         """
         impl = self.cfg.dispatch
         if impl in ("reference", "sorted"):
@@ -108,12 +112,16 @@ class MoELayer(nn.Module):
         impl = impl or self.resolve_dispatch(x_nd)
         dtype = self._compute_dtype(x_nd)
         if impl == "reference":
-            capacity = None
-            if routing.capacity is not None:
-                capacity = self.cfg.capacity(int(routing.num_real), self.training)  # host sync: tests only
-            y_nd, keep_a = dispatch_reference(x_nd, routing, self.experts, capacity, self.cfg.drop_policy)
+            y_nd, keep_a = self._dispatch_reference(x_nd, routing)
             return y_nd.to(dtype), keep_a  # same output dtype as the fast paths (autocast's)
         return dispatch_fast(x_nd, routing, self.experts, self.cfg.drop_policy, impl=impl, compute_dtype=dtype)
+
+    @torch.compiler.disable  # host syncs and per-assignment Python loops (tests only): always eager
+    def _dispatch_reference(self, x_nd: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
+        capacity = None
+        if routing.capacity is not None:
+            capacity = self.cfg.capacity(int(routing.num_real), self.training)
+        return dispatch_reference(x_nd, routing, self.experts, capacity, self.cfg.drop_policy)
 
     def _losses(
         self, routing: Routing, mask_n: Tensor | None, group_n: Tensor | None = None
