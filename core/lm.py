@@ -13,7 +13,8 @@ from torch import nn
 
 from moekit.core.configio import RunConfig
 from moekit.core.tokenizer import ByteTokenizer
-from moekit.core.train import Trainer, _fail
+from moekit.core.train import Trainer
+from moekit.core.train_config import _fail
 
 
 def build_lm_trainer(

@@ -1,4 +1,5 @@
-"""TrainConfig and the reusable training loop over Accelerate; ``build_lm_trainer`` wires it for language models.
+"""The reusable training loop over Accelerate. Its config is ``moekit.core.train_config.TrainConfig``
+(re-exported here); ``moekit.core.lm.build_lm_trainer`` wires it for language models.
 
 Shapes: ``B`` micro-batch (sequences), ``T`` sequence length, ``K`` logged loss components.
 
@@ -26,11 +27,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -41,118 +40,14 @@ from tqdm.auto import tqdm
 
 from moekit.core.checkpoint import CheckpointManager
 from moekit.core.data import StepSampler, make_batch
-from moekit.core.optim import DECAY_SCHEDULES, build_optimizer, build_scheduler
+from moekit.core.meter import LogWindow, measure_matmul_flops
+from moekit.core.optim import build_optimizer, build_scheduler
+from moekit.core.train_config import COMPILE_BACKENDS, MIXED_PRECISIONS, TRACKERS, TrainConfig, _fail
 
-MIXED_PRECISIONS = ("no", "bf16")
-TRACKERS = ("tensorboard", "none")
-COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
+__all__ = ["COMPILE_BACKENDS", "MIXED_PRECISIONS", "TRACKERS", "TrainConfig", "Trainer", "measure_matmul_flops"]
+
 METRICS_FILE = "metrics.jsonl"
 IGNORE_INDEX = -100
-
-
-def _fail(cls: str, name: str, value: Any, allowed: str) -> NoReturn:
-    raise ValueError(f"{cls}.{name}={value!r} is invalid: {allowed}")
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation, evaluation and bookkeeping of one run. Batch sizes count sequences."""
-
-    steps: int = 1000  # optimizer steps; the lr schedule spans exactly these
-    batch_size: int = 32  # global batch: sequences per optimizer step over all ranks and micro-batches
-    micro_batch_size: int | None = None  # sequences per forward on one rank; None = batch_size / num_processes
-    lr: float = 1e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
-    warmup_steps: int = 100
-    decay: str = "cosine"  # one of DECAY_SCHEDULES
-    weight_decay: float = 0.1  # matrices only (see optim.split_decay_params)
-    betas: tuple[float, float] = (0.9, 0.95)
-    adam_eps: float = 1e-8
-    grad_clip: float | None = 1.0  # max global grad norm; None = no clipping
-    mixed_precision: str = "no"  # "no" (float32) or "bf16" autocast (CPU too)
-    eval_every: int = 200  # steps between evaluations; 0 = only at the end
-    eval_batches: int = 4  # val windows evaluated = eval_batches * batch_size (capped by the val set)
-    log_every: int = 10
-    save_every: int = 0  # steps between checkpoints; 0 = only when train() returns
-    keep_checkpoints: int = 2
-    seed: int = 0
-    log_with: str = "tensorboard"  # one of TRACKERS
-    progress_bar: bool = True
-    mfu_probe: bool = True  # time a matmul at start-up for the MFU denominator
-    cpu: bool = False  # force CPU even when an accelerator is present
-    compile: bool = False  # torch.compile the training forward (evaluation, sampling, checkpoints stay eager)
-    compile_backend: str = "inductor"  # one of COMPILE_BACKENDS; aot_eager traces alike without code generation
-
-    def __post_init__(self) -> None:
-        if self.mixed_precision is False:  # YAML 1.1 reads an unquoted `no` as false
-            self.mixed_precision = "no"
-        for name, low in (("steps", 1), ("batch_size", 1), ("log_every", 1), ("eval_batches", 1),
-                          ("keep_checkpoints", 1), ("warmup_steps", 0), ("eval_every", 0), ("save_every", 0),
-                          ("seed", 0)):  # fmt: skip
-            if not _is_int(getattr(self, name)) or getattr(self, name) < low:
-                _fail("TrainConfig", name, getattr(self, name), f"must be an int >= {low}")
-        mb = self.micro_batch_size
-        if mb is not None and (not _is_int(mb) or mb < 1 or self.batch_size % mb):
-            _fail(
-                "TrainConfig", "micro_batch_size", mb, f"must be an int >= 1 that divides batch_size={self.batch_size}"
-            )
-        for name, ok, rule in (
-            ("lr", lambda x: x > 0, "> 0"),
-            ("min_lr_ratio", lambda x: 0 <= x <= 1, "in [0, 1]"),
-            ("weight_decay", lambda x: x >= 0, ">= 0"),
-            ("adam_eps", lambda x: x > 0, "> 0"),
-            ("grad_clip", lambda x: x > 0, "> 0, or None for no clipping"),
-        ):
-            value = getattr(self, name)
-            if value is None and name == "grad_clip":
-                continue
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and ok(value)):
-                _fail("TrainConfig", name, value, f"must be a number {rule}")
-            setattr(self, name, float(value))
-        self.betas = tuple(self.betas)
-        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
-            _fail("TrainConfig", "betas", self.betas, "must be two numbers in [0, 1)")
-        for name, choices in (
-            ("decay", DECAY_SCHEDULES),
-            ("mixed_precision", MIXED_PRECISIONS),
-            ("log_with", TRACKERS),
-            ("compile_backend", COMPILE_BACKENDS),
-        ):
-            if getattr(self, name) not in choices:
-                _fail("TrainConfig", name, getattr(self, name), f"allowed values are {', '.join(choices)}")
-        for name in ("progress_bar", "mfu_probe", "cpu", "compile"):
-            if not isinstance(getattr(self, name), bool):
-                _fail("TrainConfig", name, getattr(self, name), "must be true or false")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def measure_matmul_flops(
-    device: torch.device, dtype: torch.dtype, n: int | None = None, min_iters: int = 5, min_seconds: float = 0.2
-) -> float:
-    """Best FLOP/s of an ``[n, n] @ [n, n]`` matmul (``2 n^3`` FLOPs) on ``device`` in ``dtype``.
-
-    Repeats for at least ``min_iters`` products and ``min_seconds`` and keeps the fastest, which filters
-    out interference from other processes. ``n`` defaults to 4096 on GPUs and 512 on CPUs. Inputs come
-    from a private generator so that the probe leaves the global RNG, and hence training, untouched.
-    """
-    n = n or (4096 if device.type == "cuda" else 512)
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
-    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ b  # warm-up: kernel selection, allocator
-    sync()
-    best, iters, start = math.inf, 0, time.perf_counter()
-    while iters < min_iters or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t0)
-        iters += 1
-    return 2.0 * n**3 / max(best, 1e-9)
 
 
 class Trainer:
@@ -294,7 +189,7 @@ class Trainer:
             disable=not (acc.is_local_main_process and cfg.progress_bar),
             dynamic_ncols=True,
         )
-        window = _Window(self.accelerator.device)
+        window = LogWindow(self.accelerator.device)
         while self.step < stop:
             lr = self.scheduler.get_last_lr()[0]
             self._train_step(window)
@@ -399,7 +294,7 @@ class Trainer:
             flops = measure_matmul_flops(self.accelerator.device, dtype)
             self.probe_flops = max(self.probe_flops or 0.0, flops)
 
-    def _train_step(self, window: _Window) -> None:
+    def _train_step(self, window: LogWindow) -> None:
         acc, rank, world = self.accelerator, self.accelerator.process_index, self.accelerator.num_processes
         local = self.sampler.shard(self.sampler.indices(self.step), rank, world)  # [batch_size / world]
         self.model.train()
@@ -440,7 +335,7 @@ class Trainer:
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
             return self._compiled(**batch)
 
-    def _log_train(self, window: _Window, lr: float) -> dict[str, Any]:
+    def _log_train(self, window: LogWindow, lr: float) -> dict[str, Any]:
         metrics: dict[str, Any] = {"step": self.step, "tokens_seen": self.tokens_seen, "lr": lr}
         metrics.update(window.reduce(self.accelerator))
         if window.grad_norm is not None:
@@ -498,50 +393,6 @@ class Trainer:
 
     def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
-
-
-class _Window:
-    """Loss sums and throughput counters since the last log event (device tensors: no per-step host sync).
-
-    The clock runs from ``restart`` to the next log, paused around evaluation and checkpointing; log
-    events read it right after an all-reduce, which waits for queued device work.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.restart()
-
-    def restart(self) -> None:
-        self.sums: dict[str, Tensor] = {}
-        self.count = 0
-        self.tokens = 0
-        self.grad_norm: Tensor | None = None
-        self.moe_stats: list[Any] = []
-        self._seconds = 0.0
-        self._t0 = time.perf_counter()
-
-    def pause(self) -> None:
-        self._seconds += time.perf_counter() - self._t0
-
-    def resume(self) -> None:
-        self._t0 = time.perf_counter()
-
-    def seconds(self) -> float:
-        return self._seconds + time.perf_counter() - self._t0
-
-    def add(self, loss: Tensor, aux: Tensor, moe_losses: Mapping[str, Tensor]) -> None:
-        parts = {"train_loss": loss, "aux_loss": aux, **{f"moe_loss/{k}": v for k, v in moe_losses.items()}}
-        for k, v in parts.items():
-            v = torch.as_tensor(v, device=self.device).detach().double()
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-        self.count += 1
-
-    def reduce(self, accelerator: Accelerator) -> dict[str, float]:
-        """Means over micro-batches and ranks (one all-reduce); every rank must call it."""
-        keys = sorted(self.sums)
-        stacked = torch.stack([self.sums[k] for k in keys])  # [K]
-        total = accelerator.reduce(stacked, reduction="sum")
-        return dict(zip(keys, (total / (self.count * accelerator.num_processes)).tolist()))
 
 
 def _fsdp_full_model(accelerator: Accelerator, model: nn.Module) -> nn.Module | None:

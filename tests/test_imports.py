@@ -8,9 +8,11 @@ import pytest
 PACKAGES = ["moekit.core", "moekit.moe", "moekit.multimodal"]
 
 
-@pytest.mark.parametrize(
-    "first", PACKAGES + ["moekit.core.layers", "moekit.moe.matching", "moekit.core.train", "moekit.core.lm"]
-)
+SUBMODULES = ["moekit.core.layers", "moekit.moe.matching", "moekit.core.train", "moekit.core.lm"]
+SUBMODULES += ["moekit.core.train_config", "moekit.core.meter"]
+
+
+@pytest.mark.parametrize("first", PACKAGES + SUBMODULES)
 def test_fresh_import_order(first):
     code = f"import {first}\n" + "".join(f"import {p}\n" for p in PACKAGES)
     code += "".join(f"m = __import__('{p}', fromlist=['*'])\n[getattr(m, n) for n in m.__all__]\n" for p in PACKAGES)

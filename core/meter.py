@@ -1,0 +1,83 @@
+"""Throughput bookkeeping of the training loop: the log window (loss sums, tokens, paused clock) and the
+matmul probe that gives MFU its denominator."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor
+
+
+def measure_matmul_flops(
+    device: torch.device, dtype: torch.dtype, n: int | None = None, min_iters: int = 5, min_seconds: float = 0.2
+) -> float:
+    """Best FLOP/s of an ``[n, n] @ [n, n]`` matmul (``2 n^3`` FLOPs) on ``device`` in ``dtype``.
+
+    Repeats for at least ``min_iters`` products and ``min_seconds`` and keeps the fastest, which filters
+    out interference from other processes. ``n`` defaults to 4096 on GPUs and 512 on CPUs. Inputs come
+    from a private generator so that the probe leaves the global RNG, and hence training, untouched.
+    """
+    n = n or (4096 if device.type == "cuda" else 512)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up: kernel selection, allocator
+    sync()
+    best, iters, start = math.inf, 0, time.perf_counter()
+    while iters < min_iters or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+        iters += 1
+    return 2.0 * n**3 / max(best, 1e-9)
+
+
+class LogWindow:
+    """Loss sums and throughput counters since the last log event (device tensors: no per-step host sync).
+
+    The clock runs from ``restart`` to the next log, paused around evaluation and checkpointing; log
+    events read it right after an all-reduce, which waits for queued device work.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.restart()
+
+    def restart(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.count = 0
+        self.tokens = 0
+        self.grad_norm: Tensor | None = None
+        self.moe_stats: list[Any] = []
+        self._seconds = 0.0
+        self._t0 = time.perf_counter()
+
+    def pause(self) -> None:
+        self._seconds += time.perf_counter() - self._t0
+
+    def resume(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self._seconds + time.perf_counter() - self._t0
+
+    def add(self, loss: Tensor, aux: Tensor, moe_losses: Mapping[str, Tensor]) -> None:
+        parts = {"train_loss": loss, "aux_loss": aux, **{f"moe_loss/{k}": v for k, v in moe_losses.items()}}
+        for k, v in parts.items():
+            v = torch.as_tensor(v, device=self.device).detach().double()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.count += 1
+
+    def reduce(self, accelerator: Accelerator) -> dict[str, float]:
+        """Means over micro-batches and ranks (one all-reduce); every rank must call it."""
+        keys = sorted(self.sums)
+        stacked = torch.stack([self.sums[k] for k in keys])  # [K]
+        total = accelerator.reduce(stacked, reduction="sum")
+        return dict(zip(keys, (total / (self.count * accelerator.num_processes)).tolist()))
