@@ -74,6 +74,7 @@ class Trainer:
         after_step: Callable[[nn.Module], None] | None = None,  # extra hook after each optimizer step
         collate: Callable[[Dataset, Tensor], dict[str, Tensor]] = make_batch,
         expect_processes: int | None = None,  # the launcher's world size (recipes pass WORLD_SIZE)
+        find_unused_parameters: bool = False,  # DDP: some parameters may get no gradient on a rank in a step
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -89,7 +90,9 @@ class Trainer:
             step_scheduler_with_optimizer=False,  # we step it once per optimizer step, whatever the world size
             # DDP's default re-broadcast of rank 0's buffers before every forward would overwrite the MoE
             # routers' per-rank load counters mid-accumulation; parameters are synced by DDP regardless.
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+            kwargs_handlers=[
+                DistributedDataParallelKwargs(broadcast_buffers=False, find_unused_parameters=find_unused_parameters)
+            ],
         )
         self.accelerator = acc
         world = acc.num_processes

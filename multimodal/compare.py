@@ -184,13 +184,15 @@ def num_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def run_one_multimodal(spec: MMRunSpec, run_dir: Path, tasks: DigitTasks | None = None) -> dict[str, Any]:
+def run_one_multimodal(
+    spec: MMRunSpec, run_dir: Path, tasks: DigitTasks | None = None, expect_processes: int | None = None
+) -> dict[str, Any]:
     """Train one run (resuming if it was interrupted) and return its summary row; writes result.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
     tasks = tasks if tasks is not None else load_run_tasks(spec.run)
     resume = (run_dir / "ckpt").is_dir() and any((run_dir / "ckpt").iterdir())
     t0 = time.perf_counter()
-    trainer = build_multimodal_trainer(spec.run, run_dir, resume=resume, tasks=tasks)
+    trainer = build_multimodal_trainer(spec.run, run_dir, resume=resume, tasks=tasks, expect_processes=expect_processes)
     acc = trainer.accelerator
     with PeakMemory(acc.device) as mem:
         summary = trainer.train()
@@ -217,7 +219,10 @@ def run_one_multimodal(spec: MMRunSpec, run_dir: Path, tasks: DigitTasks | None 
     )
     if acc.is_main_process:
         _write_json(run_dir / RESULT_FILE, row)
-    trainer.close()
+    # Not trainer.close(): under a launcher the next run reuses the process group (the caller destroys it).
+    for tracker in acc.trackers:
+        tracker.finish()
+    acc.wait_for_everyone()
     return row
 
 
@@ -231,12 +236,19 @@ def _worker_run(spec: MMRunSpec, run_dir: str) -> dict[str, Any]:
 
 
 def run_multimodal_comparison(
-    cfg: MultimodalComparisonConfig, out_dir: str | os.PathLike, dry_run: bool = False
+    cfg: MultimodalComparisonConfig,
+    out_dir: str | os.PathLike,
+    dry_run: bool = False,
+    verbose: bool = True,
+    expect_processes: int | None = None,
 ) -> list[dict[str, Any]]:
     """Plan, print the matching, train (or reuse) every run under ``out_dir/runs`` and write the report.
 
-    Returns the summary rows in plan order (empty for ``dry_run``).
+    Returns the summary rows in plan order (empty for ``dry_run``). ``verbose=False`` silences the plan (for
+    ranks other than 0 under a launcher, before any process group exists); ``expect_processes`` see
+    ``moekit.core.train.Trainer``.
     """
+    say = print if verbose else (lambda *a, **k: None)
     out = Path(out_dir)
     c = cfg.compare
     t0, load0 = time.perf_counter(), _loadavg()
@@ -244,16 +256,16 @@ def run_multimodal_comparison(
     with num_threads(c.threads):
         tasks = load_run_tasks(cfg.run_config())
         matching = multimodal_matching_table(specs, tasks)
-    print("matching (decoder active FLOPs/token at max_seq_len; FLOPs per sample on the training mixture):")
+    say("matching (decoder active FLOPs/token at max_seq_len; FLOPs per sample on the training mixture):")
     for m in matching:
         fs = m["flops_per_sample"]
-        print(
+        say(
             f"  {m['name']:<24} {m['kind']:<6} params {m['params_total']:>10,} (decoder {m['lm_params_active']:,} "
             f"active of {m['lm_params_total']:,}) decoder {m['lm_flops_per_token']:>10,} FLOPs/token; per sample "
             f"decoder {fs['lm'] / 1e6:.2f} + image {fs['image'] / 1e6:.2f} + audio {fs['audio'] / 1e6:.2f} = "
             f"{fs['total'] / 1e6:.2f} MFLOPs"
         )
-    print(f"{len(specs)} runs: " + ", ".join(s.folder for s in specs), flush=True)
+    say(f"{len(specs)} runs: " + ", ".join(s.folder for s in specs), flush=True)
     if dry_run:
         return []
     rows: dict[str, dict[str, Any]] = {}
@@ -262,7 +274,7 @@ def run_multimodal_comparison(
         done = out / "runs" / spec.folder / RESULT_FILE
         if done.is_file():
             rows[spec.folder] = json.loads(done.read_text())
-            print(f"[compare] {spec.folder}: finished earlier, reusing {done}", flush=True)
+            say(f"[compare] {spec.folder}: finished earlier, reusing {done}", flush=True)
         else:
             todo.append(spec)
     if c.workers > 1 and len(todo) > 1:
@@ -284,7 +296,7 @@ def run_multimodal_comparison(
     else:
         with num_threads(c.threads):
             for spec in todo:
-                rows[spec.folder] = run_one_multimodal(spec, out / "runs" / spec.folder, tasks)
+                rows[spec.folder] = run_one_multimodal(spec, out / "runs" / spec.folder, tasks, expect_processes)
     ordered = [rows[s.folder] for s in specs]
     timing = {"wall_s": round(time.perf_counter() - t0, 1), "loadavg_start": load0, "loadavg_end": _loadavg()}
     timing.update(workers=c.workers, threads=c.threads, cpus=os.cpu_count())

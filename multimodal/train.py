@@ -393,6 +393,8 @@ def build_multimodal_trainer(
         tasks=tasks,
         eval_cfg=cfg.eval,
         expect_processes=expect_processes,
+        # A rank whose micro-batch holds no image (or no clip) gives that encoder no gradient in the step.
+        find_unused_parameters=True,
     )
     if trainer.is_main_process:
         cfg.save(run_dir)

@@ -114,7 +114,11 @@ def _multimodal(config: str | None, overrides: list[str], out: Path, dry_run: bo
     from moekit.multimodal.compare import MultimodalComparisonConfig, run_multimodal_comparison
 
     cfg = load_config(MultimodalComparisonConfig, config, overrides)
-    rows = run_multimodal_comparison(cfg, out, dry_run=dry_run)  # prints the matching; rank 0 writes the report
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # Prints the matching (rank 0: no process group exists yet to ask); rank 0 writes the report.
+    rows = run_multimodal_comparison(
+        cfg, out, dry_run=dry_run, verbose=os.environ.get("RANK", "0") == "0", expect_processes=world
+    )
     if dist.is_initialized():
         dist.destroy_process_group()
     return rows
