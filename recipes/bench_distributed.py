@@ -9,7 +9,9 @@ Each setting is a real `recipes/train_lm.py` run (`torchrun --standalone` for N 
 with ACCELERATE_USE_CPU=1) with the same model, global batch and data; the settings are interleaved round by
 round so that drifting machine load hits all of them alike, and the median over rounds is reported.
 Tokens/s is the trainer's own number (global tokens per second of training step time, evaluation and
-checkpoints excluded), the median over its log windows after the first (warm-up) one.
+checkpoints excluded), the median over its log windows after the first (warm-up) one. Peak RSS is the
+largest resident set of one training process (includes the Python, torch and data footprint, so it shows
+differences such as EP's halved expert state on top of a common base).
 
 Settings: 1 process with all N threads (what one process makes of the machine), 1 process with 1 thread,
 N processes x 1 thread with data parallelism (DDP, experts replicated), and N processes x 1 thread with
@@ -55,15 +57,34 @@ def run_once(config: str, overrides: list[str], procs: int, threads: int, ep: in
     if ep > 1:
         cmd.append(f"model.moe.expert_parallel_size={ep}")
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        peak = _watch_peak_rss(proc)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            log.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{log.read()[-6000:]}")
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     tps = [e["tokens_per_s"] for e in events if "tokens_per_s" in e]
     if len(tps) < 2:
         raise RuntimeError(f"{out}: fewer than 2 log windows; raise --steps or lower --log-every")
-    return {"tokens_per_s": statistics.median(tps[1:]), "wall_s": wall}
+    return {"tokens_per_s": statistics.median(tps[1:]), "wall_s": wall, "peak_rss_mib": peak / 2**20}
+
+
+def _watch_peak_rss(proc: subprocess.Popen, interval_s: float = 0.1) -> int:
+    """Wait for ``proc``; return the largest resident set of one training process (the launched process,
+    or under torchrun each worker it starts) seen while it ran, in bytes."""
+    import psutil
+
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            procs = root.children(recursive=True) or [root]
+            peak = max([peak, *(p.memory_info().rss for p in procs)])
+        except psutil.Error:  # a process ended between listing and reading
+            pass
+        time.sleep(interval_s)
+    return peak
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -104,12 +125,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for name, procs, threads, ep in todo:
         tps = statistics.median(x["tokens_per_s"] for x in results[name])
+        mem = statistics.median(x["peak_rss_mib"] for x in results[name])
         rows.append(dict(setting=name, processes=procs, threads=threads, expert_parallel_size=ep, tokens_per_s=tps))
-        rows[-1]["vs_first"] = tps / base
+        rows[-1].update(vs_first=tps / base, peak_rss_mib_per_process=mem)
     print(f"\nconfig {args.config} {' '.join(args.overrides)}; {args.steps} steps, median of {args.rounds} round(s)")
-    print(f"| setting | tokens/s | vs {todo[0][0]} |\n|---|---|---|")
+    print(f"| setting | tokens/s | vs {todo[0][0]} | peak RSS per process (MiB) |\n|---|---|---|---|")
     for row in rows:
-        print(f"| {row['setting']} | {row['tokens_per_s']:,.0f} | {row['vs_first']:.2f}x |")
+        print(
+            f"| {row['setting']} | {row['tokens_per_s']:,.0f} | {row['vs_first']:.2f}x | "
+            f"{row['peak_rss_mib_per_process']:,.0f} |"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
