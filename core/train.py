@@ -126,6 +126,12 @@ class Trainer:
         # Expert parallelism: keep this rank's expert slice and hide it from DDP, before the optimizer sees
         # the parameters (sharding replaces them) and before prepare() wraps the model.
         self.ep_groups = _expert_parallel(model)
+        if self.ep_groups is not None and acc.distributed_type == DistributedType.FSDP:
+            raise ValueError(
+                "MoEConfig.expert_parallel_size > 1 under FSDP is not supported yet (the experts would need "
+                "fsdp_ignored_modules and their own checkpoint path): use DDP, or expert_parallel_size=1"
+            )
+        _check_bias_scope(model, world)
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.adam_eps)
         scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.decay)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
@@ -412,9 +418,26 @@ def _fsdp_full_model(accelerator: Accelerator, model: nn.Module) -> nn.Module | 
     cls = next(c for c in type(wrapped).__mro__ if not issubclass(c, FSDPModule))
     if not hasattr(wrapped, "cfg"):
         raise TypeError(f"{cls.__name__} has no .cfg: cannot rebuild an unsharded copy of an FSDP model")
+    from moekit.moe.ep_checkpoint import single_process_configs
+
     plain = cls(wrapped.cfg)
     plain.load_state_dict(state)
+    single_process_configs(plain)  # rank 0 alone runs it: no global-scope all-reduce in its MoE layers
     return plain
+
+
+def _check_bias_scope(model: nn.Module, world: int) -> None:
+    """Aux-loss-free biases updated from each rank's own counts would drift apart across ranks (DDP does not
+    sync buffers here), and a checkpoint keeps rank 0's: refuse before training."""
+    from moekit.moe.layer import MoELayer
+
+    for m in model.modules():
+        if isinstance(m, MoELayer) and m.cfg.bias_update_rate > 0 and m.cfg.balance_scope != "global" and world > 1:
+            raise ValueError(
+                f"MoEConfig.balance_scope={m.cfg.balance_scope!r} with bias_update_rate={m.cfg.bias_update_rate} "
+                f"on {world} processes: each rank's router bias would follow its own tokens; set "
+                "balance_scope='global' (all-reduced counts, the same bias everywhere)"
+            )
 
 
 def _router_bias_hooks(model: nn.Module) -> list[Callable[[nn.Module], None]]:

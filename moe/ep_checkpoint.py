@@ -217,11 +217,11 @@ def gather_full_model(model: nn.Module, groups: ExpertParallelGroups | None = No
                 setattr(experts, pname, nn.Parameter(full[prefix + pname], requires_grad=p.requires_grad))
             experts.num_experts = module.cfg.num_experts
             module.expert_parallel = None
-    _single_process_configs(out)
+    single_process_configs(out)
     return out
 
 
-def _single_process_configs(model: nn.Module) -> None:
+def single_process_configs(model: nn.Module) -> None:
     """Point the (copied) MoE configs of ``model`` at one process (see :func:`gather_full_model`)."""
     local: dict[int, MoEConfig] = {}
     for module in model.modules():

@@ -267,9 +267,10 @@ def run_multimodal_comparison(
             say(f"[compare] {spec.folder}: finished earlier, reusing {done}", flush=True)
         else:
             todo.append(spec)
-    if c.workers > 1 and len(todo) > 1:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            raise ValueError("MMCompareConfig.workers > 1 runs local processes; launch it without torchrun")
+    launched = expect_processes is not None and expect_processes > 1
+    if c.workers > 1 and len(todo) > 1 and launched:  # every rank would spawn workers claiming its rank
+        say(f"[compare] {expect_processes} processes launched: runs train one after another (workers ignored)")
+    if c.workers > 1 and len(todo) > 1 and not launched:
         ctx = multiprocessing.get_context("spawn")
         # One fresh process per run: a reused worker keeps the previous run's freed heap in its RSS, which
         # would make the later runs' peak memory (RSS above the start value) read far too low.

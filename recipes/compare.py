@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.dry_run:
         return []
     out = Path(args.out)
-    rows = run_comparison(cfg, out, expect_processes=int(os.environ.get("WORLD_SIZE", "1")))
+    rows = run_comparison(cfg, out, expect_processes=_launcher_world_size())
     if not dist.is_initialized() or dist.get_rank() == 0:
         sweep_key = parse_sweep(cfg.compare.sweep)[0] if cfg.compare.sweep else None
         report = write_report(out, specs, rows, matching, cfg.to_dict(), sweep_key)
@@ -110,11 +110,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
+def _launcher_world_size() -> int | None:
+    """torchrun / accelerate launch set WORLD_SIZE; other launchers (e.g. mpirun) leave the check to Accelerate."""
+    return int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
+
+
 def _multimodal(config: str | None, overrides: list[str], out: Path, dry_run: bool) -> list[dict]:
     from moekit.multimodal.compare import MultimodalComparisonConfig, run_multimodal_comparison
 
     cfg = load_config(MultimodalComparisonConfig, config, overrides)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _launcher_world_size()
     # Prints the matching (rank 0: no process group exists yet to ask); rank 0 writes the report.
     rows = run_multimodal_comparison(
         cfg, out, dry_run=dry_run, verbose=os.environ.get("RANK", "0") == "0", expect_processes=world

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
         config = Path(args.out) / CONFIG_FILE  # resume as configured before, unless told otherwise
     cfg = load_run_config(config, [*args.overrides, *args.set])
     # A launcher's WORLD_SIZE that Accelerate does not reproduce means N separate runs: refuse it.
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
     trainer, tokenizer = build_lm_trainer(cfg, args.out, resume=args.resume, expect_processes=world)
     summary = trainer.train()
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.samples)]

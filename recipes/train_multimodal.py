@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
     if config is None and args.resume and (Path(args.out) / CONFIG_FILE).is_file():
         config = Path(args.out) / CONFIG_FILE
     cfg = load_mm_run_config(config, [*args.overrides, *args.set])
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # checked against Accelerate's group (see train_lm.py)
+    world = (
+        int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
+    )  # checked against Accelerate's group (see train_lm.py)
     trainer = build_multimodal_trainer(cfg, args.out, resume=args.resume, expect_processes=world)
     acc = trainer.accelerator
     report = trainer.unwrapped_model.report(seq_len=cfg.model.lm.max_seq_len)

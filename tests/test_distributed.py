@@ -143,8 +143,9 @@ def test_multimodal_comparison_on_two_processes(tmp_path):
     config = recipe.parent / "configs" / "mm-debug.yaml"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     args = ["--config", str(config), "--out", str(tmp_path / "cmp"), f"data.cache_root={tmp_path / 'speech'}"]
-    out = _run([*torchrun, str(recipe), *args], tmp_path)
+    out = _run([*torchrun, str(recipe), *args, "compare.workers=2"], tmp_path)
     assert out.count("matching (decoder active FLOPs") == 1  # rank 0 prints the plan, once
+    assert "runs train one after another (workers ignored)" in out  # no local worker pools under a launcher
     rows = json.loads((tmp_path / "cmp" / "summary.json").read_text())
     assert [r["name"] for r in rows] == ["dense", "moe-4x2"]  # both runs trained in one process group
     assert (tmp_path / "cmp" / "report.md").is_file()

@@ -222,7 +222,7 @@ def test_fsdp_full_model_is_a_plain_copy_rebuilt_from_the_gathered_state():
     from moekit.core.train import _fsdp_full_model
 
     torch.manual_seed(0)
-    moe = MoEConfig(num_experts=4, top_k=2, d_expert=8)
+    moe = MoEConfig(num_experts=4, top_k=2, d_expert=8, balance_scope="global", bias_update_rate=0.01)
     cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8, moe=moe)
     model = Transformer(cfg)
     full = {k: v.clone() for k, v in model.state_dict().items()}
@@ -230,7 +230,22 @@ def test_fsdp_full_model_is_a_plain_copy_rebuilt_from_the_gathered_state():
     acc = SimpleNamespace(get_state_dict=lambda m: full, is_main_process=True, unwrap_model=lambda m: m)
     plain = _fsdp_full_model(acc, model)
     assert type(plain) is Transformer and plain is not model
+    # rank 0 runs the copy alone: no global-scope all-reduce may remain in it
+    assert {m.cfg.balance_scope for m in plain.modules() if hasattr(m, "experts")} == {"local"}
     ids = torch.randint(0, 64, (2, 8))
     torch.testing.assert_close(plain(ids).logits, Transformer.forward(model, ids).logits, rtol=0, atol=0)
     acc.is_main_process = False
     assert _fsdp_full_model(acc, model) is None
+
+
+def test_rank_local_router_bias_is_refused_on_several_processes():
+    from moekit.core.train import _check_bias_scope
+
+    def model(scope):
+        moe = MoEConfig(num_experts=4, top_k=2, d_expert=8, balance_scope=scope, bias_update_rate=0.01)
+        return Transformer(ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, max_seq_len=8, moe=moe))
+
+    with pytest.raises(ValueError, match=r"MoEConfig\.balance_scope='local'.*on 2 processes.*'global'"):
+        _check_bias_scope(model("local"), world=2)
+    _check_bias_scope(model("local"), world=1)  # one process: local is global
+    _check_bias_scope(model("global"), world=2)
