@@ -41,6 +41,7 @@ STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"  # accelerate's name for the first model; model_1.safetensors for the next
 _PREFIX = "step_"
 _DDP_PREFIX = "module."
+_FSDP_MODEL = "pytorch_model_fsdp"  # accelerate.utils.constants.FSDP_MODEL_NAME
 
 ExtraWriter = Callable[[Path], Collection[str]]  # (temp folder) -> model keys it stored; collective
 ExtraReader = Callable[[Path], Collection[str]]  # (checkpoint folder) -> model keys it restored; collective
@@ -200,6 +201,11 @@ def _load_weights(model: nn.Module, file: Path) -> set[str]:
     set; files with DDP's ``module.`` prefix (written before unwrapped naming) load too. Unexpected keys and
     shape mismatches raise."""
     if not file.is_file():
+        if any(file.parent.glob(f"{_FSDP_MODEL}*")):
+            raise FileNotFoundError(
+                f"{file.parent} was written under FSDP (sharded {_FSDP_MODEL}* files, no {file.name}): resume it "
+                "under the same FSDP setup"
+            )
         raise FileNotFoundError(f"{file} is missing: not a complete checkpoint")
     state = load_file(str(file))
     if state and all(k.startswith(_DDP_PREFIX) for k in state):

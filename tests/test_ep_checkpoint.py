@@ -249,3 +249,12 @@ def test_rank_local_router_bias_is_refused_on_several_processes():
         _check_bias_scope(model("local"), world=2)
     _check_bias_scope(model("local"), world=1)  # one process: local is global
     _check_bias_scope(model("global"), world=2)
+
+
+def test_loading_an_fsdp_checkpoint_without_fsdp_says_so(tmp_path):
+    model = Transformer(ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, max_seq_len=8))
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        _load_weights(model, tmp_path / MODEL_FILE)
+    (tmp_path / "pytorch_model_fsdp_0").mkdir()  # what accelerate's FSDP save_state writes instead
+    with pytest.raises(FileNotFoundError, match="written under FSDP"):
+        _load_weights(model, tmp_path / MODEL_FILE)
