@@ -308,6 +308,13 @@ def run_one(
         data_digest=data_digest(spec.run, len(trainer.train_data)),
         sample=sample,
     )
+    return finish_run(acc, run_dir, row)
+
+
+def finish_run(acc: Any, run_dir: Path, row: dict[str, Any]) -> dict[str, Any]:
+    """Mark a comparison run done (the main process writes ``result.json``), finish its trackers and wait for
+    every rank; returns ``row``. Not ``Trainer.close()``: under a launcher the next run reuses the process
+    group, which the caller destroys at the end."""
     if acc.is_main_process:
         _write_json(run_dir / RESULT_FILE, row)
     for tracker in acc.trackers:

@@ -78,6 +78,15 @@ def headline(rows: list[dict[str, Any]]) -> str:
     )
 
 
+def save_figure(fig: Any, out: Path, fname: str) -> str:
+    """Write ``fig`` to ``out/fname`` as the reports' PNGs are written, close it, return ``fname``."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(out / fname, dpi=110)
+    plt.close(fig)
+    return fname
+
+
 def _plot_curves(specs: list[RunSpec], out: Path, rows: list[dict[str, Any]]) -> list[str]:
     import matplotlib
 
@@ -114,9 +123,7 @@ def _plot_curves(specs: list[RunSpec], out: Path, rows: list[dict[str, Any]]) ->
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
-        plt.close(fig)
-        files.append(fname)
+        files.append(save_figure(fig, out, fname))
     return files
 
 
@@ -163,9 +170,7 @@ def _plot_routing(specs: list[RunSpec], out: Path) -> list[str]:
         fig.colorbar(im, ax=axes.ravel().tolist(), label="share of routed tokens")
         fig.suptitle(f"{name}: expert load over training (uniform = {1 / frac.shape[1]:.3f})")
         fname = f"expert_load_{name}.png"
-        fig.savefig(out / fname, dpi=110)
-        plt.close(fig)
-        files.append(fname)
+        files.append(save_figure(fig, out, fname))
 
         fig, ax1 = plt.subplots(figsize=(6.4, 3.6))
         ax1.plot(steps, [m.get("moe/router_entropy", float("nan")) for m in logs], color="#1f77b4")
@@ -178,9 +183,7 @@ def _plot_routing(specs: list[RunSpec], out: Path) -> list[str]:
         ax1.set_title(f"{name}: routing entropy (dotted: uniform) and drop rate")
         fig.tight_layout()
         fname = f"routing_{name}.png"
-        fig.savefig(out / fname, dpi=110)
-        plt.close(fig)
-        files.append(fname)
+        files.append(save_figure(fig, out, fname))
     return files
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from moekit.core.accounting import flops_per_token
-from moekit.moe.compare import PeakMemory, _apply_overrides, _write_json, data_digest, moe_name
+from moekit.moe.compare import RESULT_FILE, PeakMemory, _apply_overrides, data_digest, finish_run, moe_name
 from moekit.moe.matching import check_matched, dense_twin, describe
 from moekit.multimodal.report import headline_multimodal, write_multimodal_report
 from moekit.multimodal.tasks import DigitTasks
@@ -44,8 +44,6 @@ from moekit.multimodal.train import (
     flops_profile,
     load_run_tasks,
 )
-
-RESULT_FILE = "result.json"
 
 
 @dataclass
@@ -207,13 +205,7 @@ def run_one_multimodal(
         data_digest=data_digest(spec.run, len(trainer.train_data)),
         routing=trainer.last_metrics.get("routing"),
     )
-    if acc.is_main_process:
-        _write_json(run_dir / RESULT_FILE, row)
-    # Not trainer.close(): under a launcher the next run reuses the process group (the caller destroys it).
-    for tracker in acc.trackers:
-        tracker.finish()
-    acc.wait_for_everyone()
-    return row
+    return finish_run(acc, run_dir, row)
 
 
 def _worker_init(threads: int | None) -> None:

@@ -12,7 +12,15 @@ import torch
 
 from moekit.moe.compare import SUMMARY_FIELDS, _write_json
 from moekit.moe.modality import load_fractions
-from moekit.moe.report import _plot_bars, _plot_curves, _plot_routing, group_rows, headline, mean_spread
+from moekit.moe.report import (
+    _plot_bars,
+    _plot_curves,
+    _plot_routing,
+    group_rows,
+    headline,
+    mean_spread,
+    save_figure,
+)
 from moekit.multimodal.train import CANDIDATES, CHANCE
 
 if TYPE_CHECKING:
@@ -84,9 +92,7 @@ def _plot_modality_routing(specs: list[MMRunSpec], rows: list[dict[str, Any]], o
         fig.colorbar(im, ax=axes.ravel().tolist(), label="share of the modality's assignments")
         fig.suptitle(f"{name}: expert load per modality on held-out data (uniform = {1 / n_exp:.3f})")
         fname = f"modality_load_{name}.png"
-        fig.savefig(out / fname, dpi=110)
-        plt.close(fig)
-        files.append(fname)
+        files.append(save_figure(fig, out, fname))
 
         purity = torch.tensor(routing["modality_purity"])  # [L, E]
         fig, ax = plt.subplots(figsize=(1.5 + 0.55 * n_exp, 1.2 + 0.45 * n_layers), layout="constrained")
@@ -102,9 +108,7 @@ def _plot_modality_routing(specs: list[MMRunSpec], rows: list[dict[str, Any]], o
         fig.colorbar(im, ax=ax, label="modality purity")
         ax.set_title(f"{name}: modality purity of each expert", fontsize=10)
         fname = f"modality_purity_{name}.png"
-        fig.savefig(out / fname, dpi=110)
-        plt.close(fig)
-        files.append(fname)
+        files.append(save_figure(fig, out, fname))
     return files
 
 

@@ -68,6 +68,17 @@ def _forward_backward(model: torch.nn.Module, batch: dict[str, Tensor]) -> Model
     return out
 
 
+def _compiled_vs_eager(eager: Transformer, capture: bool = True) -> tuple[Transformer, ModelOutput, ModelOutput]:
+    """Compile a copy of ``eager`` (fullgraph: any graph break raises), run forward + backward on the same batch
+    through the copy, then through ``eager``; returns ``(copy, eager output, compiled output)``."""
+    src = copy.deepcopy(eager)
+    compiled = torch.compile(src, backend="aot_eager", fullgraph=True)
+    batch = _batch()
+    with _capture_scalars(capture):
+        out_c = _forward_backward(compiled, batch)
+    return src, _forward_backward(eager, batch), out_c
+
+
 def _assert_same(eager: Transformer, compiled_src: Transformer, out_e: ModelOutput, out_c: ModelOutput) -> None:
     tight = dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out_c.logits, out_e.logits, **tight)
@@ -113,12 +124,7 @@ def test_moe_model_compiles_fullgraph_and_matches_eager(moe):
     if moe.bias_update_rate > 0:  # a non-zero bias, so that the selection really depends on it
         for layer in eager.moe_layers:
             layer.router.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1]))
-    src = copy.deepcopy(eager)
-    compiled = torch.compile(src, backend="aot_eager", fullgraph=True)
-    batch = _batch()
-    with _capture_scalars():
-        out_c = _forward_backward(compiled, batch)
-    out_e = _forward_backward(eager, batch)
+    src, out_e, out_c = _compiled_vs_eager(eager)
     if moe.capacity_factor is not None:  # the case really drops, so capacity is exercised
         assert out_e.moe_stats[0].dropped_assignments > 0
     _assert_same(eager, src, out_e, out_c)
@@ -167,13 +173,8 @@ def test_other_routers_trace_into_one_graph(moe, training):
 def test_grouped_mm_bf16_compiles_fullgraph_without_scalar_capture():
     """The GPU fast path (grouped_mm in bf16) has static shapes and no host sync: one graph as is."""
     eager = _model(_moe(dispatch="grouped_mm", capacity_factor=1.0)).to(torch.bfloat16)
-    src = copy.deepcopy(eager)
     assert eager.moe_layers[0].resolve_dispatch(torch.zeros(1, 32, dtype=torch.bfloat16)) == "grouped_mm"
-    compiled = torch.compile(src, backend="aot_eager", fullgraph=True)
-    batch = _batch()
-    with _capture_scalars(False):
-        out_c = _forward_backward(compiled, batch)
-    out_e = _forward_backward(eager, batch)
+    src, out_e, out_c = _compiled_vs_eager(eager, capture=False)
     torch.testing.assert_close(out_c.logits, out_e.logits)
     torch.testing.assert_close(out_c.aux_loss, out_e.aux_loss)
     for (n, p_c), p_e in zip(src.named_parameters(), eager.parameters()):
@@ -184,12 +185,7 @@ def test_fp32_grouped_mm_falls_back_to_sorted_under_compile():
     """grouped_mm's fake kernel rejects fp32, so a compiled fp32 model takes the sorted path (eager keeps
     grouped_mm where it runs): same result up to summation order."""
     eager = _model(_moe(dispatch="grouped_mm"))
-    src = copy.deepcopy(eager)
-    compiled = torch.compile(src, backend="aot_eager", fullgraph=True)
-    batch = _batch()
-    with _capture_scalars():
-        out_c = _forward_backward(compiled, batch)
-    out_e = _forward_backward(eager, batch)
+    src, out_e, out_c = _compiled_vs_eager(eager)
     torch.testing.assert_close(out_c.logits, out_e.logits, rtol=1e-5, atol=1e-6)
     for (n, p_c), p_e in zip(src.named_parameters(), eager.parameters()):
         torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"grad of {n}: {m}")
