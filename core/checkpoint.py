@@ -36,6 +36,8 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from torch import nn
 
+from moekit.core.files import atomic_write_text, fsync_dir
+
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"  # accelerate's name for the first model; model_1.safetensors for the next
@@ -49,20 +51,6 @@ ExtraReader = Callable[[Path], Collection[str]]  # (checkpoint folder) -> model 
 
 def step_dir_name(step: int) -> str:
     return f"{_PREFIX}{step:07d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class _DropTiedWeightNotice(logging.Filter):
@@ -81,16 +69,6 @@ def _quiet_tied_weights() -> Iterator[None]:
         yield
     finally:
         log.removeFilter(notice)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class CheckpointManager:
@@ -139,10 +117,10 @@ class CheckpointManager:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             # The state file goes last: its presence marks the folder complete.
-            _write_atomic(tmp / STATE_FILE, json.dumps({"step": step, **trainer_state}, indent=2) + "\n")
+            atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step, **trainer_state}, indent=2) + "\n")
             os.replace(tmp, final)
-            _fsync_dir(self.root)
-            _write_atomic(self.root / LATEST, final.name + "\n")
+            fsync_dir(self.root)
+            atomic_write_text(self.root / LATEST, final.name + "\n")
             self._prune(keep_also=final)
         accelerator.wait_for_everyone()
         return final

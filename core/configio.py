@@ -1,35 +1,29 @@
-"""Config layering for recipes: dataclass defaults, then a YAML file, then dotted command-line overrides.
+"""The language-model run config: ``RunConfig`` (model, train, data sections) and its loader.
 
     cfg = load_run_config("recipes/configs/debug.yaml", ["model.d_model=128", "model.moe.num_experts=8"])
 
-Layers are merged as nested dicts that hold only what was set explicitly; the dataclasses supply every
-default when the tree is finally built, and their ``__post_init__`` validates the values. Keys are checked
-against the dataclass fields at every level (unknown key -> error naming it and the allowed keys). An
-override into a nested config that is ``None`` (``model.moe`` of a dense model) creates it with defaults.
-Override values are parsed with ``yaml.safe_load``: ``3``, ``0.5``, ``true``, ``null``, ``[1, 2]`` work,
-and numeric strings such as ``3e-4`` (YAML 1.1 reads them as text) are accepted where a float is expected.
+Layering (defaults -> YAML -> dotted overrides) is generic and lives in ``moekit.core.layering``; the
+run folder's ``config.yaml`` (save, resume checks) in ``moekit.core.run_folder``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import types
-import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
 from moekit.core.config import ModelConfig
 from moekit.core.data import CORPORA
-from moekit.core.train import TrainConfig
+from moekit.core.layering import config_to_dict, load_config
+from moekit.core.run_folder import CONFIG_FILE, PLACEMENT_KEYS, check_resumable, save_run_config
+from moekit.core.train_config import TrainConfig
 
-T = TypeVar("T")
-CONFIG_FILE = "config.yaml"
 TOKENIZERS = ("byte",)
+__all__ = ["CONFIG_FILE", "DataConfig", "RunConfig", "load_run_config"]
 
 
 @dataclass
@@ -68,32 +62,15 @@ class RunConfig:
         return config_to_dict(self)
 
     def check_resumable(self, run_dir: str | os.PathLike) -> None:
-        """Resuming with another model shape would fail deep inside checkpoint loading; say so plainly."""
-        path = Path(run_dir) / CONFIG_FILE
-        if path.is_file():
-            saved = (yaml.safe_load(path.read_text()) or {}).get("model")
-            if _placement_free(saved) != _placement_free(config_to_dict(self.model)):
-                raise ValueError(f"resume: the model section differs from the run's {path}; resume with that model")
+        """Refuse to resume ``run_dir`` with another model (see ``moekit.core.run_folder.check_resumable``)."""
+        check_resumable(self, run_dir, ignore=PLACEMENT_KEYS)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save(self, run_dir: str | os.PathLike) -> Path:
-        """Write ``config.yaml`` into ``run_dir`` atomically (temp file + rename)."""
-        path = Path(run_dir) / CONFIG_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(self.to_yaml())
-        os.replace(tmp, path)
-        return path
-
-
-def _placement_free(model: Any) -> Any:
-    """The model section without ``moe.expert_parallel_size``: where the experts live is not the model's shape
-    (checkpoints store the experts unsharded, so a run may resume with another expert-parallel size)."""
-    if isinstance(model, dict) and isinstance(model.get("moe"), dict):
-        return {**model, "moe": {k: v for k, v in model["moe"].items() if k != "expert_parallel_size"}}
-    return model
+        """Write ``config.yaml`` into ``run_dir`` atomically."""
+        return save_run_config(self, run_dir)
 
 
 def load_run_config(
@@ -103,168 +80,3 @@ def load_run_config(
     file (a comparison preset's, read by recipes/compare.py) is ignored, so that one preset also trains its
     MoE base run alone."""
     return load_config(RunConfig, path, overrides, ignore=("compare",))
-
-
-# ---------------------------------------------------------------- generic layering
-def load_config(
-    cls: type[T],
-    path: str | os.PathLike | None = None,
-    overrides: Iterable[str] | Mapping[str, Any] = (),
-    ignore: Iterable[str] = (),
-) -> T:
-    """Build dataclass ``cls`` from its defaults, a YAML file and dotted overrides (later layers win); the
-    file's top-level sections named in ``ignore`` are skipped (they belong to another recipe)."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text())
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"config file {path}: top level must be a mapping, got {type(loaded).__name__}")
-        skip = set(ignore)
-        merge_tree(cls, tree, {k: v for k, v in (loaded or {}).items() if k not in skip})
-    items = overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides)
-    for key, value in items:
-        set_dotted(cls, tree, key, value)
-    return build_dataclass(cls, tree)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"model.d_model=128"`` -> ``("model.d_model", 128)``; the value goes through ``yaml.safe_load``."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ValueError(f"override {text!r} must look like 'section.key=value' (e.g. 'train.steps=200')")
-    return key, yaml.safe_load(raw) if raw.strip() else None
-
-
-def merge_tree(cls: type, tree: dict[str, Any], update: Mapping[str, Any], prefix: str = "") -> None:
-    """Recursively merge ``update`` into ``tree``, validating keys against dataclass ``cls``.
-
-    ``prefix`` (e.g. ``"model."``) locates ``tree`` in the whole config; it only serves error messages.
-    """
-    for key, value in update.items():
-        set_dotted(cls, tree, str(key), value, prefix)
-
-
-def set_dotted(cls: type, tree: dict[str, Any], key: str, value: Any, prefix: str = "") -> None:
-    """Set ``tree[a][b][c] = value`` for ``key="a.b.c"``, checking every part against ``cls``'s fields.
-
-    A mapping assigned to a nested-dataclass field is merged key by key (so a YAML section only changes
-    what it names); ``None`` clears the field (e.g. ``model.moe=null`` makes the model dense).
-    """
-    parts = key.split(".")
-    full = prefix + key
-    node, node_cls = tree, cls
-    for depth, part in enumerate(parts):
-        hints = _field_types(node_cls)
-        if part not in hints:
-            where = (prefix + ".".join(parts[:depth])).rstrip(".") or "<top level>"
-            raise ValueError(
-                f"unknown config key {full!r}: {part!r} is not a field of {node_cls.__name__} ({where}); "
-                f"allowed keys: {sorted(hints)}"
-            )
-        sub_cls = _nested_dataclass(hints[part])
-        last = depth == len(parts) - 1
-        if sub_cls is None:
-            if not last:
-                raise ValueError(
-                    f"config key {full!r}: {prefix}{'.'.join(parts[: depth + 1])} is a plain value, not a section"
-                )
-            node[part] = value
-            return
-        if last and not isinstance(value, Mapping):
-            if value is not None:
-                raise ValueError(
-                    f"config key {full!r} is a {sub_cls.__name__} section: give a mapping or null, got {value!r}"
-                )
-            node[part] = None
-            return
-        if not isinstance(node.get(part), dict):
-            node[part] = {}  # absent or explicitly None: start from the section's defaults
-        if last:
-            merge_tree(sub_cls, node[part], value, f"{prefix}{'.'.join(parts)}.")
-            return
-        node, node_cls = node[part], sub_cls
-
-
-def build_dataclass(cls: type[T], tree: Mapping[str, Any], prefix: str = "") -> T:
-    """Instantiate ``cls`` from a (validated) nested dict; missing keys take the dataclass defaults."""
-    hints = _field_types(cls)
-    kwargs: dict[str, Any] = {}
-    for key, value in tree.items():
-        if key not in hints:
-            raise ValueError(f"unknown config key {prefix + key!r}; allowed keys: {sorted(hints)}")
-        sub_cls = _nested_dataclass(hints[key])
-        if sub_cls is not None and isinstance(value, Mapping):
-            kwargs[key] = build_dataclass(sub_cls, value, f"{prefix}{key}.")
-        elif sub_cls is not None and value is not None and not isinstance(value, sub_cls):
-            raise ValueError(f"config key {prefix + key!r} must be a mapping or null, got {value!r}")
-        else:
-            kwargs[key] = _coerce(value, hints[key], prefix + key)
-    return cls(**kwargs)
-
-
-def config_to_dict(obj: Any) -> Any:
-    """Dataclasses -> plain dicts, tuples -> lists: something ``yaml.safe_dump`` and JSON accept."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: config_to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Mapping):
-        return {k: config_to_dict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [config_to_dict(v) for v in obj]
-    return obj
-
-
-def flatten_dict(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for experiment trackers that want flat hyper-parameters)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping) and v:
-            out.update(flatten_dict(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-# ---------------------------------------------------------------- type helpers
-def _field_types(cls: type) -> dict[str, Any]:
-    if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"{cls!r} is not a dataclass")
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
-
-
-def _union_args(tp: Any) -> tuple[Any, ...]:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return typing.get_args(tp)
-    return (tp,)
-
-
-def _nested_dataclass(tp: Any) -> type | None:
-    """The dataclass inside ``X`` or ``X | None``, else None."""
-    for arg in _union_args(tp):
-        if isinstance(arg, type) and dataclasses.is_dataclass(arg):
-            return arg
-    return None
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Light, explicit conversions only: int/numeric text -> float, list -> tuple. Everything else as is.
-
-    Range and choice checks stay in each dataclass's ``__post_init__``; this only fixes the representation
-    gaps between YAML and Python (``1e-3`` is text in YAML 1.1, YAML has no tuples).
-    """
-    args = _union_args(tp)
-    if value is None or Any in args:
-        return value
-    origins = {typing.get_origin(a) or a for a in args}
-    if float in origins and not isinstance(value, float) and not isinstance(value, bool):
-        if isinstance(value, int):
-            return float(value)
-        if isinstance(value, str) and int not in origins and str not in origins:
-            try:
-                return float(value)
-            except ValueError:
-                raise ValueError(f"config key {key!r}: expected a number, got {value!r}") from None
-    if tuple in origins and isinstance(value, list):
-        return tuple(value)
-    return value

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from moekit.core.checkpoint import CheckpointManager
 from moekit.core.data import StepSampler, make_batch
+from moekit.core.layering import config_to_dict, flatten_dict
 from moekit.core.meter import LogWindow, measure_matmul_flops
 from moekit.core.optim import build_optimizer, build_scheduler
 from moekit.core.train_config import COMPILE_BACKENDS, MIXED_PRECISIONS, TRACKERS, TrainConfig, _fail
@@ -467,7 +468,5 @@ def _expert_parallel(model: nn.Module) -> Any:
 
 def _tracker_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
     """TensorBoard hparams accept only int/float/str/bool: flatten sections, stringify the rest."""
-    from moekit.core.configio import config_to_dict, flatten_dict
-
     flat = flatten_dict(config_to_dict(hparams))
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}

@@ -25,8 +25,10 @@ import yaml
 
 from moekit.core.accounting import count_params, flops_per_token
 from moekit.core.config import ModelConfig
-from moekit.core.configio import DataConfig, RunConfig, config_to_dict, set_dotted
+from moekit.core.configio import DataConfig, RunConfig
 from moekit.core.data import StepSampler
+from moekit.core.files import atomic_write_json
+from moekit.core.layering import config_to_dict, set_dotted
 from moekit.core.train import TrainConfig
 from moekit.moe.config import MoEConfig
 from moekit.moe.matching import check_matched, dense_twin, describe, param_matched_twin
@@ -263,10 +265,7 @@ class PeakMemory:
         return self.peak / 2**20
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+_write_json = atomic_write_json  # kept for the report modules until the experiment layer lands
 
 
 def run_one(

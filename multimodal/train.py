@@ -28,17 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate.utils import set_seed
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from moekit.core.configio import (
-    CONFIG_FILE,
-    config_to_dict,
-    load_config,
-)
+from moekit.core.layering import config_to_dict, load_config
 from moekit.core.model import IGNORE_INDEX, ModelOutput
+from moekit.core.run_folder import PLACEMENT_KEYS, check_resumable, save_run_config
 from moekit.core.tokenizer import ByteTokenizer
 from moekit.core.train import TrainConfig, Trainer
 from moekit.moe.modality import mean_purity, modality_purity
@@ -116,20 +112,12 @@ class MultimodalRunConfig:
         return config_to_dict(self)
 
     def save(self, run_dir: str | os.PathLike) -> Path:
-        """Write ``config.yaml`` into ``run_dir`` atomically (temp file + rename)."""
-        path = Path(run_dir) / CONFIG_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
-        return path
+        """Write ``config.yaml`` into ``run_dir`` atomically."""
+        return save_run_config(self, run_dir)
 
     def check_resumable(self, run_dir: str | os.PathLike) -> None:
-        path = Path(run_dir) / CONFIG_FILE
-        if path.is_file():
-            saved = (yaml.safe_load(path.read_text()) or {}).get("model")
-            if saved != config_to_dict(self.model):
-                raise ValueError(f"resume: the model section differs from the run's {path}; resume with that model")
+        """Refuse to resume ``run_dir`` with another model (see ``moekit.core.run_folder.check_resumable``)."""
+        check_resumable(self, run_dir, ignore=PLACEMENT_KEYS)
 
 
 def load_mm_run_config(

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch.distributed as dist
 import yaml
 
-from moekit.core.configio import load_config, parse_override
+from moekit.core.layering import load_config, parse_override
 from moekit.moe.compare import TASKS, ComparisonConfig, matching_table, parse_sweep, plan_runs, run_comparison
 from moekit.moe.report import headline, write_report
 

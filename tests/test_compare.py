@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from moekit.core.accounting import flops_per_token
-from moekit.core.configio import load_config
+from moekit.core.layering import load_config
 from moekit.moe.compare import SUMMARY_FIELDS, ComparisonConfig, plan_runs
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "compare-debug.yaml")

@@ -14,7 +14,7 @@ import yaml
 from accelerate.state import AcceleratorState, GradientState
 
 import moekit.multimodal.train as mmtrain
-from moekit.core.configio import load_config
+from moekit.core.layering import load_config
 from moekit.multimodal.tasks import DigitTasks
 from moekit.multimodal.train import (
     CANDIDATES,

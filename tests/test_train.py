@@ -296,5 +296,5 @@ def test_train_lm_recipe_debug_preset(tmp_path, capsys):
     summary = _load_recipe().main(["--out", str(out), "--resume", "--samples", "0", "train.steps=6"])
     assert summary["step"] == 6
     assert [e["step"] for e in _events(out) if "train_loss" in e][-3:] == [4, 5, 6]
-    with pytest.raises(ValueError, match="model section differs"):
+    with pytest.raises(ValueError, match=r"model.d_model: run has 64, now 32"):
         _load_recipe().main(["--out", str(out), "--resume", "model.d_model=32"])
