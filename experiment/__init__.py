@@ -1,0 +1,1 @@
+"""moekit.experiment: the experiment layer above core, moe and multimodal."""

@@ -1,0 +1,324 @@
+"""Paired-seed verdicts: does each MoE model beat its dense twin, with a 95% confidence interval?
+
+Runs with the same seed share the data order and the initial-weight seed, so the per-seed difference
+``moe - dense`` removes most of the seed-to-seed noise that two independent means would carry. For every
+MoE model and metric this module pairs the summary rows by seed, takes the mean paired difference and a
+Student t-interval over the paired seeds, and turns it into a word:
+
+- lower-is-better metrics (losses): ``moe_better`` when the whole interval is below 0, ``dense_better``
+  when it is above 0, else ``unresolved``;
+- higher-is-better metrics (accuracies, ``*_acc``): the reverse;
+- one paired seed has no spread: ``unresolved`` with the reason ``"1 seed"``.
+
+A diverged run (``status: 'diverged'``) or a non-finite metric excludes that seed's pair, and the
+verdict's ``reason`` names it. Everything returned is plain JSON (no NaN: missing numbers are ``None``).
+
+Pure Python (``math`` only): the t quantile is computed here by inverting the t CDF, written with the
+regularized incomplete beta function, so scipy is not a runtime dependency.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "VERDICTS",
+    "higher_is_better",
+    "paired_verdicts",
+    "student_t_cdf",
+    "student_t_quantile",
+    "t_interval",
+    "verdict_sentence",
+    "verdicts_sentence",
+]
+
+VERDICTS = ("moe_better", "dense_better", "unresolved")
+
+# Display names and units for the metrics the comparisons write; anything else is shown by its key.
+_LABELS: dict[str, tuple[str, str]] = {
+    "final_val_loss": ("val loss", "nats/byte"),
+    "val_loss": ("val loss", "nats/byte"),
+    "final_val_bpb": ("val bits/byte", "bits/byte"),
+}
+
+
+# ---- Student t distribution ------------------------------------------------------------------------
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz), converges for x < (a+1)/(a+b+2)."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 400):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-16:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta ``I_x(a, b)`` for ``a, b > 0``, ``0 <= x <= 1``."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    front = math.exp(log_front)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def student_t_cdf(t: float, df: float) -> float:
+    """``P(T <= t)`` for Student's t with ``df > 0`` degrees of freedom."""
+    if not df > 0:
+        raise ValueError(f"student_t_cdf df={df!r} is invalid: must be > 0")
+    if math.isinf(t):
+        return 1.0 if t > 0 else 0.0
+    # P(|T| > |t|) = I_{df/(df+t^2)}(df/2, 1/2)
+    tail = 0.5 * _betainc(0.5 * df, 0.5, df / (df + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+def student_t_quantile(p: float, df: float) -> float:
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (e.g. ``p=0.975, df=2`` -> 4.3027).
+
+    df 1 and 2 have closed forms; otherwise the CDF is inverted by bracketing and bisection to full
+    double precision (about 60 CDF evaluations, each a short continued fraction).
+    """
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"student_t_quantile p={p!r} is invalid: must be in (0, 1)")
+    if not df > 0:
+        raise ValueError(f"student_t_quantile df={df!r} is invalid: must be > 0")
+    if p == 0.5:
+        return 0.0
+    if p < 0.5:
+        return -student_t_quantile(1.0 - p, df)
+    if df == 1:
+        return math.tan(math.pi * (p - 0.5))
+    if df == 2:
+        return (2.0 * p - 1.0) / math.sqrt(2.0 * p * (1.0 - p))
+    lo, hi = 0.0, 1.0
+    while student_t_cdf(hi, df) < p:
+        lo, hi = hi, hi * 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        if student_t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float] | None:
+    """``(mean, lo, hi)``: the two-sided ``level`` Student t-interval of the mean of ``values``.
+
+    ``None`` for fewer than 2 values (no spread to estimate). Equal values give ``lo == hi == mean``.
+    """
+    n = len(values)
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"t_interval level={level!r} is invalid: must be in (0, 1)")
+    if n < 2:
+        return None
+    mean = math.fsum(values) / n
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    half = student_t_quantile(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+# ---- verdicts ---------------------------------------------------------------------------------------
+
+
+def higher_is_better(metric: str) -> bool:
+    """Accuracies (``*_acc``, ``*accuracy``) are higher-is-better; losses and everything else lower."""
+    return metric.endswith(("_acc", "accuracy"))
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _by_seed(rows: Iterable[Mapping[str, Any]], name: str) -> dict[Any, Mapping[str, Any]]:
+    out: dict[Any, Mapping[str, Any]] = {}
+    for r in rows:
+        if r["name"] != name:
+            continue
+        if r["seed"] in out:
+            raise ValueError(f"summary rows hold two runs of {name!r} with seed {r['seed']!r}; expected one per seed")
+        out[r["seed"]] = r
+    return out
+
+
+def _bad(row: Mapping[str, Any], metric: str) -> str | None:
+    """Why ``row`` cannot enter a pair for ``metric``, or None."""
+    if row.get("status") == "diverged":
+        return "diverged"
+    if metric not in row or row[metric] is None:
+        return f"has no {metric}"
+    if not _finite(row[metric]):
+        return f"{metric}={row[metric]!r} is not finite"
+    return None
+
+
+def _decide(lo: float, hi: float, higher: bool) -> str:
+    if hi < 0:
+        return "dense_better" if higher else "moe_better"
+    if lo > 0:
+        return "moe_better" if higher else "dense_better"
+    return "unresolved"
+
+
+def paired_verdicts(
+    rows: Iterable[Mapping[str, Any]],
+    metrics: Sequence[str] = ("final_val_loss",),
+    *,
+    dense_name: str = "dense",
+) -> list[dict[str, Any]]:
+    """One verdict per (MoE model, metric), MoE models in the order they first appear in ``rows``.
+
+    ``rows`` are summary rows with ``name``, ``kind`` ('dense' | 'moe'; a row without ``kind`` counts as MoE
+    unless it is the dense twin), ``seed``, the metric values and optionally ``status``. A metric that no
+    row of a model carries is skipped for that model (an LM row has no ``caption_acc``). Each verdict::
+
+        {"model", "metric", "diff_mean", "diff_ci95": [lo, hi] | None, "n_seeds", "verdict",
+         "higher_is_better", "reason", "seeds", "excluded": [{"seed", "reason"}]}
+
+    ``diff_mean`` is ``mean(moe - dense)`` over the paired seeds (``None`` with no pair), ``n_seeds`` the
+    number of pairs that entered it, ``reason`` a short why for ``unresolved`` and for exclusions ('' if none).
+    """
+    rows = list(rows)
+    dense = _by_seed(rows, dense_name)
+    if not dense:
+        raise ValueError(f"no dense twin rows (name={dense_name!r}) among the summary rows")
+    models: list[str] = []
+    for r in rows:
+        kind = r.get("kind", "dense" if r["name"] == dense_name else "moe")
+        if kind == "moe" and r["name"] not in models:
+            models.append(r["name"])
+    verdicts = []
+    for model in models:
+        runs = _by_seed(rows, model)
+        for metric in metrics:
+            if not any(metric in r for r in runs.values()):
+                continue
+            verdicts.append(_one_verdict(model, metric, runs, dense))
+    return verdicts
+
+
+def _one_verdict(
+    model: str,
+    metric: str,
+    runs: Mapping[Any, Mapping[str, Any]],
+    dense: Mapping[Any, Mapping[str, Any]],
+) -> dict[str, Any]:
+    higher = higher_is_better(metric)
+    diffs: list[float] = []
+    seeds: list[Any] = []
+    excluded: list[dict[str, Any]] = []
+    for seed in sorted(runs, key=repr):
+        if seed not in dense:
+            excluded.append({"seed": seed, "reason": "no dense twin run with this seed"})
+            continue
+        why = [f"{who} {b}" for who, row in ((model, runs[seed]), ("dense", dense[seed])) if (b := _bad(row, metric))]
+        if why:
+            excluded.append({"seed": seed, "reason": "; ".join(why)})
+            continue
+        diffs.append(float(runs[seed][metric]) - float(dense[seed][metric]))
+        seeds.append(seed)
+    n = len(diffs)
+    excl = "; ".join(f"seed {e['seed']} excluded ({e['reason']})" for e in excluded)
+    ci = t_interval(diffs, 0.95)
+    if ci is None:
+        verdict = "unresolved"
+        reason = "no paired seed" if n == 0 else "1 seed"
+        reason = f"{reason}; {excl}" if excl else reason
+    else:
+        verdict = _decide(ci[1], ci[2], higher)
+        reason = "" if verdict != "unresolved" else "the 95% CI includes 0"
+        reason = "; ".join(x for x in (reason, excl) if x)
+    return {
+        "model": model,
+        "metric": metric,
+        "diff_mean": math.fsum(diffs) / n if n else None,
+        "diff_ci95": [ci[1], ci[2]] if ci is not None else None,
+        "n_seeds": n,
+        "verdict": verdict,
+        "higher_is_better": higher,
+        "reason": reason,
+        "seeds": seeds,
+        "excluded": excluded,
+    }
+
+
+# ---- text ---------------------------------------------------------------------------------------
+
+
+def _label(metric: str) -> tuple[str, str]:
+    if metric in _LABELS:
+        return _LABELS[metric]
+    if metric.endswith("_acc"):
+        return f"{metric[: -len('_acc')]} accuracy", ""
+    return metric.replace("_", " "), ""
+
+
+def _decimals(values: Sequence[float]) -> int:
+    """Enough decimals to show two significant digits of the largest magnitude (at least 3, at most 6)."""
+    big = max((abs(v) for v in values), default=0.0)
+    if big == 0:
+        return 3
+    return int(min(6, max(3, 1 - math.floor(math.log10(big)))))
+
+
+def verdict_sentence(v: Mapping[str, Any], *, label: str | None = None, unit: str | None = None) -> str:
+    """One sentence for a verdict from :func:`paired_verdicts`, e.g. ``"moe-8x2 beats the dense twin: val
+    loss -0.018 nats/byte (95% CI -0.025 to -0.011, 3 paired seeds)."``. ``label``/``unit`` override the
+    metric's display name and unit (the LM's val loss is in nats/byte, other tasks' may not be)."""
+    default_label, default_unit = _label(v["metric"])
+    label = default_label if label is None else label
+    unit = default_unit if unit is None else unit
+    model, n, mean, ci = v["model"], v["n_seeds"], v["diff_mean"], v["diff_ci95"]
+    u = f" {unit}" if unit else ""
+    excl = "".join(f"; seed {e['seed']} excluded ({e['reason']})" for e in v.get("excluded", ()))
+    if mean is None:
+        return f"{model} vs the dense twin on {label}: unresolved, no paired seed ({v['reason']})."
+    if ci is None:
+        d = _decimals([mean])
+        return (
+            f"{model} vs the dense twin is unresolved (1 seed): {label} {mean:+.{d}f}{u} on a single paired seed; "
+            f"one seed cannot separate that from seed-to-seed noise{excl}."
+        )
+    d = _decimals([mean, *ci])
+    head = {
+        "moe_better": f"{model} beats the dense twin",
+        "dense_better": f"the dense twin beats {model}",
+        "unresolved": f"{model} vs the dense twin is unresolved",
+    }[v["verdict"]]
+    stats = f"{label} {mean:+.{d}f}{u} (95% CI {ci[0]:+.{d}f} to {ci[1]:+.{d}f}, {n} paired seeds)"
+    return f"{head}: {stats}{excl}."
+
+
+def verdicts_sentence(verdicts: Sequence[Mapping[str, Any]], metric: str = "final_val_loss") -> str:
+    """The report's first sentence and the CLI's last line: every MoE model's verdict on ``metric``,
+    joined into one sentence (``"a: ...; b: ..."``). Empty string when no verdict has that metric."""
+    parts = [verdict_sentence(v).rstrip(".") for v in verdicts if v["metric"] == metric]
+    return "; ".join(parts) + "." if parts else ""
