@@ -1,0 +1,462 @@
+"""Dense-equivalent compute: price a MoE model in the training FLOPs a dense model would need for its loss.
+
+Shapes are plain lists: ``C`` training FLOPs (active FLOPs for a MoE), ``L`` final validation loss.
+
+1. Fit the dense family's loss against training FLOPs (:func:`fit_dense`):
+
+   - ``power_law``: the saturating law ``L(C) = E + A * C^-alpha``. For a fixed irreducible loss ``E`` the law
+     is linear in log space, ``log(L - E) = log A - alpha log C``, so ``E`` is profiled: a grid over
+     ``E in [0, min L)`` (spaced in ``log(min L - E)``), golden-section refinement around the best grid point,
+     each step a linear least-squares fit in log space scored by the squared error in loss space; then a
+     damped Gauss-Newton (Levenberg-Marquardt) polish of ``(E, log A, alpha)`` in loss space. Needs 3 or more
+     distinct sizes and a loss that falls with compute (``alpha > 0``); with exactly 3 sizes the 3 parameters
+     interpolate the size means, so the residuals show seed noise only.
+   - ``log_linear``: straight lines in ``log C`` between neighbouring dense sizes (their mean loss over
+     seeds), the end segments extended for extrapolation. ``method='auto'`` falls back to it, saying why,
+     when the power law is ill-posed.
+
+2. Invert it (:meth:`DenseFit.flops_for_loss`) at each MoE seed's loss; the **multiplier** is
+   ``C_dense_equiv(L_moe) / C_moe``. A MoE loss outside the dense family's range needs extrapolation: it is
+   flagged, and refused (multiplier ``None``, with the reason) beyond ``max_extrapolation`` times the
+   largest or smallest dense size, or below the fitted irreducible loss ``E``.
+
+3. Confidence interval over seeds (:func:`scaling_analysis`): when every dense size has a run with the
+   MoE's seed, the dense curve is refitted on that seed's runs alone (same data order and init seed as the
+   MoE run: a paired estimate that carries the dense model's seed noise too); otherwise every seed is placed
+   on the fit over all dense runs. The per-seed multipliers give a Student t-interval of ``log(multiplier)``
+   (ratios are compared on a log scale), reported back as ``exp``; the point estimate is their geometric mean.
+
+Everything returned by :func:`scaling_analysis` is plain JSON (``None`` for missing numbers); the plot
+(:func:`plot_scaling`) is drawn from that same dict, so a report can redraw it from ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moekit.core.files import atomic_write_bytes
+from moekit.experiment.verdict import t_interval
+
+__all__ = [
+    "FIT_METHODS",
+    "DenseFit",
+    "dense_equivalent",
+    "fit_dense",
+    "plot_scaling",
+    "scaling_analysis",
+]
+
+FIT_METHODS = ("auto", "power_law", "log_linear")
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+@dataclass
+class DenseFit:
+    """A fitted dense loss-vs-training-FLOPs curve. Build it with :func:`fit_dense`."""
+
+    method: str  # "power_law" or "log_linear"
+    sizes: list[float]  # distinct dense training FLOPs, ascending
+    size_loss: list[float]  # mean loss per size over its points (seeds)
+    points: list[tuple[float, float]]  # every (C, L) the fit saw
+    E: float | None = None  # power law: irreducible loss
+    A: float | None = None  # power law: scale (in units of C^alpha)
+    alpha: float | None = None  # power law: exponent
+    note: str = ""  # why this method, and caveats
+    residuals: list[dict[str, float]] = field(default_factory=list)  # per point: flops, loss, fitted, residual
+
+    def __post_init__(self) -> None:
+        if not self.residuals:
+            self.residuals = [
+                {"flops": c, "loss": y, "fitted": self.loss_at(c), "residual": y - self.loss_at(c)}
+                for c, y in self.points
+            ]
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    def loss_at(self, flops: float) -> float:
+        """The fitted dense loss at ``flops`` (log-linear: the end segments extended beyond the sizes)."""
+        if self.method == "power_law":
+            return float(self.E + self.A * flops ** (-self.alpha))
+        if len(self.sizes) == 1:
+            return self.size_loss[0]
+        x, xs = math.log(flops), [math.log(c) for c in self.sizes]
+        i = int(np.clip(np.searchsorted(xs, x) - 1, 0, len(xs) - 2))
+        t = (x - xs[i]) / (xs[i + 1] - xs[i])
+        return self.size_loss[i] + t * (self.size_loss[i + 1] - self.size_loss[i])
+
+    def flops_for_loss(self, loss: float) -> float | None:
+        """The training FLOPs at which the fitted dense curve reaches ``loss``; ``None`` where it never does
+        (at or below the power law's ``E``, or beyond a log-linear end segment that does not fall)."""
+        if self.method == "power_law":
+            if loss <= self.E:
+                return None
+            return float(((loss - self.E) / self.A) ** (-1.0 / self.alpha))
+        xs, ys = [math.log(c) for c in self.sizes], self.size_loss
+        if len(xs) < 2:
+            return None
+        for i in range(len(xs) - 1):  # the first crossing from the smallest size up
+            lo, hi = sorted((ys[i], ys[i + 1]))
+            if lo <= loss <= hi and ys[i] != ys[i + 1]:
+                return float(math.exp(xs[i] + (loss - ys[i]) / (ys[i + 1] - ys[i]) * (xs[i + 1] - xs[i])))
+        # Outside the sizes' range: extend the end segment on the side the loss lies (falling segments only).
+        j = len(xs) - 2 if loss < min(ys) else 0
+        slope = (ys[j + 1] - ys[j]) / (xs[j + 1] - xs[j])
+        if slope >= 0:
+            return None
+        return float(math.exp(xs[j] + (loss - ys[j]) / slope))
+
+    @property
+    def rmse(self) -> float:
+        return math.sqrt(sum(r["residual"] ** 2 for r in self.residuals) / len(self.residuals))
+
+    # ---- serialisation ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        params = {"E": self.E, "A": self.A, "alpha": self.alpha} if self.method == "power_law" else None
+        return {
+            "method": self.method,
+            "formula": "L = E + A * C^-alpha" if self.method == "power_law" else "L linear in log C between sizes",
+            "params": params,
+            "sizes": list(self.sizes),
+            "size_loss": list(self.size_loss),
+            "points": [list(p) for p in self.points],
+            "residuals": [dict(r) for r in self.residuals],
+            "rmse": self.rmse,
+            "note": self.note,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DenseFit:
+        p = d.get("params") or {}
+        return cls(
+            method=d["method"],
+            sizes=list(d["sizes"]),
+            size_loss=list(d["size_loss"]),
+            points=[(float(c), float(y)) for c, y in d["points"]],
+            E=p.get("E"),
+            A=p.get("A"),
+            alpha=p.get("alpha"),
+            note=d.get("note", ""),
+            residuals=[dict(r) for r in d.get("residuals", ())],
+        )
+
+
+# ---- fitting -----------------------------------------------------------------------------------------
+
+
+def _log_fit(x: np.ndarray, y: np.ndarray, e: float) -> tuple[float, float, float]:
+    """Least squares of ``log(y - e) = a - alpha * x``: ``(a, alpha, sse in loss space)``."""
+    design = np.stack([np.ones_like(x), -x], axis=1)
+    (a, alpha), *_ = np.linalg.lstsq(design, np.log(y - e), rcond=None)
+    pred = e + np.exp(a - alpha * x)
+    return float(a), float(alpha), float(np.sum((y - pred) ** 2))
+
+
+def _power_law(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """``(E, a, alpha)`` of ``y = E + exp(a - alpha * x)`` with ``E in [0, min y)``; ``x`` = centred log C."""
+    y_min = float(y.min())
+    # u = log(min y - E): E = 0 at u_max, E -> min y as u -> -inf. Spacing in u resolves E close to min y.
+    u_max = math.log(y_min)
+    u_min = u_max - math.log(1e9)
+
+    def sse(u: float) -> float:
+        return _log_fit(x, y, y_min - math.exp(u))[2]
+
+    grid = np.linspace(u_min, u_max, 241)
+    vals = [sse(float(u)) for u in grid]
+    k = int(np.argmin(vals))
+    lo, hi = float(grid[max(k - 1, 0)]), float(grid[min(k + 1, len(grid) - 1)])
+    c, d = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
+    fc, fd = sse(c), sse(d)
+    for _ in range(100):
+        if fc < fd:
+            hi, d, fd = d, c, fc
+            c = hi - _GOLDEN * (hi - lo)
+            fc = sse(c)
+        else:
+            lo, c, fc = c, d, fd
+            d = lo + _GOLDEN * (hi - lo)
+            fd = sse(d)
+    u = (lo + hi) / 2.0
+    e = y_min - math.exp(u)
+    a, alpha, best = _log_fit(x, y, e)
+    theta = np.array([e, a, alpha])
+    # Levenberg-Marquardt in loss space: the profile minimised a log-space fit for each E; this polishes
+    # all three parameters jointly on the quantity that matters, the loss residual.
+    lam = 1e-3
+    for _ in range(100):
+        e, a, alpha = theta
+        g = np.exp(a - alpha * x)
+        r = y - (e + g)
+        jac = np.stack([np.ones_like(x), g, -x * g], axis=1)
+        jtj, jtr = jac.T @ jac, jac.T @ r
+        step = np.linalg.solve(jtj + lam * np.diag(np.diag(jtj) + 1e-30), jtr)
+        new = theta + step
+        r_new = y - (new[0] + np.exp(new[1] - new[2] * x))
+        new_sse = float(r_new @ r_new)
+        if 0.0 <= new[0] < y_min and new_sse <= best:
+            theta, lam = new, max(lam / 10.0, 1e-12)
+            converged = best - new_sse <= 1e-30 + 1e-15 * best
+            best = new_sse
+            if converged:
+                break
+        else:
+            lam *= 10.0
+            if lam > 1e12:
+                break
+    return float(theta[0]), float(theta[1]), float(theta[2])
+
+
+def fit_dense(flops: Sequence[float], losses: Sequence[float], *, method: str = "auto") -> DenseFit:
+    """Fit the dense family's loss against training FLOPs; one point per run (several seeds per size welcome).
+
+    ``method``: 'power_law', 'log_linear' or 'auto' (the power law when it is well posed, else log-linear,
+    with the reason in ``DenseFit.note``). An explicit 'power_law' that is ill-posed raises ``ValueError``.
+    """
+    if method not in FIT_METHODS:
+        raise ValueError(f"fit_dense method={method!r} is invalid: allowed values are {', '.join(FIT_METHODS)}")
+    if len(flops) != len(losses) or not flops:
+        raise ValueError(
+            f"fit_dense needs equally long, non-empty flops and losses; got {len(flops)} and {len(losses)}"
+        )
+    points = [(float(c), float(y)) for c, y in zip(flops, losses)]
+    for c, y in points:
+        if not (math.isfinite(c) and c > 0 and math.isfinite(y) and y > 0):
+            raise ValueError(f"fit_dense point (flops={c!r}, loss={y!r}) is invalid: needs finite flops > 0, loss > 0")
+    by_size: dict[float, list[float]] = {}
+    for c, y in points:
+        by_size.setdefault(c, []).append(y)
+    sizes = sorted(by_size)
+    size_loss = [math.fsum(by_size[c]) / len(by_size[c]) for c in sizes]
+    if len(sizes) < 2:
+        raise ValueError(f"fit_dense needs at least 2 distinct dense sizes (training FLOPs); got {len(sizes)}")
+
+    why_not = ""
+    if method in ("auto", "power_law"):
+        if len(sizes) < 3:
+            why_not = f"{len(sizes)} distinct dense sizes; a 3-parameter power law needs at least 3"
+        else:
+            x_all = np.log([c for c, _ in points])
+            x0 = float(x_all.mean())
+            e, a, alpha = _power_law(x_all - x0, np.array([y for _, y in points]))
+            if not all(math.isfinite(v) for v in (e, a, alpha)) or alpha <= 0:
+                why_not = f"the power-law fit is ill-posed (alpha={alpha:.3g}: the loss does not fall with compute)"
+            else:
+                note = (
+                    "3 sizes, 3 parameters: the fit interpolates the size means; residuals show seed noise only"
+                    if len(sizes) == 3
+                    else ""
+                )
+                big_a = math.exp(a + alpha * x0)  # back from centred log C: A * C^-alpha = exp(a - alpha (ln C - x0))
+                return DenseFit("power_law", sizes, size_loss, points, E=e, A=big_a, alpha=alpha, note=note)
+        if method == "power_law":
+            raise ValueError(f"fit_dense method='power_law' is ill-posed here: {why_not}; use 'log_linear'")
+    note = f"log-linear between neighbouring sizes ({why_not})" if why_not else "log-linear between neighbouring sizes"
+    if any(b >= a for a, b in zip(size_loss, size_loss[1:])):
+        note += "; the size means do not fall monotonically, the inverse takes the first crossing"
+    return DenseFit("log_linear", sizes, size_loss, points, note=note)
+
+
+# ---- placing MoE points ------------------------------------------------------------------------------
+
+
+def dense_equivalent(
+    fit: DenseFit, moe_flops: float, moe_loss: float, *, max_extrapolation: float = 4.0
+) -> dict[str, Any]:
+    """Place one MoE run on the dense curve: ``{"moe_flops", "moe_loss", "dense_equiv_flops", "multiplier",
+    "status", "reason"}`` with status 'interpolated' (within the dense sizes' FLOPs range), 'extrapolated'
+    (outside it, by at most ``max_extrapolation`` times, flagged) or 'refused' (multiplier None)."""
+    if not max_extrapolation >= 1.0:
+        raise ValueError(f"dense_equivalent max_extrapolation={max_extrapolation!r} is invalid: must be >= 1")
+    out: dict[str, Any] = {"moe_flops": moe_flops, "moe_loss": moe_loss, "dense_equiv_flops": None}
+    out.update(multiplier=None, status="refused", reason="")
+    if not (isinstance(moe_loss, (int, float)) and math.isfinite(moe_loss)) or not (
+        isinstance(moe_flops, (int, float)) and math.isfinite(moe_flops) and moe_flops > 0
+    ):
+        out["reason"] = f"needs a finite loss and flops > 0; got loss={moe_loss!r}, flops={moe_flops!r}"
+        return out
+    c_eq = fit.flops_for_loss(moe_loss)
+    if c_eq is None:
+        floor = (
+            f"the fitted irreducible loss E={fit.E:.4g}" if fit.method == "power_law" else "what the dense fit reaches"
+        )
+        out["reason"] = f"loss {moe_loss:.4g} is below {floor}: no dense model size reaches it"
+        return out
+    c_min, c_max = fit.sizes[0], fit.sizes[-1]
+    factor = max(c_eq / c_max, c_min / c_eq, 1.0)
+    where = "beyond the largest" if c_eq > c_max else "below the smallest"
+    if factor > max_extrapolation:
+        out["reason"] = (
+            f"the dense equivalent ({c_eq:.3g} FLOPs) lies {factor:.3g}x {where} dense size; extrapolating "
+            f"further than max_extrapolation={max_extrapolation:g}x is refused (add a dense size there)"
+        )
+        return out
+    out.update(dense_equiv_flops=c_eq, multiplier=c_eq / moe_flops)
+    if factor > 1.0:
+        out.update(status="extrapolated", reason=f"extrapolated {factor:.3g}x {where} dense size")
+    else:
+        out["status"] = "interpolated"
+    return out
+
+
+def _usable(row: Mapping[str, Any], metric: str, flops_key: str) -> bool:
+    vals = (row.get(metric), row.get(flops_key))
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals)
+    return ok and row.get("status") != "diverged"
+
+
+def scaling_analysis(
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    metric: str = "final_val_loss",
+    flops_key: str = "train_flops",
+    method: str = "auto",
+    max_extrapolation: float = 4.0,
+) -> dict[str, Any]:
+    """Fit the dense family (rows with ``kind='dense'``) and price every MoE model (``kind='moe'``) in it.
+
+    Returns ``{"metric", "flops_key", "fit": DenseFit.to_dict(), "excluded": [...], "multipliers": [...]}``;
+    each multiplier entry::
+
+        {"model", "n_seeds", "multiplier", "multiplier_ci95": [lo, hi] | None, "ci_method", "status",
+         "reason", "moe_flops", "moe_loss", "per_seed": [dense_equivalent(...) + {"seed"}]}
+
+    ``ci_method`` is 'paired_refit' (each seed against a dense fit over that seed's runs) or 'central_fit'.
+    """
+    rows = list(rows)
+    excluded = [
+        {"name": r["name"], "seed": r.get("seed"), "reason": "diverged or missing/non-finite loss or flops"}
+        for r in rows
+        if r.get("kind") in ("dense", "moe") and not _usable(r, metric, flops_key)
+    ]
+    dense = [r for r in rows if r.get("kind") == "dense" and _usable(r, metric, flops_key)]
+    if not dense:
+        raise ValueError(
+            f"scaling_analysis found no usable dense rows (kind='dense' with finite {metric}, {flops_key})"
+        )
+    central = fit_dense([r[flops_key] for r in dense], [r[metric] for r in dense], method=method)
+    models: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        if r.get("kind") == "moe" and _usable(r, metric, flops_key):
+            models.setdefault(r["name"], []).append(r)
+    out = []
+    for name, runs in models.items():
+        per_seed, paired = [], True
+        for r in sorted(runs, key=lambda r: repr(r.get("seed"))):
+            same = [d for d in dense if d.get("seed") == r.get("seed")]
+            fit = central
+            if {d[flops_key] for d in same} == set(central.sizes):
+                fit = fit_dense([d[flops_key] for d in same], [d[metric] for d in same], method=central.method)
+            else:
+                paired = False
+            entry = dense_equivalent(fit, float(r[flops_key]), float(r[metric]), max_extrapolation=max_extrapolation)
+            per_seed.append({"seed": r.get("seed"), **entry})
+        if not paired:  # mixing the two kinds of estimate in one interval would be meaningless
+            per_seed = [
+                {
+                    "seed": p["seed"],
+                    **dense_equivalent(central, p["moe_flops"], p["moe_loss"], max_extrapolation=max_extrapolation),
+                }
+                for p in per_seed
+            ]
+        out.append(_summarise(name, per_seed, "paired_refit" if paired else "central_fit"))
+    return {
+        "metric": metric,
+        "flops_key": flops_key,
+        "fit": central.to_dict(),
+        "excluded": excluded,
+        "multipliers": out,
+    }
+
+
+def _summarise(name: str, per_seed: list[dict[str, Any]], ci_method: str) -> dict[str, Any]:
+    ok = [p for p in per_seed if p["multiplier"] is not None]
+    logs = [math.log(p["multiplier"]) for p in ok]
+    ci = t_interval(logs)
+    refused = [f"seed {p['seed']}: {p['reason']}" for p in per_seed if p["multiplier"] is None]
+    reasons = []
+    if not ok:
+        status = "refused"
+    elif any(p["status"] == "extrapolated" for p in ok):
+        status = "extrapolated"
+        reasons.append("extrapolated beyond the dense sizes for some seeds")
+    else:
+        status = "interpolated"
+    if len(ok) == 1:
+        reasons.append("1 seed: no confidence interval")
+    reasons += refused
+    return {
+        "model": name,
+        "n_seeds": len(ok),
+        "multiplier": math.exp(math.fsum(logs) / len(logs)) if ok else None,
+        "multiplier_ci95": [math.exp(ci[1]), math.exp(ci[2])] if ci is not None else None,
+        "ci_method": ci_method,
+        "status": status,
+        "reason": "; ".join(reasons),
+        "moe_flops": math.fsum(p["moe_flops"] for p in per_seed) / len(per_seed),
+        "moe_loss": math.fsum(p["moe_loss"] for p in per_seed) / len(per_seed),
+        "per_seed": per_seed,
+    }
+
+
+# ---- plot --------------------------------------------------------------------------------------------
+
+
+def _multiplier_text(m: Mapping[str, Any]) -> str:
+    if m["multiplier"] is None:
+        return f"{m['model']}: refused"
+    text = f"{m['model']}: {m['multiplier']:.2f}x dense compute"
+    if m["multiplier_ci95"] is not None:
+        lo, hi = m["multiplier_ci95"]
+        text += f" (95% CI {lo:.2f}-{hi:.2f}, {m['n_seeds']} seeds)"
+    return text + (" [extrapolated]" if m["status"] == "extrapolated" else "")
+
+
+def plot_scaling(analysis: Mapping[str, Any], path: str | Path, *, title: str | None = None) -> Path:
+    """Draw loss vs training FLOPs (log x) from :func:`scaling_analysis`'s dict: dense points and fit, MoE
+    points with the dense-equivalent FLOPs marked and the multiplier annotated, and the fit's residuals
+    below. Written atomically as PNG; returns the path. Uses the Agg canvas directly (no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fit = DenseFit.from_dict(analysis["fit"])
+    fig = Figure(figsize=(7.5, 6.0))
+    FigureCanvasAgg(fig)
+    ax, ax_r = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    all_c = [c for c, _ in fit.points] + [p["moe_flops"] for m in analysis["multipliers"] for p in m["per_seed"]]
+    all_c += [p["dense_equiv_flops"] for m in analysis["multipliers"] for p in m["per_seed"] if p["dense_equiv_flops"]]
+    grid = np.geomspace(min(all_c) / 1.5, max(all_c) * 1.5, 200)
+    ax.plot(grid, [fit.loss_at(float(c)) for c in grid], color="0.3", lw=1.2, label=f"dense fit ({fit.method})")
+    ax.scatter([c for c, _ in fit.points], [y for _, y in fit.points], color="0.1", s=18, zorder=3, label="dense runs")
+    colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    for i, m in enumerate(analysis["multipliers"]):
+        col = colors[i % len(colors)]
+        seeds = m["per_seed"]
+        ax.scatter(
+            [p["moe_flops"] for p in seeds], [p["moe_loss"] for p in seeds], color=col, marker="D", s=22, zorder=4
+        )
+        if m["multiplier"] is not None:
+            c_eq = m["multiplier"] * m["moe_flops"]
+            ax.plot([m["moe_flops"], c_eq], [m["moe_loss"]] * 2, color=col, ls="--", lw=1)
+            ax.scatter([c_eq], [m["moe_loss"]], color=col, marker="x", s=30, zorder=4)
+        ax.scatter([], [], color=col, marker="D", label=_multiplier_text(m))
+    ax.set_xscale("log")
+    ax.set_ylabel(f"{analysis.get('metric', 'loss')}")
+    ax.set_title(title or "loss vs training FLOPs: MoE placed on the dense curve")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(True, which="both", alpha=0.3)
+    res = fit.residuals
+    ax_r.axhline(0.0, color="0.5", lw=0.8)
+    ax_r.scatter([r["flops"] for r in res], [r["residual"] for r in res], color="0.1", s=12)
+    ax_r.set_ylabel("dense residual")
+    ax_r.set_xlabel("training FLOPs")
+    ax_r.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return atomic_write_bytes(path, buf.getvalue())
