@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from moekit.core.files import atomic_write_bytes
-from moekit.experiment.verdict import t_interval
+from moekit.experiment.verdict import seed_order, t_interval
 
 __all__ = [
     "FIT_METHODS",
@@ -195,7 +195,10 @@ def _power_law(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
         r = y - (e + g)
         jac = np.stack([np.ones_like(x), g, -x * g], axis=1)
         jtj, jtr = jac.T @ jac, jac.T @ r
-        step = np.linalg.solve(jtj + lam * np.diag(np.diag(jtj) + 1e-30), jtr)
+        try:
+            step = np.linalg.solve(jtj + lam * np.diag(np.diag(jtj) + 1e-30), jtr)
+        except np.linalg.LinAlgError:
+            break  # keep the profiled solution
         new = theta + step
         r_new = y - (new[0] + np.exp(new[1] - new[2] * x))
         new_sse = float(r_new @ r_new)
@@ -346,17 +349,20 @@ def scaling_analysis(
             models.setdefault(r["name"], []).append(r)
     out = []
     for name, runs in models.items():
-        per_seed, paired = [], True
-        for r in sorted(runs, key=lambda r: repr(r.get("seed"))):
+        per_seed, unpaired = [], ""
+        for r in sorted(runs, key=lambda r: seed_order(r.get("seed"))):
             same = [d for d in dense if d.get("seed") == r.get("seed")]
             fit = central
-            if {d[flops_key] for d in same} == set(central.sizes):
-                fit = fit_dense([d[flops_key] for d in same], [d[metric] for d in same], method=central.method)
+            if {d[flops_key] for d in same} != set(central.sizes):
+                unpaired = f"seed {r.get('seed')!r} lacks a dense run at some size"
             else:
-                paired = False
+                try:
+                    fit = fit_dense([d[flops_key] for d in same], [d[metric] for d in same], method=central.method)
+                except ValueError as e:  # e.g. one seed's losses do not fall with compute
+                    unpaired = f"seed {r.get('seed')!r}'s dense runs do not fit alone ({e})"
             entry = dense_equivalent(fit, float(r[flops_key]), float(r[metric]), max_extrapolation=max_extrapolation)
             per_seed.append({"seed": r.get("seed"), **entry})
-        if not paired:  # mixing the two kinds of estimate in one interval would be meaningless
+        if unpaired:  # mixing the two kinds of estimate in one interval would be meaningless
             per_seed = [
                 {
                     "seed": p["seed"],
@@ -364,7 +370,10 @@ def scaling_analysis(
                 }
                 for p in per_seed
             ]
-        out.append(_summarise(name, per_seed, "paired_refit" if paired else "central_fit"))
+        m = _summarise(name, per_seed, "central_fit" if unpaired else "paired_refit")
+        if unpaired:
+            m["reason"] = "; ".join(x for x in (m["reason"], f"central fit for every seed: {unpaired}") if x)
+        out.append(m)
     return {
         "metric": metric,
         "flops_key": flops_key,

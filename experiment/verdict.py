@@ -27,9 +27,11 @@ __all__ = [
     "VERDICTS",
     "higher_is_better",
     "paired_verdicts",
+    "seed_order",
     "student_t_cdf",
     "student_t_quantile",
     "t_interval",
+    "verdict_metrics",
     "verdict_sentence",
     "verdicts_sentence",
 ]
@@ -149,9 +151,23 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, flo
 # ---- verdicts ---------------------------------------------------------------------------------------
 
 
+def verdict_metrics(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The metrics a comparison's verdicts cover: ``final_val_loss`` and every per-task accuracy (``*_acc``)
+    that some row carries, in that order (the multimodal comparison's rows have one accuracy per task)."""
+    keys = {k for r in rows for k in r}
+    return ["final_val_loss"] * ("final_val_loss" in keys) + sorted(k for k in keys if k.endswith("_acc"))
+
+
 def higher_is_better(metric: str) -> bool:
     """Accuracies (``*_acc``, ``*accuracy``) are higher-is-better; losses and everything else lower."""
     return metric.endswith(("_acc", "accuracy"))
+
+
+def seed_order(seed: Any) -> tuple[int, Any]:
+    """Sort key for seeds: numbers numerically (2 before 10), then anything else by its repr."""
+    if isinstance(seed, (int, float)) and not isinstance(seed, bool):
+        return (0, seed)
+    return (1, repr(seed))
 
 
 def _finite(x: Any) -> bool:
@@ -235,7 +251,7 @@ def _one_verdict(
     diffs: list[float] = []
     seeds: list[Any] = []
     excluded: list[dict[str, Any]] = []
-    for seed in sorted(runs, key=repr):
+    for seed in sorted(runs, key=seed_order):
         if seed not in dense:
             excluded.append({"seed": seed, "reason": "no dense twin run with this seed"})
             continue
@@ -317,8 +333,15 @@ def verdict_sentence(v: Mapping[str, Any], *, label: str | None = None, unit: st
     return f"{head}: {stats}{excl}."
 
 
-def verdicts_sentence(verdicts: Sequence[Mapping[str, Any]], metric: str = "final_val_loss") -> str:
+def verdicts_sentence(
+    verdicts: Sequence[Mapping[str, Any]],
+    metric: str = "final_val_loss",
+    *,
+    label: str | None = None,
+    unit: str | None = None,
+) -> str:
     """The report's first sentence and the CLI's last line: every MoE model's verdict on ``metric``,
-    joined into one sentence (``"a: ...; b: ..."``). Empty string when no verdict has that metric."""
-    parts = [verdict_sentence(v).rstrip(".") for v in verdicts if v["metric"] == metric]
+    joined into one sentence (``"a beats ...; the dense twin beats b: ..."``); ``label``/``unit`` as in
+    :func:`verdict_sentence`. Empty string when no verdict has that metric."""
+    parts = [verdict_sentence(v, label=label, unit=unit).rstrip(".") for v in verdicts if v["metric"] == metric]
     return "; ".join(parts) + "." if parts else ""

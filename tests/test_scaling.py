@@ -86,6 +86,18 @@ def test_multiplier_interval_is_a_t_interval_of_log_multipliers():
     assert m["multiplier_ci95"] == pytest.approx([math.exp(logs.mean() - half), math.exp(logs.mean() + half)], rel=1e-5)
 
 
+def test_a_seed_that_does_not_fit_alone_falls_back_to_the_central_fit():
+    rows = dense_rows((0.0, 0.0))
+    rows += [
+        dict(name="dense-odd", kind="dense", seed=2, train_flops=c, final_val_loss=y)
+        for c, y in zip(SIZES, [2.0, 2.1, 2.2, 2.3, 2.4])
+    ]
+    rows += [dict(name="moe", kind="moe", seed=s, train_flops=3e13, final_val_loss=law(9e13)) for s in range(3)]
+    (m,) = scaling_analysis(rows)["multipliers"]
+    assert m["ci_method"] == "central_fit" and "seed 2's dense runs do not fit alone" in m["reason"]
+    assert m["n_seeds"] == 3 and m["multiplier"] is not None
+
+
 def test_log_linear_between_neighbours():
     sizes = [1e12, 1e13]
     fit = fit_dense(sizes, [3.0, 2.0])

@@ -10,6 +10,7 @@ from moekit.experiment.verdict import (
     student_t_cdf,
     student_t_quantile,
     t_interval,
+    verdict_metrics,
     verdict_sentence,
     verdicts_sentence,
 )
@@ -129,6 +130,13 @@ def test_several_models_and_sentence():
     assert line.endswith(".") and line.count(".") >= 1
 
 
+def test_seeds_pair_in_numeric_order():
+    r = [dict(name="dense", kind="dense", seed=s, final_val_loss=1.0) for s in (10, 2, 1)]
+    r += [dict(name="moe", kind="moe", seed=s, final_val_loss=1.0 - s / 1000) for s in (1, 10, 2)]
+    (v,) = paired_verdicts(r)
+    assert v["seeds"] == [1, 2, 10] and v["diff_mean"] == pytest.approx(-13 / 3000)
+
+
 def test_unpaired_seed_and_errors():
     r = rows([1.0, 1.0], [0.9, 0.91]) + [dict(name="moe-8x2", kind="moe", seed=7, final_val_loss=0.1)]
     (v,) = paired_verdicts(r)
@@ -137,3 +145,15 @@ def test_unpaired_seed_and_errors():
         paired_verdicts(r + [dict(name="dense", kind="dense", seed=0, final_val_loss=1.0)])
     with pytest.raises(ValueError, match="no dense twin"):
         paired_verdicts([dict(name="moe", kind="moe", seed=0, final_val_loss=1.0)])
+
+
+def test_multimodal_rows_get_loss_and_per_task_verdicts():
+    r = rows([1.0, 1.0], [0.9, 0.91])
+    for row, acc in zip(r, [0.5, 0.52, 0.6, 0.63]):
+        row.update(caption_acc=acc, audio_acc=acc / 2)
+    metrics = verdict_metrics(r)
+    assert metrics == ["final_val_loss", "audio_acc", "caption_acc"]
+    vs = paired_verdicts(r, metrics)
+    assert [v["metric"] for v in vs] == metrics
+    line = verdicts_sentence(vs, "final_val_loss", unit="nats/token")
+    assert line.startswith("moe-8x2 beats the dense twin: val loss -0.095 nats/token (95% CI ")
