@@ -251,7 +251,8 @@ def fit_dense(flops: Sequence[float], losses: Sequence[float], *, method: str = 
                 why_not = f"the power-law fit is ill-posed (alpha={alpha:.3g}: the loss does not fall with compute)"
             else:
                 note = (
-                    "3 sizes, 3 parameters: the fit interpolates the size means; residuals show seed noise only"
+                    "3 sizes for 3 parameters: the law can pass through every size mean, so the residuals "
+                    "show seed noise, not how well a power law describes the family"
                     if len(sizes) == 3
                     else ""
                 )
