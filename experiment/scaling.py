@@ -239,6 +239,7 @@ def fit_dense(flops: Sequence[float], losses: Sequence[float], *, method: str = 
     if len(sizes) < 2:
         raise ValueError(f"fit_dense needs at least 2 distinct dense sizes (training FLOPs); got {len(sizes)}")
 
+    monotone = all(b < a for a, b in zip(size_loss, size_loss[1:]))
     why_not = ""
     if method in ("auto", "power_law"):
         if len(sizes) < 3:
@@ -256,12 +257,16 @@ def fit_dense(flops: Sequence[float], losses: Sequence[float], *, method: str = 
                     if len(sizes) == 3
                     else ""
                 )
+                if not monotone:
+                    note = "; ".join(
+                        x for x in (note, "the size means do not fall monotonically: noise rivals compute") if x
+                    )
                 big_a = math.exp(a + alpha * x0)  # back from centred log C: A * C^-alpha = exp(a - alpha (ln C - x0))
                 return DenseFit("power_law", sizes, size_loss, points, E=e, A=big_a, alpha=alpha, note=note)
         if method == "power_law":
             raise ValueError(f"fit_dense method='power_law' is ill-posed here: {why_not}; use 'log_linear'")
     note = f"log-linear between neighbouring sizes ({why_not})" if why_not else "log-linear between neighbouring sizes"
-    if any(b >= a for a, b in zip(size_loss, size_loss[1:])):
+    if not monotone:
         note += "; the size means do not fall monotonically, the inverse takes the first crossing"
     return DenseFit("log_linear", sizes, size_loss, points, note=note)
 

@@ -117,6 +117,9 @@ def test_log_linear_between_neighbours():
 def test_power_law_falls_back_when_loss_rises_with_compute():
     fit = fit_dense(SIZES[:3], [2.0, 2.1, 2.3])
     assert fit.method == "log_linear" and "ill-posed" in fit.note and "not fall" in fit.note
+    fit = fit_dense([1e12, 1e13, 1e14, 1e15], [3.0, 2.5, 2.6, 2.0])  # falls overall, one size out of line
+    assert fit.method == "power_law" and "do not fall monotonically" in fit.note
+    assert "3 sizes for 3 parameters" in fit_dense(SIZES[:3], [law(c) for c in SIZES[:3]]).note
 
 
 def test_outside_the_dense_range():
