@@ -51,6 +51,29 @@ def test_power_law_with_seed_noise():
         assert fit.loss_at(float(x)) == pytest.approx(law(float(x)), abs=0.004)
 
 
+def brute_force_sse(c, y):
+    """Slow reference: the best loss-space SSE over a fine (E, alpha) grid, A in closed form for each pair."""
+    c, y = np.asarray(c), np.asarray(y)
+    best = np.inf
+    for e in np.linspace(0.0, y.min(), 400, endpoint=False):
+        g = c[None, :] ** -np.geomspace(1e-3, 2.0, 400)[:, None]  # [alpha, point]
+        a = (g * (y - e)).sum(1) / (g * g).sum(1)  # least-squares A for each alpha
+        best = min(best, float((((y - e) - a[:, None] * g) ** 2).sum(1).min()))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_power_law_fit_is_at_least_as_good_as_a_brute_force_grid(seed):
+    rng = np.random.default_rng(seed)
+    c = np.geomspace(1e10, 1e15, 5)
+    e, a, alpha = rng.uniform(0.5, 2.5), rng.uniform(5, 50), rng.uniform(0.05, 0.3)
+    y = e + a * c**-alpha
+    y = y + 0.1 * np.diff(y).min() * rng.standard_normal(5)  # noise below the size-to-size gaps
+    fit = fit_dense(list(c), list(y))
+    assert fit.method == "power_law"
+    assert fit.rmse**2 * 5 <= brute_force_sse(c, y) * (1 + 1e-6)
+
+
 def test_multiplier_three_paired_seeds():
     offsets = (0.0, 0.01, -0.005)
     c_moe = 3e13
