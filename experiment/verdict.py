@@ -177,6 +177,8 @@ def _finite(x: Any) -> bool:
 def _by_seed(rows: Iterable[Mapping[str, Any]], name: str) -> dict[Any, Mapping[str, Any]]:
     out: dict[Any, Mapping[str, Any]] = {}
     for r in rows:
+        if "name" not in r or "seed" not in r:
+            raise ValueError(f"summary row {dict(r)!r} needs 'name' and 'seed' to be paired")
         if r["name"] != name:
             continue
         if r["seed"] in out:

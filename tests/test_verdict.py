@@ -143,6 +143,8 @@ def test_unpaired_seed_and_errors():
     assert v["n_seeds"] == 2 and v["excluded"] == [{"seed": 7, "reason": "no dense twin run with this seed"}]
     with pytest.raises(ValueError, match="two runs"):
         paired_verdicts(r + [dict(name="dense", kind="dense", seed=0, final_val_loss=1.0)])
+    with pytest.raises(ValueError, match="needs 'name' and 'seed'"):
+        paired_verdicts(r + [dict(name="dense", final_val_loss=1.0)])
     with pytest.raises(ValueError, match="no dense twin"):
         paired_verdicts([dict(name="moe", kind="moe", seed=0, final_val_loss=1.0)])
 
