@@ -1,450 +1,328 @@
-"""Hugging Face interop: ``LlamaForCausalLM`` / ``MixtralForCausalLM`` checkpoints <-> moekit.
+"""Hugging Face interop: HF ``*ForCausalLM`` checkpoints <-> moekit, driven by the family table in
+:mod:`moekit.core.hf_families` (tensor names, config defaults, refusals).
 
 Shapes: V vocab, D d_model, F FFN / expert hidden width, E experts.
 
 Configs are read and written as plain JSON (transformers is not a dependency of moekit); weights go
-through safetensors only. Both libraries use the half-split (rotate_half) RoPE convention and
-``nn.Linear`` ``[out, in]`` projections, so attention and dense weights copy over unchanged (no q/k
-permutation). Routed experts are the exception: moekit stacks them as ``x @ w`` matrices
-(``w_gate/w_up [E, D, F]``, ``w_down [E, F, D]``), the transpose of HF's per-expert Linear weights.
+through safetensors only, shard by shard (:mod:`moekit.core.hf_io`). Tensors keep their dtype unless a
+``dtype`` is asked for. Anything that would convert silently wrong is refused, naming the HF config field
+and its value (HF -> moekit) or the ``ModelConfig`` field (moekit -> HF).
 
-Mixtral checkpoints come in two layouts and both are read: the classic per-expert one
-(``block_sparse_moe.experts.{e}.w1/w2/w3.weight``; what ``save_pretrained`` writes in transformers 4 and
-5) and transformers 5's in-memory fused one (``mlp.experts.gate_up_proj [E, 2F, D]``,
-``mlp.experts.down_proj [E, D, F]``, ``mlp.gate.weight``). The classic layout is written, since every
-transformers version loads it.
-
-Training-only fields do not travel exactly: HF ``attention_dropout`` and ``router_jitter_noise``
-(which in Mixtral also scales the experts' input) are dropped, moekit's ``dropout``/``z_loss_coef``
-are not exported. The load-balance coefficient is rescaled (see :func:`config_from_hf`).
+Training-only fields do not travel exactly: HF dropouts and ``router_jitter_noise`` are dropped, moekit's
+``dropout``/``z_loss_coef`` are not exported. The load-balance coefficient is rescaled (see
+:func:`config_from_hf`). ``hf_to_moekit`` leaves ``hf_source.json`` (family and original HF config) next to
+the moekit checkpoint, so that ``moekit_to_hf`` writes the same family back with its token ids.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
 from torch import Tensor
 
 from moekit.core.config import ModelConfig
+from moekit.core.files import atomic_write_json
+from moekit.core.hf_config import (
+    DTYPES,
+    check_exportable,
+    choose_family,
+    config_from_hf,
+    config_to_hf,
+    detect_architecture,
+    load_hf_config,
+)
+from moekit.core.hf_families import (
+    FAMILIES,
+    GLOBAL_RULES,
+    IGNORED_SUFFIXES,
+    LM_HEAD,
+    NORMS,
+    WRITABLE_DENSE,
+    WRITABLE_MOE,
+    Family,
+    Rule,
+    detect_family,
+    family_table,
+)
+from moekit.core.hf_io import (
+    DEFAULT_MAX_SHARD_BYTES,
+    SINGLE_FILE,
+    ShardWriter,
+    atomic_folder,
+    iter_shards,
+    load_state_dict,
+    read_headers,
+    save_tensors,
+    weight_files,
+)
 from moekit.core.model import Transformer
-from moekit.moe.config import MoEConfig
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral"}
-_ARCH_CLASS = {kind: name for name, kind in ARCHITECTURES.items()}
-
-# transformers' class defaults for fields a config.json may omit.
-_HF_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": dict(
-        hidden_act="silu",
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        rope_theta=10000.0,
-        initializer_range=0.02,
-    ),
-    "mixtral": dict(
-        hidden_act="silu",
-        max_position_embeddings=4096 * 32,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        rope_theta=1e6,
-        initializer_range=0.02,
-        num_key_value_heads=8,
-        num_experts_per_tok=2,
-        num_local_experts=8,
-        router_aux_loss_coef=0.001,
-    ),
-}
-_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-# Buffers some old Llama checkpoints carry; moekit recomputes RoPE tables on the fly.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-# moekit names inside one block (see docs/DESIGN.md); MoE names follow moe/layer.py and moe/experts.py.
-_ATTN = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "o_proj"}
-_DENSE_MLP = {"gate_proj": "w_gate", "up_proj": "w_up", "down_proj": "w_down"}
-_ROUTER = "ffn.router.weight"
-_EXPERTS = "ffn.experts"
+SOURCE_FILE = "hf_source.json"
+__all__ = [
+    "DTYPES",
+    "FAMILIES",
+    "family_table",
+    "config_from_hf",
+    "config_to_hf",
+    "detect_architecture",
+    "hf_to_moekit",
+    "load_hf",
+    "load_hf_config",
+    "load_hf_state_dict",
+    "moekit_to_hf",
+    "save_hf",
+    "state_dict_from_hf",
+    "state_dict_to_hf",
+]
 
 
-def _refuse(field: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"HF config field {field}={value!r} cannot be converted to moekit: {allowed}")
-
-
-# ---- configs -----------------------------------------------------------------------------------
-def load_hf_config(hf_dir: str | Path) -> dict[str, Any]:
-    """The raw ``config.json`` of a Hugging Face checkpoint folder."""
-    path = Path(hf_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no config.json in {hf_dir}")
-    return json.loads(path.read_text())
-
-
-def detect_architecture(hf_cfg: dict[str, Any]) -> str:
-    """``"llama"`` or ``"mixtral"``, from ``architectures`` (preferred) or ``model_type``."""
-    archs = hf_cfg.get("architectures") or []
-    kinds = {ARCHITECTURES[a] for a in archs if a in ARCHITECTURES}
-    model_type = hf_cfg.get("model_type")
-    if archs and not kinds:
-        _refuse("architectures", archs, f"supported architectures are {sorted(ARCHITECTURES)}")
-    if len(kinds) > 1:
-        _refuse("architectures", archs, "must name exactly one supported architecture")
-    if model_type is not None and model_type not in _ARCH_CLASS:
-        _refuse("model_type", model_type, f"supported model types are {sorted(_ARCH_CLASS)}")
-    if kinds and model_type is not None and model_type not in kinds:
-        _refuse("model_type", model_type, f"does not match architectures={archs}")
-    if not kinds and model_type is None:
-        raise ValueError("HF config has neither 'architectures' nor 'model_type'; cannot tell Llama from Mixtral")
-    return kinds.pop() if kinds else model_type
-
-
-def _rope_theta(hf: dict[str, Any], default: float) -> float:
-    """RoPE base from transformers 5's ``rope_parameters`` or the older top-level ``rope_theta``.
-
-    Only plain RoPE is representable: scaled variants (linear, dynamic, yarn, llama3, ...) and partial
-    rotary embeddings are refused.
-    """
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    for field, d in (("rope_parameters", params), ("rope_scaling", scaling)):
-        if not isinstance(d, dict):
-            _refuse(field, d, "must be a JSON object or null")
-        kind = d.get("rope_type", d.get("type", "default"))
-        if kind != "default":
-            _refuse(f"{field}.rope_type", kind, "only 'default' RoPE (no scaling) is supported")
-        if d.get("partial_rotary_factor", 1.0) != 1.0:
-            _refuse(f"{field}.partial_rotary_factor", d["partial_rotary_factor"], "only 1.0 is supported")
-    top = hf.get("rope_theta")
-    nested = params.get("rope_theta")
-    if top is not None and nested is not None and float(top) != float(nested):
-        _refuse("rope_theta", top, f"disagrees with rope_parameters.rope_theta={nested}")
-    theta = nested if nested is not None else top
-    return float(default if theta is None else theta)
-
-
-def config_from_hf(hf_cfg: dict[str, Any]) -> ModelConfig:
-    """Map a Llama or Mixtral ``config.json`` dict to a :class:`ModelConfig`, refusing what moekit lacks.
-
-    Mixtral routing becomes softmax over all experts, top-k, renormalised (top-1 uses top-k-then-softmax,
-    which gives HF's weight 1.0 where moekit's renormalisation is skipped). HF's load-balancing loss
-    counts top-k assignments per token (so it is ``top_k`` times moekit's per-layer loss) and pools its
-    statistics over layers where moekit sums per-layer losses, hence
-    ``load_balance_coef = router_aux_loss_coef * top_k / n_layers`` (exact when the layers route alike).
-    Mixtral has no z-loss: ``z_loss_coef = 0``.
-    """
-    kind = detect_architecture(hf_cfg)
-    hf = {**_HF_DEFAULTS[kind], **hf_cfg}
-    missing = [k for k in _REQUIRED if k not in hf]
-    if missing:
-        raise ValueError(f"HF config lacks required fields {missing}")
-    if hf["hidden_act"] not in ("silu", "swish"):
-        _refuse("hidden_act", hf["hidden_act"], "only 'silu' (alias 'swish'; SwiGLU) is supported")
-    for field in ("attention_bias", "mlp_bias"):
-        if hf.get(field, False):
-            _refuse(field, hf[field], "moekit projections have no bias; only false is supported")
-    if "quantization_config" in hf:
-        _refuse("quantization_config", hf["quantization_config"], "dequantize the checkpoint first")
-    d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
-    if d_model % n_heads:
-        _refuse("hidden_size", d_model, f"must be divisible by num_attention_heads={n_heads}")
-    if hf.get("head_dim") not in (None, d_model // n_heads):
-        _refuse("head_dim", hf["head_dim"], f"only hidden_size/num_attention_heads={d_model // n_heads} is supported")
-    max_pos = hf["max_position_embeddings"]
-    window = hf.get("sliding_window")
-    if window is not None and window < max_pos:
-        _refuse("sliding_window", window, f"only null or >= max_position_embeddings={max_pos} (no effect)")
-    layer_types = hf.get("layer_types") or []
-    if any(t != "full_attention" for t in layer_types):
-        _refuse("layer_types", sorted(set(layer_types)), "only 'full_attention' layers are supported")
-
-    n_layers = hf["num_hidden_layers"]
-    moe = None
-    if kind == "mixtral":
-        top_k = hf["num_experts_per_tok"]
-        moe = MoEConfig(
-            num_experts=hf["num_local_experts"],
-            top_k=top_k,
-            d_expert=hf["intermediate_size"],
-            router="topk",
-            score_func="softmax",
-            topk_order="softmax_then_topk" if top_k > 1 else "topk_then_softmax",
-            renormalize=True,
-            capacity_factor=None,
-            num_shared_experts=0,
-            every_n_layers=1,
-            router_noise=0.0,
-            router_jitter=0.0,
-            load_balance_coef=hf["router_aux_loss_coef"] * top_k / n_layers,
-            z_loss_coef=0.0,
-        )
-    return ModelConfig(
-        vocab_size=hf["vocab_size"],
-        d_model=d_model,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        d_ff=hf["intermediate_size"],
-        max_seq_len=max_pos,
-        rope_theta=_rope_theta(hf_cfg, _HF_DEFAULTS[kind]["rope_theta"]),
-        norm_eps=float(hf["rms_norm_eps"]),
-        tie_embeddings=bool(hf["tie_word_embeddings"]),
-        init_std=float(hf["initializer_range"]),
-        moe=moe,
-    )
-
-
-def _check_exportable(cfg: ModelConfig) -> None:
-    moe = cfg.moe
-    if moe is None:
-        return
-
-    def bad(field: str, allowed: str) -> None:
-        raise ValueError(
-            f"ModelConfig.moe.{field}={getattr(moe, field)!r} has no MixtralForCausalLM equivalent: {allowed}"
-        )
-
-    if not all(cfg.is_moe_layer(i) for i in range(cfg.n_layers)):
-        bad("every_n_layers" if moe.layers is None else "layers", "Mixtral needs every layer to be MoE")
-    if moe.router != "topk":
-        bad("router", "only 'topk'")
-    if moe.score_func != "softmax":
-        bad("score_func", "only 'softmax'")
-    # Mixtral's weights are the renormalised top-k probabilities (1.0 at top-1); moekit skips
-    # renormalisation at top-1, where only top-k-then-softmax gives 1.0.
-    if not (moe.topk_order == "topk_then_softmax" or (moe.renormalize and moe.top_k > 1)):
-        bad("renormalize", "use renormalize=True with top_k > 1, or topk_order='topk_then_softmax'")
-    for field, allowed in (
-        ("capacity_factor", "only None (dropless)"),
-        ("eval_capacity_factor", "only None (dropless)"),
-    ):
-        if getattr(moe, field) is not None:
-            bad(field, allowed)
-    if moe.num_shared_experts:
-        bad("num_shared_experts", "only 0")
-    if moe.bias_update_rate:
-        bad("bias_update_rate", "only 0 (Mixtral has no selection bias)")
-
-
-def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """An HF ``config.json`` dict for ``LlamaForCausalLM`` (dense) or ``MixtralForCausalLM`` (MoE).
-
-    Raises if ``cfg`` has no HF equivalent (partially-MoE stacks, other routers, capacity limits,
-    shared experts). ``rope_theta`` is written both inside ``rope_parameters`` (transformers 5) and at
-    the top level (transformers 4).
-    """
-    _check_exportable(cfg)
-    kind = "llama" if cfg.moe is None else "mixtral"
-    hf: dict[str, Any] = {
-        "architectures": [_ARCH_CLASS[kind]],
-        "model_type": kind,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.d_ff if cfg.moe is None else cfg.moe.d_expert,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "initializer_range": cfg.init_std,
-        "attention_dropout": 0.0,
-        "dtype": _DTYPE_NAMES.get(dtype, "float32"),
-        "torch_dtype": _DTYPE_NAMES.get(dtype, "float32"),
-    }
-    if cfg.moe is None:
-        hf.update(attention_bias=False, mlp_bias=False)
-    else:
-        hf.update(
-            num_local_experts=cfg.moe.num_experts,
-            num_experts_per_tok=cfg.moe.top_k,
-            router_aux_loss_coef=cfg.moe.load_balance_coef * cfg.n_layers / cfg.moe.top_k,
-            router_jitter_noise=0.0,
-            sliding_window=None,
-        )
-    return hf
-
-
-# ---- weights -----------------------------------------------------------------------------------
-def load_hf_state_dict(hf_dir: str | Path) -> dict[str, Tensor]:
-    """All tensors of an HF checkpoint folder: ``model.safetensors``, or the shards its index lists."""
-    d = Path(hf_dir)
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (d / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        files = sorted(p.name for p in d.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {hf_dir} (pytorch_model.bin is not read)")
-    sd: dict[str, Tensor] = {}
-    for name in files:
-        sd.update(load_file(str(d / name)))
-    return sd
-
-
-class _Source:
-    """HF tensors consumed by name, so that missing and left-over keys both give clear errors."""
-
-    def __init__(self, sd: dict[str, Tensor]) -> None:
-        self.sd = {k: v for k, v in sd.items() if not k.endswith(_IGNORED_SUFFIXES)}
-
-    def pop(self, *names: str) -> Tensor:
-        """The first of ``names`` present (alternative spellings of one tensor)."""
-        for name in names:
-            if name in self.sd:
-                return self.sd.pop(name)
-        raise KeyError(f"HF checkpoint lacks tensor {names[0]!r}")
-
-    def has(self, name: str) -> bool:
-        return name in self.sd
-
-    def finish(self) -> None:
-        if self.sd:
-            extra = sorted(self.sd)
-            raise ValueError(
-                f"HF checkpoint has {len(extra)} tensors moekit cannot represent (biases? other architecture?): "
-                f"{extra[:8]}{' ...' if len(extra) > 8 else ''}"
-            )
-
-
-def _experts_from_hf(src: _Source, p: str, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(w_gate [E, D, F], w_up [E, D, F], w_down [E, F, D])`` of the Mixtral layer with prefix ``p``."""
-    if src.has(f"{p}.mlp.experts.gate_up_proj"):  # transformers 5 fused layout
-        gate_up_e2fd = src.pop(f"{p}.mlp.experts.gate_up_proj")  # [E, 2F, D]: gate rows, then up rows
-        down_edf = src.pop(f"{p}.mlp.experts.down_proj")  # [E, D, F]
-        gate_efd, up_efd = gate_up_e2fd.chunk(2, dim=1)
-        return gate_efd.transpose(1, 2), up_efd.transpose(1, 2), down_edf.transpose(1, 2)
-    q = f"{p}.block_sparse_moe.experts"
-    w1, w3, w2 = ([src.pop(f"{q}.{e}.{w}.weight").t() for e in range(num_experts)] for w in ("w1", "w3", "w2"))
-    return torch.stack(w1), torch.stack(w3), torch.stack(w2)  # w1/w3: [F, D] -> [D, F]; w2: [D, F] -> [F, D]
-
-
-def state_dict_from_hf(hf_sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """Rename (and for experts, restack) HF ``*ForCausalLM`` tensors into moekit's state-dict names.
-
-    Tensors keep their dtype. With ``cfg.tie_embeddings`` the result has no ``lm_head.weight`` (an HF
-    copy of it is dropped, as HF ties it to the embedding on load).
-    """
-    src = _Source(hf_sd)
-    out = {"embed.weight": src.pop("model.embed_tokens.weight"), "norm.weight": src.pop("model.norm.weight")}
-    for i in range(cfg.n_layers):
-        p, m = f"model.layers.{i}", f"layers.{i}"
-        out[f"{m}.attn_norm.weight"] = src.pop(f"{p}.input_layernorm.weight")
-        out[f"{m}.ffn_norm.weight"] = src.pop(f"{p}.post_attention_layernorm.weight")
-        for hf_name, name in _ATTN.items():
-            out[f"{m}.attn.{name}.weight"] = src.pop(f"{p}.self_attn.{hf_name}.weight")
-        if cfg.is_moe_layer(i):
-            out[f"{m}.{_ROUTER}"] = src.pop(f"{p}.block_sparse_moe.gate.weight", f"{p}.mlp.gate.weight")  # [E, D]
-            w_gate, w_up, w_down = _experts_from_hf(src, p, cfg.moe.num_experts)
-            out[f"{m}.{_EXPERTS}.w_gate"], out[f"{m}.{_EXPERTS}.w_up"] = w_gate, w_up
-            out[f"{m}.{_EXPERTS}.w_down"] = w_down
-        else:
-            for hf_name, name in _DENSE_MLP.items():
-                out[f"{m}.ffn.{name}.weight"] = src.pop(f"{p}.mlp.{hf_name}.weight")
-    if cfg.tie_embeddings:
-        if src.has("lm_head.weight"):
-            src.pop("lm_head.weight")
-    else:
-        out["lm_head.weight"] = src.pop("lm_head.weight")
-    src.finish()
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-def state_dict_to_hf(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """moekit tensors -> HF ``*ForCausalLM`` names (classic per-expert Mixtral layout), contiguous copies.
-
-    A tied model exports only ``model.embed_tokens.weight`` (whichever of the two tied names ``sd``
-    holds), matching what ``save_pretrained`` writes.
-    """
-    _check_exportable(cfg)
-    embed = sd["embed.weight"] if "embed.weight" in sd else sd["lm_head.weight"]
-    out = {"model.embed_tokens.weight": embed, "model.norm.weight": sd["norm.weight"]}
+# ---- weights -------------------------------------------------------------------------------------
+def _plan(cfg: ModelConfig, fam: Family, hf_names: set[str] | None) -> list[tuple[Rule, int]]:
+    """The rules, with their layer index, that convert a whole model. With ``hf_names`` (reading), each MoE
+    layer uses the layout whose tensors are present; without (writing), the family's first layout."""
+    plan: list[tuple[Rule, int]] = [(r, -1) for r in GLOBAL_RULES]
     if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
+        plan.append((LM_HEAD, -1))
     for i in range(cfg.n_layers):
-        p, m = f"model.layers.{i}", f"layers.{i}"
-        out[f"{p}.input_layernorm.weight"] = sd[f"{m}.attn_norm.weight"]
-        out[f"{p}.post_attention_layernorm.weight"] = sd[f"{m}.ffn_norm.weight"]
-        for hf_name, name in _ATTN.items():
-            out[f"{p}.self_attn.{hf_name}.weight"] = sd[f"{m}.attn.{name}.weight"]
+        plan += [(r, i) for r in NORMS + fam.attn_layout]
         if cfg.is_moe_layer(i):
-            q = f"{p}.block_sparse_moe"
-            out[f"{q}.gate.weight"] = sd[f"{m}.{_ROUTER}"]
-            w = {n: sd[f"{m}.{_EXPERTS}.{n}"] for n in ("w_gate", "w_up", "w_down")}
-            for e in range(cfg.moe.num_experts):
-                out[f"{q}.experts.{e}.w1.weight"] = w["w_gate"][e].t()  # [D, F] -> [F, D]
-                out[f"{q}.experts.{e}.w3.weight"] = w["w_up"][e].t()
-                out[f"{q}.experts.{e}.w2.weight"] = w["w_down"][e].t()  # [F, D] -> [D, F]
+            layout = fam.moe_layouts[0]
+            for candidate in fam.moe_layouts if hf_names is not None else ():
+                if all(n in hf_names for n in candidate[0].hf_names(i, cfg)):
+                    layout = candidate
+                    break
+            plan += [(r, i) for r in layout]
         else:
-            for hf_name, name in _DENSE_MLP.items():
-                out[f"{p}.mlp.{hf_name}.weight"] = sd[f"{m}.ffn.{name}.weight"]
-    # clone: safetensors refuses tensors that share storage (tied weights, slices of a stacked expert).
-    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+            if fam.dense_layout is None:
+                raise ValueError(f"{fam.title} has no dense layers, but layer {i} of the config is dense")
+            plan += [(r, i) for r in fam.dense_layout]
+    return plan
 
 
-def _check_against_model(sd: dict[str, Tensor], cfg: ModelConfig) -> None:
-    """Names and shapes must be exactly those of ``Transformer(cfg)`` (built on the meta device: free)."""
+def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return t if dtype is None or not t.is_floating_point() else t.to(dtype)
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of ``Transformer(cfg)``'s state dict (built on the meta device: free)."""
     with torch.device("meta"):
-        expected = Transformer(cfg).state_dict()
+        expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight")
-    missing, extra = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    return expected
+
+
+def _check_against_model(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig) -> None:
+    expected = _expected_shapes(cfg)
+    missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
     if missing or extra:
         raise ValueError(f"converted state dict does not fit Transformer(cfg): missing {missing}, unexpected {extra}")
-    for k, t in expected.items():
-        if tuple(sd[k].shape) != tuple(t.shape):
-            raise ValueError(f"tensor {k} has shape {tuple(sd[k].shape)}; the config implies {tuple(t.shape)}")
+    for k, shape in expected.items():
+        if tuple(shapes[k]) != shape:
+            raise ValueError(f"tensor {k} has shape {tuple(shapes[k])}; the config implies {shape}")
 
 
-# ---- folders and models ------------------------------------------------------------------------
-def hf_to_moekit(hf_dir: str | Path, out_dir: str | Path) -> ModelConfig:
-    """Convert an HF Llama/Mixtral folder into moekit's ``save_pretrained`` layout; returns the config."""
-    cfg = config_from_hf(load_hf_config(hf_dir))
-    sd = state_dict_from_hf(load_hf_state_dict(hf_dir), cfg)
-    _check_against_model(sd, cfg)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save_json(out / "config.json")
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+def _from_hf(
+    shards: Callable[[frozenset[str]], Iterable[dict[str, Tensor]]],
+    headers: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    cfg: ModelConfig,
+    fam: Family,
+    dtype: torch.dtype | None,
+) -> dict[str, Tensor]:
+    """Convert HF tensors arriving shard by shard; each rule runs as soon as all its inputs have arrived,
+    and its inputs are released then, so memory holds the output plus about one shard."""
+    skip = {n for n in headers if n.endswith(IGNORED_SUFFIXES)}
+    if cfg.tie_embeddings and "lm_head.weight" in headers:
+        skip.add("lm_head.weight")  # HF ties it to the embedding on load, whatever the file holds
+    plan = _plan(cfg, fam, set(headers))
+    owner = {n: k for k, (rule, i) in enumerate(plan) for n in rule.hf_names(i, cfg)}
+    missing = [n for n in owner if n not in headers]
+    if missing:
+        raise KeyError(f"HF checkpoint lacks tensor {missing[0]!r} ({len(missing)} missing in all)")
+    extra = sorted(set(headers) - set(owner) - skip)
+    if extra:
+        raise ValueError(
+            f"HF checkpoint has {len(extra)} tensors moekit cannot represent (biases? other architecture?): "
+            f"{extra[:8]}{' ...' if len(extra) > 8 else ''}"
+        )
+    # Dry run on meta tensors: a shape mismatch is refused before any tensor data is read.
+    meta = {n: torch.empty(s, dtype=d, device="meta") for n, (s, d) in headers.items() if n in owner}
+    shapes = {}
+    for rule, i in plan:
+        outs = rule.to_ours([meta[n] for n in rule.hf_names(i, cfg)], cfg)
+        shapes.update({n: tuple(t.shape) for n, t in zip(rule.ours_names(i, cfg), outs)})
+    _check_against_model(shapes, cfg)
+
+    out: dict[str, Tensor] = {}
+    pending: dict[str, Tensor] = {}
+    for shard in shards(frozenset(skip)):
+        pending.update(shard)
+        for k in sorted({owner[n] for n in shard}):
+            rule, i = plan[k]
+            names = rule.hf_names(i, cfg)
+            if all(n in pending for n in names):
+                outs = rule.to_ours([pending.pop(n) for n in names], cfg)
+                out.update({n: _cast(t, dtype).contiguous() for n, t in zip(rule.ours_names(i, cfg), outs)})
+    return out
+
+
+def _to_hf(
+    get: Callable[[str], Tensor],
+    names: set[str],
+    cfg: ModelConfig,
+    fam: Family,
+    emit: Callable[[str, Tensor], None],
+    dtype: torch.dtype | None,
+) -> None:
+    """moekit tensors (read one rule at a time through ``get``) -> HF tensors handed to ``emit``."""
+    alias = {}
+    if cfg.tie_embeddings and "embed.weight" not in names and "lm_head.weight" in names:
+        alias["embed.weight"] = "lm_head.weight"  # save_model may keep either name of a tied pair
+        names = (names - {"lm_head.weight"}) | {"embed.weight"}
+    if cfg.tie_embeddings:
+        names = names - {"lm_head.weight"}
+    plan = _plan(cfg, fam, None)
+    needed = {n for rule, i in plan for n in rule.ours_names(i, cfg)}
+    missing, extra = sorted(needed - names), sorted(names - needed)
+    if missing or extra:
+        raise ValueError(f"moekit checkpoint does not fit {fam.architecture}: missing {missing}, unexpected {extra}")
+    for rule, i in plan:
+        outs = rule.to_hf([get(alias.get(n, n)) for n in rule.ours_names(i, cfg)], cfg)
+        for n, t in zip(rule.hf_names(i, cfg), outs):
+            emit(n, _cast(t, dtype).contiguous())
+
+
+def _family_for_state(hf_cfg: dict[str, Any] | None, cfg: ModelConfig, family: str | None) -> Family:
+    if family is not None:
+        return FAMILIES[family]
+    if hf_cfg is not None:
+        return detect_family(hf_cfg)
+    return FAMILIES[(WRITABLE_MOE if cfg.moe is not None else WRITABLE_DENSE)[0]]
+
+
+def state_dict_from_hf(hf_sd: dict[str, Tensor], cfg: ModelConfig, family: str | None = None) -> dict[str, Tensor]:
+    """Rename/split/restack in-memory HF tensors into moekit's state-dict names (``family`` default: Llama for
+    dense ``cfg``, Mixtral for MoE). With ``cfg.tie_embeddings`` the result has no ``lm_head.weight``."""
+    fam = _family_for_state(None, cfg, family)
+    headers = {n: (tuple(t.shape), t.dtype) for n, t in hf_sd.items()}
+    return _from_hf(lambda skip: [{k: v for k, v in hf_sd.items() if k not in skip}], headers, cfg, fam, None)
+
+
+def state_dict_to_hf(sd: dict[str, Tensor], cfg: ModelConfig, family: str | None = None) -> dict[str, Tensor]:
+    """moekit tensors -> HF names of ``family`` (default Llama / Mixtral; classic per-expert layout), as
+    contiguous tensors that share no memory (safetensors refuses shared storage)."""
+    fam = choose_family(cfg, family, None)
+    check_exportable(cfg, fam)
+    out: dict[str, Tensor] = {}
+    _to_hf(sd.__getitem__, set(sd), cfg, fam, lambda n, t: out.__setitem__(n, t.detach().clone()), None)
+    return out
+
+
+def load_hf_state_dict(hf_dir: str | Path) -> dict[str, Tensor]:
+    """All tensors of an HF checkpoint folder: ``model.safetensors``, or the shards its index lists."""
+    return load_state_dict(hf_dir)
+
+
+# ---- folders and models --------------------------------------------------------------------------
+def _read_hf(hf_dir: str | Path, dtype: torch.dtype | None) -> tuple[ModelConfig, Family, dict[str, Any], dict]:
+    hf_cfg = load_hf_config(hf_dir)
+    fam = detect_family(hf_cfg)
+    cfg = config_from_hf(hf_cfg)
+    files = weight_files(hf_dir)
+    sd = _from_hf(lambda skip: iter_shards(files, skip), read_headers(files), cfg, fam, dtype)
+    return cfg, fam, hf_cfg, sd
+
+
+def hf_to_moekit(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> ModelConfig:
+    """Convert an HF folder into moekit's ``save_pretrained`` layout; returns the config.
+
+    ``out_dir`` must be new or empty and outside ``hf_dir``; it appears complete or not at all. Tensors keep
+    their dtype unless ``dtype`` is given. Memory: the model plus about one shard.
+    """
+    with atomic_folder(out_dir, hf_dir) as tmp:
+        cfg, fam, hf_cfg, sd = _read_hf(hf_dir, dtype)
+        atomic_write_json(tmp / "config.json", cfg.to_dict(), indent=2)
+        save_tensors(tmp / SINGLE_FILE, sd)
+        atomic_write_json(tmp / SOURCE_FILE, {"family": fam.name, "config": hf_cfg}, indent=2)
     return cfg
 
 
-def _write_hf(sd: dict[str, Tensor], cfg: ModelConfig, hf_dir: str | Path) -> dict[str, Any]:
-    hf_sd = state_dict_to_hf(sd, cfg)
-    hf_cfg = config_to_hf(cfg, hf_sd["model.embed_tokens.weight"].dtype)
-    out = Path(hf_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    save_file(hf_sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+def _write_hf(
+    get: Callable[[str], Tensor],
+    names: set[str],
+    cfg: ModelConfig,
+    hf_dir: str | Path,
+    family: str | None,
+    source: dict[str, Any] | None,
+    dtype: torch.dtype | None,
+    max_shard_bytes: int,
+    sources: tuple[str | Path, ...] = (),
+) -> dict[str, Any]:
+    fam = choose_family(cfg, family, source)
+    check_exportable(cfg, fam)
+    embed = "embed.weight" if "embed.weight" in names else "lm_head.weight"
+    out_dtype = dtype or get(embed).dtype
+    hf_cfg = config_to_hf(cfg, out_dtype, fam.name, source)
+    with atomic_folder(hf_dir, *sources) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        _to_hf(get, names, cfg, fam, writer.add, dtype)
+        writer.finish()
+        atomic_write_json(tmp / "config.json", hf_cfg, indent=2)
     return hf_cfg
 
 
-def moekit_to_hf(moekit_dir: str | Path, hf_dir: str | Path) -> dict[str, Any]:
-    """Convert a moekit ``save_pretrained`` folder into an HF folder; returns the HF config dict."""
+def moekit_to_hf(
+    moekit_dir: str | Path,
+    hf_dir: str | Path,
+    family: str | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> dict[str, Any]:
+    """Convert a moekit ``save_pretrained`` folder into an HF folder (sharded above ``max_shard_bytes``);
+    returns the HF config dict. ``family`` default: the one recorded in ``hf_source.json`` if it can hold
+    the model, else Llama (dense) / Mixtral (MoE). Memory: about one output shard."""
     d = Path(moekit_dir)
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {moekit_dir}")
     cfg = ModelConfig.load(d / "config.json")
-    return _write_hf(load_file(str(d / "model.safetensors")), cfg, hf_dir)
+    src_path = d / SOURCE_FILE
+    source = json.loads(src_path.read_text()) if src_path.is_file() else None
+    _check_against_model(_moekit_shapes(cfg, read_headers([d / SINGLE_FILE])), cfg)
+    with safe_open(str(d / SINGLE_FILE), framework="pt") as f:
+        names = set(f.keys())
+        return _write_hf(f.get_tensor, names, cfg, hf_dir, family, source, dtype, max_shard_bytes, (moekit_dir,))
 
 
-def save_hf(model: Transformer, hf_dir: str | Path) -> dict[str, Any]:
+def _moekit_shapes(cfg: ModelConfig, headers: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict:
+    """Shapes by the names :func:`_check_against_model` expects (save_model may keep a tied pair as lm_head)."""
+    shapes = {n: s for n, (s, _) in headers.items()}
+    if cfg.tie_embeddings and "embed.weight" not in shapes and "lm_head.weight" in shapes:
+        shapes["embed.weight"] = shapes["lm_head.weight"]
+    if cfg.tie_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def save_hf(
+    model: Transformer,
+    hf_dir: str | Path,
+    family: str | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> dict[str, Any]:
     """Write an in-memory :class:`Transformer` as an HF checkpoint folder."""
-    return _write_hf(model.state_dict(), model.cfg, hf_dir)
+    sd = model.state_dict()
+    return _write_hf(sd.__getitem__, set(sd), model.cfg, hf_dir, family, None, dtype, max_shard_bytes)
 
 
-def load_hf(hf_dir: str | Path) -> Transformer:
-    """A :class:`Transformer` with the weights of an HF Llama/Mixtral folder."""
-    cfg = config_from_hf(load_hf_config(hf_dir))
-    sd = state_dict_from_hf(load_hf_state_dict(hf_dir), cfg)
-    _check_against_model(sd, cfg)
-    model = Transformer(cfg)
+def load_hf(hf_dir: str | Path, dtype: torch.dtype | None = None) -> Transformer:
+    """A :class:`Transformer` with the weights of an HF folder, in the checkpoint's dtype unless ``dtype``."""
+    cfg, _, _, sd = _read_hf(hf_dir, dtype)
+    model = Transformer(cfg).to(sd["embed.weight"].dtype)
     model.load_state_dict(sd, strict=not cfg.tie_embeddings)  # tied: lm_head.weight is embed.weight
     return model

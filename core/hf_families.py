@@ -1,0 +1,334 @@
+"""The HF converter's family table: for each Hugging Face ``*ForCausalLM`` family, its tensor names next to
+moekit's, the config defaults of its transformers class, and what is refused (with the field, its value and
+the missing feature).
+
+Shapes: V vocab, D d_model, H/G query/kv heads, Dh head dim, F FFN / expert hidden width, E experts.
+
+A weight layout is a list of :class:`Rule`; each rule names HF tensors and moekit tensors and converts one
+way and back, so the two directions cannot drift apart:
+
+- :class:`Same`: one tensor, renamed (both sides use ``nn.Linear`` ``[out, in]`` and the half-split RoPE
+  convention, so attention needs no q/k permutation);
+- :class:`Fused`: one HF tensor = moekit tensors concatenated along rows (Phi-3 ``qkv_proj``, ``gate_up_proj``);
+- :class:`PerExpert`: per-expert HF Linear weights (``experts.{e}.w1.weight [F, D]``) <-> one stacked moekit
+  tensor of ``x @ w`` matrices (``experts.w_gate [E, D, F]``), i.e. stacked and transposed;
+- :class:`StackedExperts`: transformers 5's in-memory fused experts (``gate_up_proj [E, 2F, D]``) <-> moekit's
+  stacked ones; read only by default (the classic per-expert layout is written, every version loads it).
+
+Templates use ``{i}`` for the layer and ``{e}`` for the expert. Families whose checkpoints need a feature
+moekit does not have yet are listed with ``missing`` so that the refusal names it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moekit.core.config import ModelConfig
+
+
+# ---- weight rules --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rule:
+    """HF tensors ``hf`` <-> moekit tensors ``ours`` (name templates with ``{i}``/``{e}``)."""
+
+    hf: tuple[str, ...]
+    ours: tuple[str, ...]
+
+    def hf_names(self, i: int, cfg: ModelConfig) -> list[str]:
+        return [t.format(i=i) for t in self.hf]
+
+    def ours_names(self, i: int, cfg: ModelConfig) -> list[str]:
+        return [t.format(i=i) for t in self.ours]
+
+    def to_ours(self, ts: list[Tensor], cfg: ModelConfig) -> list[Tensor]:
+        raise NotImplementedError
+
+    def to_hf(self, ts: list[Tensor], cfg: ModelConfig) -> list[Tensor]:
+        raise NotImplementedError
+
+
+class Same(Rule):
+    def __init__(self, hf: str, ours: str) -> None:
+        super().__init__((hf,), (ours,))
+
+    def to_ours(self, ts: list[Tensor], cfg: ModelConfig) -> list[Tensor]:
+        return ts
+
+    def to_hf(self, ts: list[Tensor], cfg: ModelConfig) -> list[Tensor]:
+        return ts
+
+
+class Fused(Rule):
+    """``hf = cat(ours, dim=0)``, with row counts ``sizes(cfg)``; parts are cloned so they own their memory."""
+
+    def __init__(self, hf: str, ours: tuple[str, ...], sizes: Callable[[ModelConfig], tuple[int, ...]]) -> None:
+        super().__init__((hf,), ours)
+        object.__setattr__(self, "sizes", sizes)
+
+    def to_ours(self, ts: list[Tensor], cfg: ModelConfig) -> list[Tensor]:
+        sizes = self.sizes(cfg)
+        if ts[0].shape[0] != sum(sizes):
+            raise ValueError(f"{self.hf[0]} has {ts[0].shape[0]} rows; the config implies {sum(sizes)} = {sizes}")
+        return [p.clone() for p in ts[0].split(list(sizes), dim=0)]
+
+    def to_hf(self, ts: list[Tensor], cfg: ModelConfig) -> list[Tensor]:
+        return [torch.cat(ts, dim=0)]
+
+
+class PerExpert(Rule):
+    """HF ``{e}``-templated ``[out, in]`` Linear weights <-> moekit ``[E, in, out]``."""
+
+    def __init__(self, hf: str, ours: str) -> None:
+        super().__init__((hf,), (ours,))
+
+    def hf_names(self, i: int, cfg: ModelConfig) -> list[str]:
+        return [self.hf[0].format(i=i, e=e) for e in range(cfg.moe.num_experts)]
+
+    def to_ours(self, ts: list[Tensor], cfg: ModelConfig) -> list[Tensor]:
+        return [torch.stack([t.t() for t in ts])]
+
+    def to_hf(self, ts: list[Tensor], cfg: ModelConfig) -> list[Tensor]:
+        return [w.t().contiguous() for w in ts[0]]
+
+
+class StackedExperts(Rule):
+    """HF ``[E, k*out, in]`` (k parts along dim 1) <-> k moekit ``[E, in, out]`` tensors."""
+
+    def __init__(self, hf: str, ours: tuple[str, ...]) -> None:
+        super().__init__((hf,), ours)
+
+    def to_ours(self, ts: list[Tensor], cfg: ModelConfig) -> list[Tensor]:
+        return [p.transpose(1, 2).contiguous() for p in ts[0].chunk(len(self.ours), dim=1)]
+
+    def to_hf(self, ts: list[Tensor], cfg: ModelConfig) -> list[Tensor]:
+        return [torch.cat([w.transpose(1, 2) for w in ts], dim=1).contiguous()]
+
+
+L, M = "model.layers.{i}", "layers.{i}"
+GLOBAL_RULES: tuple[Rule, ...] = (
+    Same("model.embed_tokens.weight", "embed.weight"),
+    Same("model.norm.weight", "norm.weight"),
+)
+LM_HEAD = Same("lm_head.weight", "lm_head.weight")
+NORMS = (
+    Same(f"{L}.input_layernorm.weight", f"{M}.attn_norm.weight"),
+    Same(f"{L}.post_attention_layernorm.weight", f"{M}.ffn_norm.weight"),
+)
+ATTN = tuple(
+    Same(f"{L}.self_attn.{n}.weight", f"{M}.attn.{n}.weight") for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+)
+DENSE_MLP = tuple(
+    Same(f"{L}.mlp.{h}.weight", f"{M}.ffn.{o}.weight")
+    for h, o in (("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_down"))
+)
+_X = f"{M}.ffn.experts"
+MIXTRAL_MOE = (
+    Same(f"{L}.block_sparse_moe.gate.weight", f"{M}.ffn.router.weight"),  # [E, D]
+    PerExpert(f"{L}.block_sparse_moe.experts.{{e}}.w1.weight", f"{_X}.w_gate"),
+    PerExpert(f"{L}.block_sparse_moe.experts.{{e}}.w3.weight", f"{_X}.w_up"),
+    PerExpert(f"{L}.block_sparse_moe.experts.{{e}}.w2.weight", f"{_X}.w_down"),
+)
+MIXTRAL_MOE_FUSED = (  # transformers 5's in-memory layout (what model.state_dict() gives)
+    Same(f"{L}.mlp.gate.weight", f"{M}.ffn.router.weight"),
+    StackedExperts(f"{L}.mlp.experts.gate_up_proj", (f"{_X}.w_gate", f"{_X}.w_up")),  # [E, 2F, D]: gate, then up
+    StackedExperts(f"{L}.mlp.experts.down_proj", (f"{_X}.w_down",)),  # [E, D, F]
+)
+PHI3_ATTN = (
+    Fused(
+        f"{L}.self_attn.qkv_proj.weight",  # rows: q (H*Dh), k (G*Dh), v (G*Dh)
+        tuple(f"{M}.attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj")),
+        lambda c: (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim),
+    ),
+    Same(f"{L}.self_attn.o_proj.weight", f"{M}.attn.o_proj.weight"),
+)
+PHI3_MLP = (
+    Fused(
+        f"{L}.mlp.gate_up_proj.weight", (f"{M}.ffn.w_gate.weight", f"{M}.ffn.w_up.weight"), lambda c: (c.d_ff, c.d_ff)
+    ),
+    Same(f"{L}.mlp.down_proj.weight", f"{M}.ffn.w_down.weight"),
+)
+# Buffers some old checkpoints carry; moekit recomputes RoPE tables on the fly.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+# ---- families ------------------------------------------------------------------------------------
+_COMMON_DEFAULTS = dict(hidden_act="silu", initializer_range=0.02, tie_word_embeddings=False, rope_theta=10000.0)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One HF model family: names, transformers-class defaults, weight layouts, and what is refused.
+
+    ``moe_layouts``: alternative layouts of an MoE feed-forward (the first is written, any is read);
+    ``dense_layout`` None means the family has no dense feed-forward layers. ``missing`` (a sentence
+    naming the features moekit lacks) makes the whole family a clear refusal. ``window_field``: the family
+    has a sliding-window field that must be null (or >= max_position_embeddings) until moekit has one.
+    """
+
+    name: str
+    title: str
+    architecture: str
+    model_type: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    attn_layout: tuple[Rule, ...] = ATTN
+    dense_layout: tuple[Rule, ...] | None = DENSE_MLP
+    moe_layouts: tuple[tuple[Rule, ...], ...] = ()
+    window_field: bool = False
+    rope_types: tuple[str, ...] = ("default",)
+    # Training-only fields (dropouts, router jitter): dropped on the way in, written as 0 on the way out.
+    training_only: tuple[str, ...] = ("attention_dropout",)
+    missing: str | None = None
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.moe_layouts)
+
+    def defaults_full(self) -> dict[str, Any]:
+        return {**_COMMON_DEFAULTS, **self.defaults}
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("llama", "Llama", "LlamaForCausalLM", "llama", dict(max_position_embeddings=2048, rms_norm_eps=1e-6)),
+        Family(
+            "mistral",
+            "Mistral",
+            "MistralForCausalLM",
+            "mistral",
+            dict(max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, num_key_value_heads=8, sliding_window=4096),
+            window_field=True,
+        ),
+        Family(
+            "phi3",
+            "Phi-3",
+            "Phi3ForCausalLM",
+            "phi3",
+            dict(max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32064),
+            attn_layout=PHI3_ATTN,
+            dense_layout=PHI3_MLP,
+            window_field=True,
+            training_only=("attention_dropout", "resid_pdrop", "embd_pdrop"),
+        ),
+        Family(
+            "mixtral",
+            "Mixtral",
+            "MixtralForCausalLM",
+            "mixtral",
+            dict(
+                max_position_embeddings=4096 * 32,
+                rms_norm_eps=1e-5,
+                rope_theta=1e6,
+                num_key_value_heads=8,
+                num_experts_per_tok=2,
+                num_local_experts=8,
+                router_aux_loss_coef=0.001,
+                sliding_window=None,
+            ),
+            dense_layout=None,
+            moe_layouts=(MIXTRAL_MOE, MIXTRAL_MOE_FUSED),
+            window_field=True,
+            # Mixtral's jitter also scales the experts' input, but only in training.
+            training_only=("attention_dropout", "router_jitter_noise"),
+        ),
+        # ---- refused until moekit has the feature (issue 13) ----
+        Family("qwen2", "Qwen2", "Qwen2ForCausalLM", "qwen2", missing="q/k/v projection biases"),
+        Family(
+            "qwen2_moe",
+            "Qwen2-MoE",
+            "Qwen2MoeForCausalLM",
+            "qwen2_moe",
+            missing="q/k/v projection biases and a sigmoid-gated shared expert",
+        ),
+        Family("qwen3", "Qwen3", "Qwen3ForCausalLM", "qwen3", missing="per-head QK-norm"),
+        Family("qwen3_moe", "Qwen3-MoE", "Qwen3MoeForCausalLM", "qwen3_moe", missing="per-head QK-norm"),
+        Family(
+            "olmoe",
+            "OLMoE",
+            "OlmoeForCausalLM",
+            "olmoe",
+            missing="QK-norm over the full q/k projection width and clip_qkv",
+        ),
+        Family(
+            "deepseek_v2",
+            "DeepSeek-V2",
+            "DeepseekV2ForCausalLM",
+            "deepseek_v2",
+            missing="multi-head latent attention (MLA), interleaved/yarn RoPE and group-limited routing",
+        ),
+        Family(
+            "deepseek_v3",
+            "DeepSeek-V3",
+            "DeepseekV3ForCausalLM",
+            "deepseek_v3",
+            missing="multi-head latent attention (MLA), interleaved/yarn RoPE, group-limited routing with "
+            "routed_scaling_factor and a score-correction bias",
+        ),
+        Family(
+            "gpt_oss",
+            "GPT-OSS",
+            "GptOssForCausalLM",
+            "gpt_oss",
+            missing="attention sinks, alternating sliding-window attention, biases, clamped SwiGLU and yarn RoPE",
+        ),
+        Family(
+            "granitemoe",
+            "Granite-MoE",
+            "GraniteMoeForCausalLM",
+            "granitemoe",
+            missing="Granite's embedding/residual/attention/logit multipliers",
+        ),
+    )
+}
+BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
+BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
+SUPPORTED = tuple(f.name for f in FAMILIES.values() if f.missing is None)
+WRITABLE_DENSE = tuple(f.name for f in FAMILIES.values() if f.missing is None and not f.is_moe)
+WRITABLE_MOE = tuple(f.name for f in FAMILIES.values() if f.missing is None and f.is_moe)
+
+
+def refuse(field_name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"HF config field {field_name}={value!r} cannot be converted to moekit: {allowed}")
+
+
+def detect_family(hf_cfg: dict[str, Any]) -> Family:
+    """The :class:`Family` of an HF ``config.json`` dict, from ``architectures`` and/or ``model_type``.
+
+    Unknown families, disagreeing fields and families that need a missing feature are refused by name.
+    """
+    archs = hf_cfg.get("architectures") or []
+    by_arch = {BY_ARCHITECTURE[a].name for a in archs if a in BY_ARCHITECTURE}
+    model_type = hf_cfg.get("model_type")
+    supported = ", ".join(f"{f.architecture} ({f.model_type})" for f in FAMILIES.values() if f.missing is None)
+    if archs and not by_arch:
+        refuse("architectures", archs, f"supported architectures are {supported}")
+    if len(by_arch) > 1:
+        refuse("architectures", archs, "must name exactly one architecture")
+    if model_type is not None and model_type not in BY_MODEL_TYPE:
+        refuse("model_type", model_type, f"supported are {supported}")
+    if by_arch and model_type is not None and BY_MODEL_TYPE[model_type].name not in by_arch:
+        refuse("model_type", model_type, f"does not match architectures={archs}")
+    if not by_arch and model_type is None:
+        raise ValueError(f"HF config has neither 'architectures' nor 'model_type'; supported are {supported}")
+    fam = FAMILIES[by_arch.pop()] if by_arch else BY_MODEL_TYPE[model_type]
+    if fam.missing is not None:
+        key, value = ("architectures", archs) if archs else ("model_type", model_type)
+        refuse(key, value, f"{fam.title} needs {fam.missing} (not supported yet)")
+    return fam
+
+
+def family_table() -> str:
+    """One line per family: what converts in which direction, or what it needs; used by ``--help``."""
+    lines = []
+    for f in FAMILIES.values():
+        if f.missing is None:
+            kind = "MoE, every layer" if f.is_moe else "dense"
+            lines.append(f"  {f.title:<12} {f.architecture:<24} both directions ({kind})")
+        else:
+            lines.append(f"  {f.title:<12} {f.architecture:<24} refused: needs {f.missing}")
+    return "\n".join(lines)
