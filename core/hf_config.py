@@ -21,7 +21,11 @@ _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 DTYPES = {name: dt for dt, name in DTYPE_NAMES.items()}
 # HF fields with no effect on the function that travel back unchanged through hf_source.json.
-_INERT_HF_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "original_max_position_embeddings")
+# Token ids belong to the tokenizer, not the family: they travel back through hf_source.json whatever family
+# is written, and are written as null without one (else a class default such as Phi-3's pad 32000 applies).
+_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# Inert fields of one family (no effect with default RoPE) that come back when the same family is written.
+_INERT_HF_FIELDS = ("original_max_position_embeddings",)
 # ModelConfig / MoEConfig fields that an HF checkpoint does not need: training, telemetry, placement.
 _MODEL_INERT = {"dropout"}
 _MODEL_MAPPED = {
@@ -280,7 +284,8 @@ def config_to_hf(
             num_experts_per_tok=cfg.moe.top_k,
             router_aux_loss_coef=cfg.moe.load_balance_coef * cfg.n_layers / cfg.moe.top_k,
         )
+    old = (source or {}).get("config") or {}
+    hf.update({k: old.get(k) for k in _TOKEN_FIELDS})
     if source is not None and source.get("family") == fam.name:
-        old = source.get("config") or {}
         hf.update({k: old[k] for k in _INERT_HF_FIELDS if k in old})
     return hf

@@ -1,0 +1,263 @@
+"""Every supported HF family through the CLI, both ways: logits equal transformers' (float32, 1e-4 of the
+logit scale), the round trip is bit-exact with dtypes kept, KV-cache generation equals full recompute; the
+families moekit cannot represent yet are refused, naming the missing feature."""
+
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from moekit.core.generate import generate  # noqa: E402
+from moekit.core.hf import config_from_hf, load_hf_state_dict  # noqa: E402
+from moekit.core.model import Transformer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MAIN = runpy.run_path(str(REPO / "recipes" / "convert_hf.py"))["main"]
+V, T = 61, 12
+# Non-default eps and theta so that a field the converter forgets to map shows up in the logits.
+SHAPE = dict(
+    vocab_size=V,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-2,
+    rope_theta=500.0,
+    pad_token_id=None,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(intermediate_size=40)),
+    "mistral": (
+        transformers.MistralConfig,
+        transformers.MistralForCausalLM,
+        dict(intermediate_size=40, sliding_window=None),
+    ),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(intermediate_size=40)),
+    "mixtral": (
+        transformers.MixtralConfig,
+        transformers.MixtralForCausalLM,
+        dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2),
+    ),
+}
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """O(1) weights, and norm gains away from 1, so that any misplaced or transposed tensor moves the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.2 * noise if p.dim() == 1 else 0.3 * noise)
+
+
+def hf_model(family: str, tied: bool = False, **changes) -> torch.nn.Module:
+    config_cls, model_cls, extra = FAMILIES[family]
+    model = model_cls(config_cls(**{**SHAPE, **extra, **changes}, tie_word_embeddings=tied))
+    randomize(model, seed=len(family))
+    return model.eval()
+
+
+def batches() -> list[dict[str, torch.Tensor]]:
+    """A full batch, and a left-padded one with the usual position ids (count real tokens)."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, V, (2, T), generator=g)
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[1, :4] = 0
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    return [dict(input_ids=ids), dict(input_ids=ids, attention_mask=mask, position_ids=pos)]
+
+
+def max_rel_logit_diff(ours: torch.nn.Module, theirs: torch.nn.Module) -> float:
+    """max |ours - theirs| / max |theirs| over every real position (padded query rows are unspecified)."""
+    worst = 0.0
+    with torch.no_grad():
+        for batch in batches():
+            a, b = ours(**batch).logits, theirs(**batch).logits
+            real = batch.get("attention_mask", torch.ones(a.shape[:2])).bool()
+            scale = b[real].abs().max().item()
+            assert scale > 1, "logits too small for a relative check to mean anything"
+            worst = max(worst, (a[real] - b[real]).abs().max().item() / scale)
+    return worst
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def assert_cache_matches_recompute(model: Transformer) -> None:
+    """Greedy decoding with the KV cache gives the tokens that recomputing the whole prefix gives."""
+    ids = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(7))
+    cached = generate(model, ids, max_new_tokens=8, temperature=0)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(8):
+            seq = torch.cat([seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, seq)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_converts_both_ways_through_the_cli(tmp_path, family):
+    hf = hf_model(family, tied=family == "phi3")
+    hf.save_pretrained(tmp_path / "hf")
+    MAIN(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")])
+    ours = Transformer.from_pretrained(tmp_path / "m").eval()
+    assert max_rel_logit_diff(ours, hf) < 1e-4
+    assert_cache_matches_recompute(ours)
+
+    MAIN(["--to-hf", str(tmp_path / "m"), "--out", str(tmp_path / "back")])
+    hf_cfg = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert hf_cfg["architectures"] == [type(hf).__name__]  # the family comes back from hf_source.json
+    assert (hf_cfg["bos_token_id"], hf_cfg["eos_token_id"]) == (1, 2)
+    back = type(hf).from_pretrained(tmp_path / "back").eval()
+    assert max_rel_logit_diff(ours, back) < 1e-4
+    # Lossless: the very same tensors, names and dtypes (Phi-3's fused qkv/gate_up re-fused exactly).
+    assert_same_tensors(load_hf_state_dict(tmp_path / "back"), load_hf_state_dict(tmp_path / "hf"))
+
+
+def test_phi3_fused_projections_are_split_in_order(tmp_path):
+    """Phi-3's qkv_proj rows are q, then k, then v; gate_up_proj rows are gate, then up."""
+    hf = hf_model("phi3")
+    hf.save_pretrained(tmp_path / "hf")
+    MAIN(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")])
+    ours = Transformer.from_pretrained(tmp_path / "m")
+    qkv = hf.model.layers[1].self_attn.qkv_proj.weight
+    attn = ours.layers[1].attn
+    assert torch.equal(qkv, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+    assert attn.k_proj.weight.shape == (2 * 8, 32)
+    gate_up = hf.model.layers[0].mlp.gate_up_proj.weight
+    assert torch.equal(gate_up[:40], ours.layers[0].ffn.w_gate.weight)
+    assert torch.equal(gate_up[40:], ours.layers[0].ffn.w_up.weight)
+
+
+def test_family_can_be_chosen_on_the_way_out(tmp_path):
+    """A Llama checkpoint written as Mistral and Phi-3 (fused) computes the same function in transformers."""
+    hf = hf_model("llama")
+    hf.save_pretrained(tmp_path / "hf")
+    MAIN(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")])
+    for family, cls in (("phi3", transformers.Phi3ForCausalLM), ("mistral", transformers.MistralForCausalLM)):
+        MAIN(["--to-hf", str(tmp_path / "m"), "--out", str(tmp_path / family), "--family", family])
+        other = cls.from_pretrained(tmp_path / family).eval()
+        assert max_rel_logit_diff(other, hf) < 1e-4
+    with pytest.raises(SystemExit) as exc:  # a dense model is no Mixtral
+        MAIN(["--to-hf", str(tmp_path / "m"), "--out", str(tmp_path / "x"), "--family", "mixtral"])
+    assert exc.value.code == 2 and not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_bf16_stays_bf16_unless_asked(tmp_path):
+    hf = hf_model("mixtral").to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "hf")
+    MAIN(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")])
+    assert {t.dtype for t in load_hf_state_dict(tmp_path / "m").values()} == {torch.bfloat16}
+    MAIN(["--to-hf", str(tmp_path / "m"), "--out", str(tmp_path / "back")])
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert_same_tensors(load_hf_state_dict(tmp_path / "back"), load_hf_state_dict(tmp_path / "hf"))
+
+    MAIN(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m32"), "--dtype", "float32"])
+    m32 = load_hf_state_dict(tmp_path / "m32")
+    assert {t.dtype for t in m32.values()} == {torch.float32}
+    assert torch.equal(m32["embed.weight"], hf.model.embed_tokens.weight.float())
+
+
+# ---- refusals ------------------------------------------------------------------------------------
+def _config(cls_name: str, **kw) -> dict:
+    return getattr(transformers, cls_name)(**kw).to_dict()
+
+
+REFUSED = [
+    ("Qwen3MoeConfig", "Qwen3-MoE needs per-head QK-norm (not supported yet)"),
+    ("Qwen3Config", "Qwen3 needs per-head QK-norm (not supported yet)"),
+    ("OlmoeConfig", "OLMoE needs QK-norm over the full q/k projection width and clip_qkv"),
+    ("Qwen2Config", "Qwen2 needs q/k/v projection biases"),
+    ("Qwen2MoeConfig", "Qwen2-MoE needs q/k/v projection biases and a sigmoid-gated shared expert"),
+    ("DeepseekV2Config", "DeepSeek-V2 needs multi-head latent attention (MLA)"),
+    ("DeepseekV3Config", "DeepSeek-V3 needs multi-head latent attention (MLA)"),
+]
+
+
+@pytest.mark.parametrize("cls_name,message", REFUSED)
+def test_families_needing_missing_features_are_refused_by_name(cls_name, message):
+    d = _config(cls_name)
+    with pytest.raises(ValueError, match=r"field model_type='\w+'.*" + message.replace("(", r"\(").replace(")", r"\)")):
+        config_from_hf({k: v for k, v in d.items() if k != "architectures"})
+    d["architectures"] = [cls_name.replace("Config", "ForCausalLM")]
+    with pytest.raises(ValueError, match="field architectures=.*not supported yet"):
+        config_from_hf(d)
+
+
+def test_refusal_through_the_cli_names_the_feature_and_writes_nothing(tmp_path, capsys):
+    cfg = transformers.Qwen3MoeConfig(**{**SHAPE, "intermediate_size": 40}, moe_intermediate_size=8, num_experts=4)
+    transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    with pytest.raises(SystemExit) as exc:
+        MAIN(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")])
+    assert exc.value.code == 2
+    assert "Qwen3-MoE needs per-head QK-norm (not supported yet)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no output, no temporary folder
+
+
+@pytest.mark.parametrize(
+    "family,changes,field,words",
+    [
+        ("mistral", dict(sliding_window=16), "sliding_window", "sliding-window attention is not supported yet"),
+        ("mixtral", dict(sliding_window=16), "sliding_window", "sliding-window attention is not supported yet"),
+        ("phi3", dict(sliding_window=16), "sliding_window", "sliding-window attention is not supported yet"),
+        ("mistral", dict(head_dim=16), "head_dim", "not supported yet"),
+        (
+            "llama",
+            dict(
+                rope_parameters={
+                    "rope_type": "llama3",
+                    "rope_theta": 5e5,
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 32,
+                }
+            ),
+            "rope_parameters.rope_type",
+            "'llama3' RoPE scaling is not supported yet",
+        ),  # fmt: skip
+        (
+            "phi3",
+            dict(
+                rope_parameters={
+                    "rope_type": "longrope",
+                    "rope_theta": 1e4,
+                    "short_factor": [1.0] * 4,
+                    "long_factor": [2.0] * 4,
+                },
+                original_max_position_embeddings=32,
+            ),
+            "rope_parameters.rope_type",
+            "'longrope' RoPE scaling is not supported yet",
+        ),  # fmt: skip
+        ("phi3", dict(partial_rotary_factor=0.5), "rope_parameters.partial_rotary_factor", "partial RoPE"),
+    ],
+)
+def test_unsupported_settings_are_refused_naming_the_field(family, changes, field, words):
+    config_cls, _, extra = FAMILIES[family]
+    d = config_cls(**{**SHAPE, **extra, **changes}).to_dict()
+    with pytest.raises(ValueError, match=rf"field {field}=.*{words}"):
+        config_from_hf(d)
+
+
+def test_mistral_window_default_and_long_window():
+    """A config.json without sliding_window gets Mistral's class default (4096): shorter than the context,
+    refused; a window >= max_position_embeddings has no effect and converts."""
+    d = transformers.MistralConfig(**SHAPE, intermediate_size=40).to_dict()
+    d.pop("sliding_window")
+    d["max_position_embeddings"] = 8192
+    with pytest.raises(ValueError, match="field sliding_window=4096"):
+        config_from_hf(d)
+    d["sliding_window"] = 8192
+    assert config_from_hf(d).max_seq_len == 8192
