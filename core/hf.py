@@ -293,9 +293,17 @@ def moekit_to_hf(
     src_path = d / SOURCE_FILE
     source = json.loads(src_path.read_text()) if src_path.is_file() else None
     _check_against_model(_moekit_shapes(cfg, read_headers([d / SINGLE_FILE])), cfg)
-    with safe_open(str(d / SINGLE_FILE), framework="pt") as f:
+    path = str(d / SINGLE_FILE)
+
+    def get(name: str) -> Tensor:
+        # Opened per tensor: an open file stays memory-mapped, and its pages would count as resident until
+        # the end, so that reading one file of the whole model would look like holding the whole model.
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(name)
+
+    with safe_open(path, framework="pt") as f:
         names = set(f.keys())
-        return _write_hf(f.get_tensor, names, cfg, hf_dir, family, source, dtype, max_shard_bytes, (moekit_dir,))
+    return _write_hf(get, names, cfg, hf_dir, family, source, dtype, max_shard_bytes, (moekit_dir,))
 
 
 def _moekit_shapes(cfg: ModelConfig, headers: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict:
