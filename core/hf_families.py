@@ -183,6 +183,7 @@ class Family:
     # Training-only fields (dropouts, router jitter): dropped on the way in, written as 0 on the way out.
     training_only: tuple[str, ...] = ("attention_dropout",)
     missing: str | None = None
+    note: str = ""  # what converts, for --help
 
     @property
     def is_moe(self) -> bool:
@@ -195,7 +196,14 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("llama", "Llama", "LlamaForCausalLM", "llama", dict(max_position_embeddings=2048, rms_norm_eps=1e-6)),
+        Family(
+            "llama",
+            "Llama",
+            "LlamaForCausalLM",
+            "llama",
+            dict(max_position_embeddings=2048, rms_norm_eps=1e-6),
+            note="default RoPE only; llama3 scaling later",
+        ),
         Family(
             "mistral",
             "Mistral",
@@ -203,6 +211,7 @@ FAMILIES: dict[str, Family] = {
             "mistral",
             dict(max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, num_key_value_heads=8, sliding_window=4096),
             window_field=True,
+            note="sliding_window null or >= context",
         ),
         Family(
             "phi3",
@@ -214,6 +223,7 @@ FAMILIES: dict[str, Family] = {
             dense_layout=PHI3_MLP,
             window_field=True,
             training_only=("attention_dropout", "resid_pdrop", "embd_pdrop"),
+            note="fused qkv/gate_up split; no window, no longrope",
         ),
         Family(
             "mixtral",
@@ -235,6 +245,7 @@ FAMILIES: dict[str, Family] = {
             window_field=True,
             # Mixtral's jitter also scales the experts' input, but only in training.
             training_only=("attention_dropout", "router_jitter_noise"),
+            note="every layer MoE; no sliding window",
         ),
         # ---- refused until moekit has the feature (issue 13) ----
         Family("qwen2", "Qwen2", "Qwen2ForCausalLM", "qwen2", missing="q/k/v projection biases"),
@@ -327,8 +338,7 @@ def family_table() -> str:
     lines = []
     for f in FAMILIES.values():
         if f.missing is None:
-            kind = "MoE, every layer" if f.is_moe else "dense"
-            lines.append(f"  {f.title:<12} {f.architecture:<24} both directions ({kind})")
+            lines.append(f"  {f.title:<12} {f.architecture:<24} --from-hf and --to-hf ({f.note})")
         else:
             lines.append(f"  {f.title:<12} {f.architecture:<24} refused: needs {f.missing}")
     return "\n".join(lines)

@@ -261,3 +261,35 @@ def test_mistral_window_default_and_long_window():
         config_from_hf(d)
     d["sliding_window"] = 8192
     assert config_from_hf(d).max_seq_len == 8192
+
+
+def test_help_lists_the_families_and_directions(capsys):
+    with pytest.raises(SystemExit) as exc:
+        MAIN(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for name in ("LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM"):
+        assert f"{name}" in text and "--from-hf and --to-hf" in text
+    for title in ("Qwen3-MoE", "OLMoE", "Qwen2-MoE", "Qwen2", "DeepSeek-V2", "DeepSeek-V3"):
+        assert f"{title} " in text
+    assert text.count("refused: needs") >= 7
+
+
+@pytest.mark.slow
+def test_converted_llama_upcycles_to_a_mixtral_that_transformers_runs(tmp_path):
+    """HF Llama -> moekit -> upcycled MoE (every expert a copy of the dense FFN, renormalised top-2) ->
+    HF Mixtral: at initialisation the MoE computes the dense model, in moekit and in transformers."""
+    from moekit.moe import upcycle
+    from moekit.moe.config import MoEConfig
+
+    hf = hf_model("llama")
+    hf.save_pretrained(tmp_path / "hf")
+    MAIN(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")])
+    dense = Transformer.from_pretrained(tmp_path / "m").eval()
+    moe = MoEConfig(num_experts=4, top_k=2, d_expert=40, load_balance_coef=0.01, z_loss_coef=0.0)
+    sparse = upcycle(dense, moe, seed=0).eval()
+    assert max_rel_logit_diff(sparse, hf) < 1e-4
+    sparse.save_pretrained(tmp_path / "up")
+    MAIN(["--to-hf", str(tmp_path / "up"), "--out", str(tmp_path / "mixtral")])
+    mixtral = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "mixtral").eval()
+    assert max_rel_logit_diff(mixtral, hf) < 1e-4
