@@ -42,8 +42,6 @@ from moekit.core.hf_families import (
     IGNORED_SUFFIXES,
     LM_HEAD,
     NORMS,
-    WRITABLE_DENSE,
-    WRITABLE_MOE,
     Family,
     Rule,
     detect_family,
@@ -197,18 +195,10 @@ def _to_hf(
             emit(n, _cast(t, dtype).contiguous())
 
 
-def _family_for_state(hf_cfg: dict[str, Any] | None, cfg: ModelConfig, family: str | None) -> Family:
-    if family is not None:
-        return FAMILIES[family]
-    if hf_cfg is not None:
-        return detect_family(hf_cfg)
-    return FAMILIES[(WRITABLE_MOE if cfg.moe is not None else WRITABLE_DENSE)[0]]
-
-
 def state_dict_from_hf(hf_sd: dict[str, Tensor], cfg: ModelConfig, family: str | None = None) -> dict[str, Tensor]:
     """Rename/split/restack in-memory HF tensors into moekit's state-dict names (``family`` default: Llama for
     dense ``cfg``, Mixtral for MoE). With ``cfg.tie_embeddings`` the result has no ``lm_head.weight``."""
-    fam = _family_for_state(None, cfg, family)
+    fam = choose_family(cfg, family, None)
     headers = {n: (tuple(t.shape), t.dtype) for n, t in hf_sd.items()}
     return _from_hf(lambda skip: [{k: v for k, v in hf_sd.items() if k not in skip}], headers, cfg, fam, None)
 
