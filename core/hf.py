@@ -152,7 +152,10 @@ def _from_hf(
     meta = {n: torch.empty(s, dtype=d, device="meta") for n, (s, d) in headers.items() if n in owner}
     shapes = {}
     for rule, i in plan:
-        outs = rule.to_ours([meta[n] for n in rule.hf_names(i, cfg)], cfg)
+        try:
+            outs = rule.to_ours([meta[n] for n in rule.hf_names(i, cfg)], cfg)
+        except ValueError as err:
+            raise ValueError(f"tensor {', '.join(rule.hf_names(i, cfg))} {err}") from err
         shapes.update({n: tuple(t.shape) for n, t in zip(rule.ours_names(i, cfg), outs)})
     _check_against_model(shapes, cfg)
 

@@ -73,7 +73,7 @@ class Fused(Rule):
     def to_ours(self, ts: list[Tensor], cfg: ModelConfig) -> list[Tensor]:
         sizes = self.sizes(cfg)
         if ts[0].shape[0] != sum(sizes):
-            raise ValueError(f"{self.hf[0]} has {ts[0].shape[0]} rows; the config implies {sum(sizes)} = {sizes}")
+            raise ValueError(f"has {ts[0].shape[0]} rows; the config implies {sum(sizes)} = {sizes}")
         return [p.clone() for p in ts[0].split(list(sizes), dim=0)]
 
     def to_hf(self, ts: list[Tensor], cfg: ModelConfig) -> list[Tensor]:

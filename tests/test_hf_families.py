@@ -293,3 +293,37 @@ def test_converted_llama_upcycles_to_a_mixtral_that_transformers_runs(tmp_path):
     MAIN(["--to-hf", str(tmp_path / "up"), "--out", str(tmp_path / "mixtral")])
     mixtral = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "mixtral").eval()
     assert max_rel_logit_diff(mixtral, hf) < 1e-4
+
+
+def test_a_shape_mismatch_is_refused_before_reading_tensor_data(tmp_path, monkeypatch):
+    """config.json and tensors disagree (intermediate_size edited): the header dry run names the tensor, and no
+    shard is read."""
+    import moekit.core.hf as hf_mod
+
+    hf_model("phi3").save_pretrained(tmp_path / "hf")
+    cfg_path = tmp_path / "hf" / "config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "intermediate_size": 48}))
+    monkeypatch.setattr(hf_mod, "iter_shards", lambda *a, **k: pytest.fail("tensor data was read"))
+    with pytest.raises(
+        ValueError, match=r"tensor model.layers.0.mlp.gate_up_proj.weight has 80 rows; the config implies 96"
+    ):
+        hf_mod.hf_to_moekit(tmp_path / "hf", tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_moekit_field_this_converter_does_not_know_is_refused_on_export():
+    """A ModelConfig field added to moekit later (here a made-up qk_norm) exports only at its default, so a new
+    attention feature can never be written to HF silently dropped."""
+    from dataclasses import dataclass
+
+    from moekit.core.config import ModelConfig
+    from moekit.core.hf import config_to_hf
+
+    @dataclass
+    class Future(ModelConfig):
+        qk_norm: bool = False
+
+    shape = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=40)
+    assert config_to_hf(Future(**shape))["architectures"] == ["LlamaForCausalLM"]
+    with pytest.raises(ValueError, match="ModelConfig.qk_norm=True has no HF equivalent"):
+        config_to_hf(Future(**shape, qk_norm=True))
