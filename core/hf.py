@@ -31,6 +31,7 @@ from torch import Tensor
 
 from moekit.core.config import ModelConfig
 from moekit.core.model import Transformer
+from moekit.core.pretrained import write_pretrained
 from moekit.moe.config import MoEConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral"}
@@ -411,10 +412,7 @@ def hf_to_moekit(hf_dir: str | Path, out_dir: str | Path) -> ModelConfig:
     cfg = config_from_hf(load_hf_config(hf_dir))
     sd = state_dict_from_hf(load_hf_state_dict(hf_dir), cfg)
     _check_against_model(sd, cfg)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save_json(out / "config.json")
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_pretrained(out_dir, cfg.to_dict(), lambda path: save_file(sd, str(path), metadata={"format": "pt"}))
     return cfg
 
 

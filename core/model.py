@@ -5,7 +5,6 @@ Shapes: B batch, T new tokens, S key/value length (cache + new), D d_model, V vo
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +12,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
 from moekit.core.config import ModelConfig
 from moekit.core.layers import Attention, LayerKV, RMSNorm, SwiGLU, rope_cos_sin
+from moekit.core.pretrained import load_weights, read_config, save_pretrained_folder
 
 IGNORE_INDEX = -100
 
@@ -204,18 +203,14 @@ class Transformer(nn.Module):
 
     # ---- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (tied weights stored once)."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        self.cfg.save_json(d / "config.json")
-        save_model(self, str(d / "model.safetensors"))
+        """Write ``config.json`` and ``model.safetensors`` (tied weights stored once), all-or-nothing."""
+        save_pretrained_folder(self, self.cfg.to_dict(), directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Transformer:
-        d = Path(directory)
-        cfg = ModelConfig.from_dict(json.loads((d / "config.json").read_text()))
-        model = cls(cfg)
-        load_model(model, str(d / "model.safetensors"), strict=True, device=str(map_location))
+        """Load a ``save_pretrained`` folder; a Hugging Face folder is refused with the converter to use."""
+        model = cls(ModelConfig.from_dict(read_config(directory)))
+        load_weights(model, directory, map_location)
         return model
 
 

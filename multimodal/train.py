@@ -20,7 +20,6 @@ summed over the val set: load per expert per layer per modality and each expert'
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from torch.utils.data import Dataset
 
 from moekit.core.layering import config_to_dict, load_config
 from moekit.core.model import IGNORE_INDEX, ModelOutput
+from moekit.core.pretrained import load_weights, read_config, save_pretrained_folder
 from moekit.core.run_folder import PLACEMENT_KEYS, check_resumable, save_run_config
 from moekit.core.tokenizer import ByteTokenizer
 from moekit.core.train import TrainConfig, Trainer
@@ -186,21 +186,14 @@ class TrainableMultimodalLM(MultimodalLM):
         return super().forward(batch if batch is not None else tensors)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (tied weights stored once)."""
-        from safetensors.torch import save_model
-
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1) + "\n")
-        save_model(self, str(d / "model.safetensors"))
+        """Write ``config.json`` and ``model.safetensors`` (tied weights stored once), all-or-nothing."""
+        save_pretrained_folder(self, self.cfg.to_dict(), directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str = "cpu") -> TrainableMultimodalLM:
-        from safetensors.torch import load_model
-
-        d = Path(directory)
-        model = cls(MultimodalConfig.from_dict(json.loads((d / "config.json").read_text())))
-        load_model(model, str(d / "model.safetensors"), strict=True, device=str(map_location))
+        """Load a ``save_pretrained`` folder (names, dtypes and HF folders checked by ``moekit.core.pretrained``)."""
+        model = cls(MultimodalConfig.from_dict(read_config(directory)))
+        load_weights(model, directory, map_location)
         return model
 
 
