@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from moekit.core.model import check_token_ids
+
 
 def filter_logits(logits_bv: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
     """Mask logits outside the top-k set and outside the smallest nucleus with mass >= top_p."""
@@ -45,17 +47,30 @@ def generate(
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if not temperature >= 0 or temperature == float("inf"):  # `not >=` also catches NaN
+        raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k={top_k} must be None or >= 0 (0 = no top-k filter)")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be None or in (0, 1] (1 = no nucleus filter)")
+    vocab, max_len = model.cfg.vocab_size, model.cfg.max_seq_len
+    check_token_ids(input_ids, vocab, "input_ids")
+    for name, tok in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if tok is not None and not 0 <= tok < vocab:
+            raise ValueError(f"{name}={tok} must be a token id in [0, vocab_size={vocab})")
+    B, T = input_ids.shape
+    if T > max_len:
+        raise ValueError(f"input_ids has T={T} prompt tokens > ModelConfig.max_seq_len={max_len}")
+    if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
+        raise ValueError(f"attention_mask must be [B, T]=[{B}, {T}] like input_ids; got {tuple(attention_mask.shape)}")
     was_training = model.training
     model.eval()
-    B, T = input_ids.shape
     device = input_ids.device
     if attention_mask is None:
         attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
     attention_mask = attention_mask.long()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at 0
-    max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - T)
+    max_new_tokens = min(max_new_tokens, max_len - T)
 
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
     cache = out.past_key_values

@@ -74,6 +74,54 @@ class Block(nn.Module):
         return x_btd + self.drop(f), kv, moe_out
 
 
+TOKEN_ID_DTYPES = (torch.long, torch.int32)  # what nn.Embedding accepts
+
+
+def check_token_ids(ids: Tensor, vocab_size: int, name: str = "input_ids") -> None:
+    """Refuse token ids that would fail deep inside the model: dtype, ``[B, T]`` shape, empty, range.
+
+    The range check is one ``aminmax`` reduction and one host sync. It is skipped while ``torch.compile``
+    traces (a data-dependent branch would break the graph); there an out-of-range id fails in the embedding.
+    """
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name} must be a Tensor of token ids [B, T]; got {type(ids).__name__}")
+    if ids.dtype not in TOKEN_ID_DTYPES:
+        raise ValueError(f"{name} must hold integer token ids (torch.long or torch.int32); got dtype {ids.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must be [B, T]; got shape {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise ValueError(f"{name} has shape {tuple(ids.shape)}: an empty batch or no tokens; need B >= 1 and T >= 1")
+    if not torch.compiler.is_compiling():
+        lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one host sync for both
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{name} values must be in [0, vocab_size={vocab_size}); got min {lo}, max {hi}")
+
+
+def _check_like_bt(name: str, t: Tensor | None, B: int, T: int, batch_may_broadcast: bool = False) -> None:
+    """``t`` is None or ``[B, T]`` (``[1, T]`` too when ``batch_may_broadcast``)."""
+    if t is None:
+        return
+    ok = t.dim() == 2 and t.shape[1] == T and (t.shape[0] == B or (batch_may_broadcast and t.shape[0] == 1))
+    if not ok:
+        want = f"[B, T]=[{B}, {T}]" + (" or [1, T]" if batch_may_broadcast else "")
+        raise ValueError(f"{name} must be {want}; got shape {tuple(t.shape)}")
+
+
+def _check_attention_mask(mask: Tensor, B: int, T: int, S: int) -> None:
+    if mask.is_floating_point() or mask.is_complex():
+        raise ValueError(
+            f"attention_mask must be bool or integer (1 / True = may attend); got dtype {mask.dtype} "
+            "(additive float masks are not supported)"
+        )
+    two_d = mask.dim() == 2 and tuple(mask.shape) == (B, S)
+    four_d = mask.dim() == 4 and mask.shape[0] in (1, B) and tuple(mask.shape[1:]) == (1, T, S)
+    if not (two_d or four_d):
+        raise ValueError(
+            f"attention_mask must be a padding mask [B, S]=[{B}, {S}] or a bool mask [B, 1, T, S]=[{B}, 1, {T}, {S}] "
+            f"(S = cached + new tokens); got shape {tuple(mask.shape)}"
+        )
+
+
 def build_attention_mask(
     attention_mask: Tensor | None, B: int, T: int, past_len: int, device: torch.device
 ) -> Tensor | None:
@@ -153,12 +201,21 @@ class Transformer(nn.Module):
         (e.g. modality ids).
         """
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        x_btd = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        B, T, _ = x_btd.shape
+            raise ValueError("Transformer.forward: pass exactly one of input_ids or inputs_embeds")
+        B, T = self._check_inputs(input_ids, inputs_embeds)
+        if past_key_values and len(past_key_values) != self.cfg.n_layers:
+            raise ValueError(
+                f"past_key_values has {len(past_key_values)} layers; the model has n_layers={self.cfg.n_layers}"
+            )
         past_len = 0 if not past_key_values else past_key_values[0].k.shape[2]
         if past_len + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {past_len + T} exceeds ModelConfig.max_seq_len={self.cfg.max_seq_len}")
+        if attention_mask is not None:
+            _check_attention_mask(attention_mask, B, T, past_len + T)
+        _check_like_bt("position_ids", position_ids, B, T, batch_may_broadcast=True)
+        for name, t in (("labels", labels), ("group_ids", group_ids), ("token_mask", token_mask)):
+            _check_like_bt(name, t, B, T)
+        x_btd = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=x_btd.device).expand(B, T)
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x_btd.dtype)
@@ -195,6 +252,23 @@ class Transformer(nn.Module):
             past_key_values=new_cache if use_cache else None,
             hidden_states=h,
         )
+
+    def _check_inputs(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> tuple[int, int]:
+        """(B, T) of valid ``input_ids`` or ``inputs_embeds``; named errors before any computation."""
+        if input_ids is not None:
+            check_token_ids(input_ids, self.cfg.vocab_size, "input_ids")
+            return input_ids.shape[0], input_ids.shape[1]
+        D = self.cfg.d_model
+        if not isinstance(inputs_embeds, Tensor) or not inputs_embeds.is_floating_point():
+            got = inputs_embeds.dtype if isinstance(inputs_embeds, Tensor) else type(inputs_embeds).__name__
+            raise ValueError(f"inputs_embeds must be a floating-point Tensor [B, T, D={D}]; got {got}")
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != D:
+            raise ValueError(f"inputs_embeds must be [B, T, D={D}]; got shape {tuple(inputs_embeds.shape)}")
+        if inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
+            raise ValueError(
+                f"inputs_embeds has shape {tuple(inputs_embeds.shape)}: an empty batch or no tokens; need B, T >= 1"
+            )
+        return inputs_embeds.shape[0], inputs_embeds.shape[1]
 
     def generate(self, input_ids: Tensor, **kwargs: Any) -> Tensor:
         from moekit.core.generate import generate
