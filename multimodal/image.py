@@ -167,11 +167,22 @@ class ImageEncoder(nn.Module):
         return self.cfg.width
 
     def forward(self, images_ncss: Tensor) -> Tensor:
+        """``images`` float (normalised), or uint8 0..255: scaled to [0, 1] and normalised with ``cfg.mean/std``,
+        exactly as ``build_image_transform(cfg, train=False)`` does for an image already of the right size."""
         c = self.cfg
         if images_ncss.dim() != 4 or tuple(images_ncss.shape[1:]) != (c.in_channels, c.image_size, c.image_size):
             raise ValueError(
-                f"ImageEncoder expects images [N, {c.in_channels}, {c.image_size}, {c.image_size}], "
-                f"got {tuple(images_ncss.shape)}"
+                f"ImageEncoder expects images [N, {c.in_channels}, {c.image_size}, {c.image_size}] (ImageEncoderConfig"
+                f".in_channels={c.in_channels}, image_size={c.image_size}), got {tuple(images_ncss.shape)}; "
+                "build_image_transform(cfg) converts channels and resizes"
+            )
+        if images_ncss.dtype == torch.uint8:
+            images_ncss = v2.functional.to_dtype(images_ncss, torch.float32, scale=True)
+            images_ncss = v2.functional.normalize(images_ncss, list(c.mean), list(c.std))
+            images_ncss = images_ncss.to(self.pos.dtype)
+        elif not images_ncss.is_floating_point():
+            raise ValueError(
+                f"ImageEncoder: images must be float (normalised) or uint8 (0..255); got dtype {images_ncss.dtype}"
             )
         if self.patch is not None:
             x_nlw = self.patch(images_ncss).flatten(2).transpose(1, 2)  # [N, L, W]
