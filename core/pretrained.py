@@ -138,18 +138,30 @@ def load_weights(model: nn.Module, directory: str | os.PathLike, map_location: s
         raise FileNotFoundError(f"from_pretrained: {d} has no {WEIGHTS_FILE}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            stored = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+            stored = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
     except (SafetensorError, OSError) as err:
         raise ValueError(f"from_pretrained: {path} is not a readable safetensors file ({err})") from err
     if any(k.startswith(HF_TENSOR_PREFIXES) for k in stored):
         raise _hf_hint(d, f"{WEIGHTS_FILE} has Hugging Face tensor names such as 'model.embed_tokens.weight'")
     expected = model.state_dict()
-    for name, file_dtype in stored.items():
-        if name in expected and _dtype_kind(file_dtype) != _dtype_kind(expected[name].dtype):
+    misshaped = []
+    for name, (file_dtype, file_shape) in stored.items():
+        if name not in expected:
+            continue  # reported with the missing ones below
+        want = expected[name]
+        if _dtype_kind(file_dtype) != _dtype_kind(want.dtype):
             raise ValueError(
                 f"from_pretrained: tensor {name!r} in {path} has dtype {file_dtype}; the model expects "
-                f"{expected[name].dtype} ({_dtype_kind(expected[name].dtype)}), so it is refused rather than cast"
+                f"{want.dtype} ({_dtype_kind(want.dtype)}), so it is refused rather than cast"
             )
+        if file_shape != tuple(want.shape):
+            misshaped.append(f"{name!r} has shape {list(file_shape)} (expected {list(want.shape)})")
+    if misshaped:
+        raise ValueError(
+            f"from_pretrained: {len(misshaped)} tensors in {path} do not fit the model of {d / CONFIG_FILE}: "
+            + "; ".join(misshaped[:6])
+            + ("; ..." if len(misshaped) > 6 else "")
+        )
     try:
         missing, unexpected = load_model(model, str(path), strict=False, device=str(map_location))
     except RuntimeError as err:  # shape mismatches; load_state_dict names the tensor
