@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from moekit.core.config import ModelConfig
 from moekit.core.layers import Attention, LayerKV, RMSNorm, SwiGLU, rope_cos_sin
 from moekit.core.pretrained import load_weights, read_config, save_pretrained_folder
+from moekit.moe.layer import MoELayer
 
 IGNORE_INDEX = -100
 
@@ -44,8 +45,6 @@ class Block(nn.Module):
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dropout)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if self.is_moe:
-            from moekit.moe.layer import MoELayer  # lazy: moe imports core building blocks
-
             out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
             self.ffn: nn.Module = MoELayer(cfg.d_model, cfg.moe, init_std=cfg.init_std, out_init_std=out_std)
         else:
