@@ -106,18 +106,18 @@ def _check_like_bt(name: str, t: Tensor | None, B: int, T: int, batch_may_broadc
         raise ValueError(f"{name} must be {want}; got shape {tuple(t.shape)}")
 
 
-def _check_attention_mask(mask: Tensor, B: int, T: int, S: int) -> None:
+def _check_attention_mask(mask: Tensor, B: int, H: int, T: int, S: int) -> None:
     if mask.is_floating_point() or mask.is_complex():
         raise ValueError(
             f"attention_mask must be bool or integer (1 / True = may attend); got dtype {mask.dtype} "
             "(additive float masks are not supported)"
         )
     two_d = mask.dim() == 2 and tuple(mask.shape) == (B, S)
-    four_d = mask.dim() == 4 and mask.shape[0] in (1, B) and tuple(mask.shape[1:]) == (1, T, S)
+    four_d = mask.dim() == 4 and mask.shape[0] in (1, B) and mask.shape[1] in (1, H) and mask.shape[2:] == (T, S)
     if not (two_d or four_d):
         raise ValueError(
             f"attention_mask must be a padding mask [B, S]=[{B}, {S}] or a bool mask [B, 1, T, S]=[{B}, 1, {T}, {S}] "
-            f"(S = cached + new tokens); got shape {tuple(mask.shape)}"
+            f"(batch dim 1 or B, head dim 1 or n_heads={H}; S = cached + new tokens); got shape {tuple(mask.shape)}"
         )
 
 
@@ -210,7 +210,7 @@ class Transformer(nn.Module):
         if past_len + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {past_len + T} exceeds ModelConfig.max_seq_len={self.cfg.max_seq_len}")
         if attention_mask is not None:
-            _check_attention_mask(attention_mask, B, T, past_len + T)
+            _check_attention_mask(attention_mask, B, self.cfg.n_heads, T, past_len + T)
         _check_like_bt("position_ids", position_ids, B, T, batch_may_broadcast=True)
         for name, t in (("labels", labels), ("group_ids", group_ids), ("token_mask", token_mask)):
             _check_like_bt(name, t, B, T)

@@ -99,7 +99,8 @@ def test_forward_needs_exactly_one_input(model):
         (torch.ones(2, 4, dtype=torch.long), r"attention_mask must be a padding mask \[B, S\]=\[2, 5\]"),
         (torch.ones(3, 5, dtype=torch.long), r"attention_mask must be a padding mask .*got shape \(3, 5\)"),
         (torch.ones(2, 5, 5, dtype=torch.bool), r"attention_mask must be .*got shape \(2, 5, 5\)"),
-        (torch.ones(2, 4, 5, 5, dtype=torch.bool), r"attention_mask must be .*\[B, 1, T, S\]=\[2, 1, 5, 5\]"),
+        (torch.ones(2, 3, 5, 5, dtype=torch.bool), r"attention_mask must be .*\[B, 1, T, S\]=\[2, 1, 5, 5\]"),
+        (torch.ones(2, 1, 5, 4, dtype=torch.bool), r"attention_mask must be .*got shape \(2, 1, 5, 4\)"),
         (torch.zeros(2, 5), r"attention_mask must be bool or integer .*float32 \(additive float masks"),
     ],
 )
@@ -116,6 +117,8 @@ def test_forward_accepts_both_mask_forms(model):
     torch.testing.assert_close(model(x, attention_mask=pad).logits, ref)
     torch.testing.assert_close(model(x, attention_mask=causal[None, None].expand(2, 1, 5, 5)).logits, ref)
     torch.testing.assert_close(model(x, attention_mask=causal[None, None]).logits, ref)  # batch broadcast
+    per_head = causal[None, None].expand(2, 4, 5, 5)  # n_heads=4
+    torch.testing.assert_close(model(x, attention_mask=per_head).logits, ref)
 
 
 @pytest.mark.parametrize("name", ["labels", "position_ids", "group_ids", "token_mask"])
