@@ -66,5 +66,5 @@ def check_matched(a: MatchReport, b: MatchReport, field: str = "flops_per_token"
     if diff > tol:
         raise ValueError(
             f"{a.name} and {b.name} differ by {diff:.1%} in {field} ({getattr(a, field):,} vs {getattr(b, field):,}); "
-            f"the tolerance is {tol:.0%}. Adjust the configs, or allow it explicitly (--allow-mismatch)."
+            f"the tolerance is {tol:.0%}. Adjust the configs, or allow it explicitly (compare.allow_mismatch=true)."
         )
