@@ -11,22 +11,10 @@ from moekit.experiment.plan import TASKS, CompareConfig, Comparison, load_compar
 from moekit.experiment.report import headline, write_report
 from moekit.experiment.runner import run_comparison, run_one
 
+# fmt: off
 __all__ = [
-    "TASKS",
-    "CompareConfig",
-    "Comparison",
-    "MatchReport",
-    "RunSpec",
-    "TaskAdapter",
-    "check_matched",
-    "dense_twin",
-    "describe",
-    "headline",
-    "load_comparison",
-    "matching_table",
-    "param_matched_twin",
-    "plan_runs",
-    "run_comparison",
-    "run_one",
-    "write_report",
+    "TASKS", "CompareConfig", "Comparison", "MatchReport", "RunSpec", "TaskAdapter", "check_matched", "dense_twin",
+    "describe", "headline", "load_comparison", "matching_table", "param_matched_twin", "plan_runs", "run_comparison",
+    "run_one", "write_report",
 ]
+# fmt: on

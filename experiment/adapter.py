@@ -50,12 +50,11 @@ class TaskAdapter:
     summary_fields: tuple[str, ...] = ()  # extra row fields copied into summary.json
     matching_columns: tuple[Column, ...] = ()  # matching-table columns after model and kind
     result_columns: tuple[Column, ...] = ()  # results-table columns after the final val loss
+    decoder_key: str = "model"  # dotted path of the decoder's ModelConfig in the run config
 
     def load_base(self, path: Any, overrides: list[str]) -> Any:
         """The MoE base run config from a comparison YAML (its ``compare`` section is read separately)."""
         return load_config(self.run_config, path, overrides, ignore=("compare",))
-
-    decoder_key: str = "model"  # dotted path of the decoder's ModelConfig in the run config
 
     def decoder(self, run: Any) -> ModelConfig:
         """The decoder config that the dense twin replaces."""

@@ -98,9 +98,7 @@ class MultimodalTask(TaskAdapter):
             train_flops=3 * facts["flops_per_sample"]["total"] * samples,
             val_bits_per_byte=None if val_loss is None else val_loss / math.log(2),  # byte targets
             val_text_loss=summary.get("text_loss"),
-            **{
-                k: v for k, v in summary.items() if k.endswith("_acc") or (k.endswith("_loss") and k[:-5] in CANDIDATES)
-            },
+            **{k: v for k, v in summary.items() if k.endswith("_acc") or k.removesuffix("_loss") in CANDIDATES},
             routing=trainer.last_metrics.get("routing"),
         )
 
@@ -116,17 +114,14 @@ class MultimodalTask(TaskAdapter):
         return f"Held-out accuracy (chance: {chance}): {best} {accs[best]}; dense {accs['dense']}."
 
     def sections(self, out: Path, specs: list[RunSpec], rows: list[Row], matching: list[Row]) -> list[str]:
-        dense = next(m for m in matching if m["name"] == "dense")
-        lines = []
-        for m in matching:
-            if m["kind"] == "moe":
-                d_lm = m["lm_flops_per_token"] / dense["lm_flops_per_token"] - 1
-                d_tot = m["flops_per_sample"]["total"] / dense["flops_per_sample"]["total"] - 1
-                lines.append(
-                    f"{m['name']} vs dense: decoder active FLOPs/token {d_lm:+.2%}, total FLOPs per sample with the "
-                    f"encoders {d_tot:+.2%} (the encoders are identical; FLOPs per sample are measured on the first "
-                    "training batches, decoder on real tokens only).\n"
-                )
+        d, lines = next(m for m in matching if m["name"] == "dense"), []
+        for m in (m for m in matching if m["kind"] == "moe"):
+            lm = m["lm_flops_per_token"] / d["lm_flops_per_token"] - 1
+            total = m["flops_per_sample"]["total"] / d["flops_per_sample"]["total"] - 1
+            lines.append(
+                f"{m['name']} vs dense: decoder active FLOPs/token {lm:+.2%}, total FLOPs per sample {total:+.2%} "
+                "(same encoders; FLOPs per sample measured on the first training batches, decoder on real tokens).\n"
+            )
         chance = ", ".join(f"{t} {100 * p:.0f}%" for t, p in CHANCE.items())
         lines += [
             "Held-out data: unseen images, unseen voices, validation plays. Accuracy: the gold answer must have the "
@@ -137,11 +132,9 @@ class MultimodalTask(TaskAdapter):
             "## Routing by modality (MoE, held-out data after training)",
             "",
         ]
-        for name, rs in group_rows(rows).items():
-            routing = rs[0].get("routing")
-            if rs[0]["kind"] == "moe" and routing:
-                purities = ", ".join(f"layer {i}: {p:.3f}" for i, p in enumerate(routing["mean_modality_purity"]))
-                lines.append(f"- **{name}** mean modality purity {purities}.")
+        for name, routing in _routings(rows).items():
+            purities = ", ".join(f"layer {i}: {p:.3f}" for i, p in enumerate(routing["mean_modality_purity"]))
+            lines.append(f"- **{name}** mean modality purity {purities}.")
         lines += [
             "",
             "Modality purity of expert e: s_ge = c_ge / n_g (assignments of modality g to expert e per token of g), "
@@ -152,15 +145,19 @@ class MultimodalTask(TaskAdapter):
         return lines + [f"![{f}]({f})\n" for f in _plot_modality_routing(rows, out)]
 
 
+def _routings(rows: list[Row]) -> dict[str, Row]:
+    """Each MoE model's routing profile of its first seed (held-out data after training)."""
+    return {
+        n: rs[0]["routing"] for n, rs in group_rows(rows).items() if rs[0]["kind"] == "moe" and rs[0].get("routing")
+    }
+
+
 def _plot_modality_routing(rows: list[Row], out: Path) -> list[str]:
     """Per MoE model (first seed), on the val set after training: each modality's share of its expert
     assignments per expert and layer (heatmaps), and each expert's modality purity per layer."""
     plt = pyplot()
     files = []
-    for name, rs in group_rows(rows).items():
-        routing = rs[0].get("routing")
-        if rs[0]["kind"] != "moe" or not routing:
-            continue
+    for name, routing in _routings(rows).items():
         by_group = torch.tensor(routing["tokens_per_expert_by_group"])  # [L, Gr, E]
         n_layers, n_groups, n_exp = by_group.shape
         labels = [MODALITIES[g] if g < len(MODALITIES) else f"group {g}" for g in range(n_groups)]

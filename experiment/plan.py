@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ import yaml
 from moekit.core.accounting import flops_per_token
 from moekit.core.checks import fail, is_int, is_number
 from moekit.core.config import ModelConfig
-from moekit.core.layering import config_to_dict, load_config, parse_override, read_yaml, set_dotted
+from moekit.core.layering import build_dataclass, config_to_dict, merge_tree, parse_override, read_yaml, set_dotted
 from moekit.experiment.adapter import Row, RunSpec, TaskAdapter
 from moekit.experiment.lm import LMTask
 from moekit.experiment.matching import check_matched, dense_twin, describe, param_matched_twin
@@ -50,15 +51,13 @@ class CompareConfig:
     sample_tokens: int = 160  # task lm: bytes sampled from each model
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            fail("CompareConfig", "task", self.task, f"allowed values are {tuple(TASKS)}")
-        for name, low in (("seeds", 1), ("workers", 1), ("sample_tokens", 0)):
-            if not is_int(getattr(self, name)) or getattr(self, name) < low:
-                fail("CompareConfig", name, getattr(self, name), f"must be an int >= {low}")
-        if self.threads is not None and (not is_int(self.threads) or self.threads < 1):
-            fail("CompareConfig", "threads", self.threads, "must be an int >= 1 or null")
-        if self.budget not in BUDGETS:
-            fail("CompareConfig", "budget", self.budget, f"allowed values are {BUDGETS}")
+        for name, allowed in (("task", tuple(TASKS)), ("budget", BUDGETS)):
+            if getattr(self, name) not in allowed:
+                fail("CompareConfig", name, getattr(self, name), f"allowed values are {allowed}")
+        for name, low in (("seeds", 1), ("workers", 1), ("threads", 1), ("sample_tokens", 0)):
+            value = getattr(self, name)
+            if not (value is None and name == "threads") and (not is_int(value) or value < low):
+                fail("CompareConfig", name, value, f"must be an int >= {low}" + (" or null" * (name == "threads")))
         if not is_number(self.max_flops_mismatch) or not 0 <= self.max_flops_mismatch < 1:
             fail("CompareConfig", "max_flops_mismatch", self.max_flops_mismatch, "must be a number in [0, 1)")
         if not isinstance(self.variants, list) or not all(isinstance(v, str) for v in self.variants):
@@ -84,27 +83,16 @@ class Comparison:
         return {**config_to_dict(self.base), "compare": config_to_dict(self.compare)}
 
 
-def comparison_task(path: str | os.PathLike | None, overrides: list[str]) -> str:
-    """``compare.task`` from the YAML, then the overrides (the last one wins); "lm" when unset."""
-    tree = (read_yaml(path) or {}) if path is not None else {}
-    section = tree.get("compare") if isinstance(tree, dict) else None
-    task = section.get("task", "lm") if isinstance(section, dict) else "lm"
-    for key, value in map(parse_override, overrides):
-        task = value if key == "compare.task" else task
-    if task not in TASKS:
-        fail("CompareConfig", "task", task, f"allowed values are {tuple(TASKS)}")
-    return task
-
-
-def load_comparison(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Comparison:
-    """Defaults -> YAML -> dotted overrides; ``compare.*`` keys go to the CompareConfig, the rest to the run
-    config of the task that ``compare.task`` names."""
-    overrides = list(overrides)
-    task = TASKS[comparison_task(path, overrides)]
-    tree = (read_yaml(path) or {}) if path is not None else {}
-    section = dict(tree.get("compare") or {}) if isinstance(tree, dict) else {}
-    section.update(parse_override(o[len("compare.") :]) for o in overrides if o.startswith("compare."))
-    compare = load_config(CompareConfig, None, section)
+def load_comparison(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> Comparison:
+    """Defaults -> YAML -> dotted overrides. The ``compare`` section and ``compare.*`` overrides make the
+    CompareConfig; the rest is the run config of the task that ``compare.task`` names."""
+    overrides, tree = list(overrides), (read_yaml(path) if path is not None else None)
+    section, items = tree.get("compare") if isinstance(tree, dict) else None, {}
+    merge_tree(CompareConfig, items, section or {}, "compare.")
+    for key, value in (parse_override(o.removeprefix("compare.")) for o in overrides if o.startswith("compare.")):
+        set_dotted(CompareConfig, items, key, value, "compare.")
+    compare = build_dataclass(CompareConfig, items, "compare.")
+    task = TASKS[compare.task]
     base = task.load_base(path, [o for o in overrides if not o.startswith("compare.")])
     if task.decoder(base).moe is None:
         raise ValueError(

@@ -18,20 +18,10 @@ if TYPE_CHECKING:
     from moekit.experiment.plan import Comparison
 
 METRICS_FILE = "metrics.jsonl"
-SUMMARY_FIELDS = (
-    "name",
-    "kind",
-    "seed",
-    "params_total",
-    "params_active",
-    "flops_per_token",
-    "tokens_trained",
-    "train_flops",
-    "final_val_loss",
-    "tokens_per_s",
-    "peak_mem_mib",
-    "wall_s",
-    "data_digest",
+# every row field summary.json keeps, whatever the task (the adapter adds its own summary_fields)
+SUMMARY_FIELDS = tuple(
+    "name kind seed params_total params_active flops_per_token tokens_trained train_flops final_val_loss "
+    "tokens_per_s peak_mem_mib wall_s data_digest".split()
 )
 PALETTE = ["#444444", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
 
@@ -93,29 +83,20 @@ def headline(rows: list[Row], task: TaskAdapter | None = None) -> str:
 
 
 def write_report(
-    out_dir: str | Path,
-    cmp: Comparison,
-    specs: list[RunSpec],
-    rows: list[Row],
-    matching: list[Row],
-    timing: Row | None = None,
+    out_dir: str | Path, cmp: Comparison, specs: list[RunSpec], rows: list[Row], matching: list[Row], timing: Row
 ) -> Path:
     """Write summary.json, the plots and report.md into ``out_dir``; returns the report path."""
     out, task = Path(out_dir), cmp.task
     out.mkdir(parents=True, exist_ok=True)
-    fields = SUMMARY_FIELDS + task.summary_fields
-    found = verdicts(rows)
-    summary = dict(task=task.name, verdicts=found, runs=[{k: r.get(k) for k in fields} for r in rows])
-    atomic_write_json(out / "summary.json", summary)
+    runs = [{k: r.get(k) for k in SUMMARY_FIELDS + task.summary_fields} for r in rows]
+    atomic_write_json(out / "summary.json", dict(task=task.name, verdicts=verdicts(rows), runs=runs))
     sweep_key = cmp.compare.sweep.partition("=")[0].strip().removeprefix("moe.") if cmp.compare.sweep else None
     plots = _plot_curves(specs, rows, out) + ([_plot_sweep(rows, out, sweep_key)] if sweep_key else [])
     plots += [_plot_bars(rows, out)] + _plot_routing(specs, out)
 
     lines = [f"# {task.title}", "", f"**Result.** {headline(rows, task)}", ""]  # verdict sentences go first here
-    lines += ["## What was held equal", "", _table(["model", "kind", *(h for h, _ in task.matching_columns)])]
-    lines += [
-        f"| {m['name']} | {m['kind']} | " + " | ".join(f(m) for _, f in task.matching_columns) + " |" for m in matching
-    ]
+    cells = [[m["name"], m["kind"], *(f(m) for _, f in task.matching_columns)] for m in matching]
+    lines += ["## What was held equal", "", *_table(["model", "kind", *(h for h, _ in task.matching_columns)], cells)]
     digests = sorted({str(r.get("data_digest")) for r in rows if r["seed"] == rows[0]["seed"]})
     lines += [
         "",
@@ -131,36 +112,34 @@ def write_report(
     cols += [
         ("tokens trained", lambda rs: f"{rs[0]['tokens_trained']:,}"),
         ("train FLOPs", lambda rs: f"{rs[0]['train_flops']:.3g}"),
-        ("tokens/s", lambda rs: f"{mean_spread([r['tokens_per_s'] for r in rs])[0]:,.0f}"),
-        ("peak MiB", lambda rs: f"{mean_spread([r['peak_mem_mib'] for r in rs])[0]:,.0f}"),
-        ("train s", lambda rs: f"{mean_spread([r['wall_s'] for r in rs])[0]:,.0f}"),
+        *((h, lambda rs, k=k: f"{mean_spread([r[k] for r in rs])[0]:,.0f}") for h, k in _MEANS),
     ]
-    lines.append(_table(["model", "seeds", *(h for h, _ in cols)]))
-    for name, rs in group_rows(rows).items():
-        lines.append(f"| {name} | {len(rs)} | " + " | ".join(f(rs) for _, f in cols) + " |")
+    cells = [[name, str(len(rs)), *(f(rs) for _, f in cols)] for name, rs in group_rows(rows).items()]
+    lines += _table(["model", "seeds", *(h for h, _ in cols)], cells)
     lines += ["", "Spread is the sample standard deviation over seeds (± 0 for one seed).", ""]
     lines += task.sections(out, specs, rows, matching)
     lines += ["## Plots", ""] + [f"![{f}]({f})\n" for f in plots]
-    if timing:
-        lines += [
-            "## Time",
-            "",
-            f"{timing['wall_s']:.0f} s wall for the whole comparison ({timing.get('workers')} run(s) at a time, "
-            f"{timing.get('threads') or 'default'} torch thread(s) each, {timing.get('cpus')} CPUs; load average "
-            f"{timing.get('loadavg_start')} at the start, {timing.get('loadavg_end')} at the end).",
-            "",
-            _table(["run", "train s", "setup + train + eval s"]),
-        ]
-        lines += [
-            f"| {r['name']}-seed{r['seed']} | {r['wall_s']:.0f} | {r.get('run_wall_s', math.nan):.0f} |" for r in rows
-        ]
-        lines.append("")
-    lines += ["## Configuration", "", "```yaml", yaml.safe_dump(cmp.to_dict(), sort_keys=False).rstrip(), "```", ""]
-    return atomic_write_text(out / "report.md", "\n".join(lines))
+    lines += [
+        "## Time",
+        "",
+        f"{timing['wall_s']:.0f} s wall for the whole comparison ({timing['workers']} run(s) at a time, "
+        f"{timing['threads'] or 'default'} torch thread(s) each, {timing['cpus']} CPUs; load average "
+        f"{timing['loadavg_start']} at the start, {timing['loadavg_end']} at the end).",
+        "",
+    ]
+    cells = [
+        [f"{r['name']}-seed{r['seed']}", f"{r['wall_s']:.0f}", f"{r.get('run_wall_s', math.nan):.0f}"] for r in rows
+    ]
+    lines += _table(["run", "train s", "setup + train + eval s"], cells)
+    lines += ["", "## Configuration", "", "```yaml", yaml.safe_dump(cmp.to_dict(), sort_keys=False).rstrip(), "```"]
+    return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
-def _table(headers: list[str]) -> str:
-    return "| " + " | ".join(headers) + " |\n" + "|---" * len(headers) + "|"
+_MEANS = (("tokens/s", "tokens_per_s"), ("peak MiB", "peak_mem_mib"), ("train s", "wall_s"))
+
+
+def _table(headers: list[str], cells: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(row) + " |" for row in [headers, ["---"] * len(headers), *cells]]
 
 
 def _color(name: str, names: Any) -> str:
@@ -170,19 +149,15 @@ def _color(name: str, names: Any) -> str:
 def _plot_curves(specs: list[RunSpec], rows: list[Row], out: Path) -> list[str]:
     """Validation loss against training tokens, training FLOPs and training seconds, every run."""
     plt = pyplot()
-    row_of = {(r["name"], r["seed"]): r for r in rows}
     curves: dict[str, list[dict[str, list[float]]]] = defaultdict(list)
-    for s in specs:
+    for s, row in zip(specs, rows):  # rows are in plan order
         ev = [m for m in read_metrics(out / "runs" / s.folder) if "val_loss" in m]
-        if not ev:
-            continue
-        row = row_of.get((s.name, s.seed), {})
-        flops_per_tok = row.get("train_flops", 0) / max(row.get("tokens_trained") or 1, 1)
-        tps = row.get("tokens_per_s") or math.nan
-        toks = [m["tokens_seen"] for m in ev]
-        secs = [m.get("train_seconds", t / tps) for m, t in zip(ev, toks)]
-        curves[s.name].append(dict(tokens=toks, flops=[flops_per_tok * t for t in toks], time=secs))
-        curves[s.name][-1]["loss"] = [m["val_loss"] for m in ev]
+        toks, fpt, tps = [m["tokens_seen"] for m in ev], row["train_flops"] / row["tokens_trained"], row["tokens_per_s"]
+        secs = [m.get("train_seconds", t / (tps or math.nan)) for m, t in zip(ev, toks)]
+        if ev:
+            curves[s.name].append(
+                dict(tokens=toks, flops=[fpt * t for t in toks], time=secs, loss=[m["val_loss"] for m in ev])
+            )
     files = []
     for key, label in (("tokens", "training tokens"), ("flops", "training FLOPs"), ("time", "training seconds")):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -190,10 +165,7 @@ def _plot_curves(specs: list[RunSpec], rows: list[Row], out: Path) -> list[str]:
             for i, c in enumerate(runs):
                 ax.plot(c[key], c["loss"], color=_color(name, curves), alpha=0.9, label=name if i == 0 else None)
         ax.set(xlabel=label, ylabel="validation loss (nats/byte)", title=f"Validation loss vs {label}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        files.append(save_figure(fig, out, f"val_loss_vs_{key}.png"))
+        files.append(_finish(fig, ax, out, f"val_loss_vs_{key}.png"))
     return files
 
 
@@ -203,10 +175,7 @@ def _plot_routing(specs: list[RunSpec], out: Path) -> list[str]:
 
     plt = pyplot()
     files = []
-    firsts: dict[str, RunSpec] = {}
-    for s in specs:
-        if s.kind == "moe":
-            firsts.setdefault(s.name, s)
+    firsts = {n: next(s for s in specs if s.name == n) for n in dict.fromkeys(s.name for s in specs if s.kind == "moe")}
     for name, s in firsts.items():
         logs = [m for m in read_metrics(out / "runs" / s.folder) if "moe_layers" in m]
         if not logs:
@@ -274,7 +243,11 @@ def _plot_sweep(rows: list[Row], out: Path, key: str) -> str:
     if not numeric:
         ax.set_xticks(pos, [str(x) for x in xs])
     ax.set(xlabel=key, ylabel="final validation loss", title=f"Final validation loss vs {key} at fixed active compute")
+    return _finish(fig, ax, out, "sweep.png")
+
+
+def _finish(fig: Any, ax: Any, out: Path, fname: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    return save_figure(fig, out, "sweep.png")
+    return save_figure(fig, out, fname)

@@ -128,19 +128,12 @@ def run_one(
     acc = trainer.accelerator
     with PeakMemory(acc.device) as mem:
         summary = trainer.train()
-    row = dict(
-        name=spec.name,
-        kind=spec.kind,
-        seed=spec.seed,
-        **{k: v for k, v in facts.items() if k not in ("name", "kind", "steps")},
-        tokens_trained=summary["tokens_seen"],
-        final_val_loss=summary.get("val_loss"),
-        tokens_per_s=summary.get("mean_tokens_per_s"),
-        peak_mem_mib=round(mem.mib, 1),
-        wall_s=round(summary.get("train_seconds", time.perf_counter() - t0), 2),
-        sweep_value=spec.sweep_value,
-        data_digest=data_digest(spec.run.train, len(trainer.train_data)),
-    )
+    row = {"name": spec.name, "kind": spec.kind, "seed": spec.seed, **facts, "sweep_value": spec.sweep_value}
+    del row["steps"]
+    row.update(tokens_trained=summary["tokens_seen"], final_val_loss=summary.get("val_loss"))
+    row.update(tokens_per_s=summary.get("mean_tokens_per_s"), peak_mem_mib=round(mem.mib, 1))
+    row.update(wall_s=round(summary.get("train_seconds", time.perf_counter() - t0), 2))
+    row.update(data_digest=data_digest(spec.run.train, len(trainer.train_data)))
     row.update(task.results(trainer, summary, spec, facts, compare))
     row["run_wall_s"] = round(time.perf_counter() - t0, 2)  # setup, training, evaluation, sampling
     return finish_run(acc, run_dir, row)
@@ -157,13 +150,9 @@ def finish_run(acc: Any, run_dir: Path, row: Row) -> Row:
     return row
 
 
-def _worker_init(threads: int | None) -> None:
-    if threads is not None:
-        torch.set_num_threads(threads)
-
-
 def _worker_run(spec: RunSpec, run_dir: str, compare: CompareConfig, facts: Row) -> Row:
-    return run_one(spec, Path(run_dir), compare, facts)
+    with num_threads(compare.threads):
+        return run_one(spec, Path(run_dir), compare, facts)
 
 
 def print_matching(matching: list[Row], columns: tuple, say: Any = print) -> None:
@@ -213,18 +202,10 @@ def run_comparison(
     if c.workers > 1 and len(todo) > 1 and not launched:
         # One fresh process per run: a reused worker keeps the previous run's freed heap in its RSS, which
         # would make the later runs' peak memory (RSS above the start value) read far too low.
-        with concurrent.futures.ProcessPoolExecutor(
-            min(c.workers, len(todo)),
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_worker_init,
-            initargs=(c.threads,),
-            max_tasks_per_child=1,
-        ) as pool:
-            futures = {
-                s.folder: pool.submit(_worker_run, s, str(out / "runs" / s.folder), c, facts[s.name]) for s in todo
-            }
-            for folder, fut in futures.items():
-                rows[folder] = fut.result()
+        ctx = multiprocessing.get_context("spawn")  # fork would copy this process's threads and torch state
+        with concurrent.futures.ProcessPoolExecutor(min(c.workers, len(todo)), ctx, max_tasks_per_child=1) as pool:
+            futures = [(s, pool.submit(_worker_run, s, str(out / "runs" / s.folder), c, facts[s.name])) for s in todo]
+            rows.update((s.folder, fut.result()) for s, fut in futures)
     else:
         with num_threads(c.threads):
             for s in todo:
@@ -240,7 +221,4 @@ def run_comparison(
 
 
 def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None  # not on Windows

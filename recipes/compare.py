@@ -30,10 +30,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from moekit.experiment.plan import comparison_task, load_comparison
+from moekit.experiment.plan import load_comparison
 from moekit.experiment.runner import run_comparison
-
-__all__ = ["comparison_task", "main"]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

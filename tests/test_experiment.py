@@ -81,15 +81,16 @@ def test_compare_config_errors_name_the_field_and_allowed_values(field, value, a
         CompareConfig(**{field: value})
 
 
-def test_task_registry_and_recipe_switch():
-    recipe = _recipe()
+def test_task_registry_and_the_compare_task_switch():
     mm = str(Path(CONFIG).with_name("mm-cpu.yaml"))
     assert isinstance(TASKS["lm"], LMTask) and set(TASKS) == {"lm", "multimodal"}
-    assert recipe.comparison_task(CONFIG, []) == "lm"  # no task key: the language-model comparison
-    assert recipe.comparison_task(mm, []) == "multimodal"
-    assert recipe.comparison_task(mm, ["compare.task=lm"]) == "lm"  # the last override wins
-    with pytest.raises(ValueError, match=r"task='speech'.*'lm', 'multimodal'"):
-        recipe.comparison_task(CONFIG, ["compare.task=speech"])
+    assert load(*()).task.name == "lm"  # no task key: the language-model comparison
+    assert load_comparison(mm, []).task.name == "multimodal"
+    assert load("compare.task=multimodal", "compare.task=lm").task.name == "lm"  # the last override wins
+    with pytest.raises(ValueError, match=r"CompareConfig\.task='speech' is invalid.*'lm', 'multimodal'"):
+        load("compare.task=speech")
+    with pytest.raises(ValueError, match=r"unknown config key 'compare\.sed'"):
+        load("compare.sed=2")
 
 
 def _recipe():
@@ -159,9 +160,9 @@ def test_two_runs_side_by_side_in_worker_processes(tmp_path, monkeypatch):
     pools = []
 
     class Pool(runner.concurrent.futures.ProcessPoolExecutor):
-        def __init__(self, workers, **kw):
-            pools.append((workers, kw["mp_context"].get_start_method(), kw["max_tasks_per_child"]))
-            super().__init__(workers, **kw)
+        def __init__(self, workers, ctx, **kw):
+            pools.append((workers, ctx.get_start_method(), kw["max_tasks_per_child"]))
+            super().__init__(workers, ctx, **kw)
 
     monkeypatch.setattr(runner.concurrent.futures, "ProcessPoolExecutor", Pool)
     # spawned workers import afresh: this process must not train a run itself
