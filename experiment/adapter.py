@@ -1,11 +1,7 @@
-"""The task adapter: everything the comparison layer needs to know about one task, and nothing more.
-
-The planner, runner and report writer (``plan.py``, ``runner.py``, ``report.py``) are task-agnostic. A task
-(language modelling, multimodal, ...) is one :class:`TaskAdapter` subclass in its own file, registered by
-name in ``moekit.experiment.plan.TASKS``. It says how to load its run config, where the decoder's
-``ModelConfig`` sits in it (the part the dense twin replaces), how to build its Trainer, which facts and
-result fields it adds, and which report sections it writes.
-"""
+"""The task adapter: all that the task-agnostic planner, runner and report writer know about a task. A task
+is one :class:`TaskAdapter` subclass in its own file, registered by name in ``moekit.experiment.plan.TASKS``:
+its run config, where the decoder's ``ModelConfig`` sits in it (what the dense twin replaces), its Trainer,
+its facts and result fields, its report sections."""
 
 from __future__ import annotations
 

@@ -1,12 +1,8 @@
-"""The comparison's config and planner, for every task.
-
-From one MoE base run config the plan builds the dense twin with the same active FLOPs per token
-(``moekit.experiment.matching.dense_twin``), the MoE model itself, optional MoE variants or a sweep over one
-MoE field at fixed active compute, optionally a dense model with the MoE model's total parameters, and each
-model at ``compare.seeds`` seeds. Everything but the decoder config (and, for a FLOP budget, the steps) is
-the base run's: same data order (``StepSampler`` seeded by ``train.seed``), init seed, optimizer, schedule.
-The task adapter (``TASKS``) says where the decoder config sits in the task's run config.
-"""
+"""The comparison's config and planner, for every task (``TASKS``: name -> adapter). From one MoE base run
+config: the dense twin at the same active FLOPs per token, the MoE model, MoE variants or a sweep over one MoE
+field at fixed active compute, optionally a dense model with the MoE's total parameters, each at
+``compare.seeds`` seeds. All but the decoder (and, for a FLOP budget, the steps) is the base run's: same data
+order (``StepSampler`` seeded by ``train.seed``), init seed, optimizer, schedule."""
 
 from __future__ import annotations
 

@@ -1,12 +1,9 @@
 """The comparison's runner, for every task: train (or reuse) each planned run, then write the report.
 
-Runs train side by side in ``compare.workers`` fresh processes (spawned, ``compare.threads`` torch threads
-each): on a small shared CPU two single-threaded processes beat one two-threaded process by a wide margin,
-since these models are too small to split across threads. Under a launcher (torchrun / accelerate launch,
-``expect_processes`` > 1) every rank trains the runs one after another instead, together. A finished run
-leaves ``result.json`` and is reused, an interrupted one resumes from its last checkpoint; either only if
-its ``config.yaml`` is the plan's (otherwise the refusal names the first differing field).
-"""
+Runs train side by side in ``compare.workers`` fresh spawned processes (``compare.threads`` torch threads
+each): on a small shared CPU two single-threaded processes beat one two-threaded one by a wide margin. Under a
+launcher (``expect_processes`` > 1) all ranks train the runs one after another, together. A finished run
+(``result.json``) is reused and an interrupted one resumes, only if its ``config.yaml`` is the plan's."""
 
 from __future__ import annotations
 
@@ -35,41 +32,32 @@ from moekit.experiment.report import headline, write_report
 RESULT_FILE = "result.json"
 
 
-class PeakMemory:
-    """Peak memory of a run: CUDA's allocator peak, or on CPU the process RSS peak above its start value."""
+@contextlib.contextmanager
+def peak_memory(device: torch.device) -> Iterator[list[float]]:
+    """``[MiB]``, set when the block ends: CUDA's allocator peak, or on CPU the process RSS peak above its
+    start value, sampled every 50 ms (RSS because CPU tensors live on the process heap)."""
+    out = [0.0]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        yield out
+        out[0] = torch.cuda.max_memory_allocated(device) / 2**20
+        return
+    import psutil
 
-    def __init__(self, device: torch.device, interval_s: float = 0.05) -> None:
-        self.device, self.interval = device, interval_s
-        self._stop = threading.Event()
-        self.peak = 0
+    proc, stop = psutil.Process(), threading.Event()
+    base = proc.memory_info().rss
 
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return self
-        import psutil
+    def watch() -> None:
+        while not stop.wait(0.05):
+            out[0] = max(out[0], (proc.memory_info().rss - base) / 2**20)
 
-        proc = psutil.Process()
-        base = proc.memory_info().rss
-
-        def watch() -> None:
-            while not self._stop.wait(self.interval):
-                self.peak = max(self.peak, proc.memory_info().rss - base)
-
-        self._thread = threading.Thread(target=watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-
-    @property
-    def mib(self) -> float:
-        return self.peak / 2**20
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
 
 
 def data_digest(train: Any, num_items: int) -> str:
@@ -126,12 +114,12 @@ def run_one(
     t0 = time.perf_counter()
     trainer = task.build_trainer(spec.run, run_dir, resume=resume, expect_processes=expect_processes, state=state)
     acc = trainer.accelerator
-    with PeakMemory(acc.device) as mem:
+    with peak_memory(acc.device) as mib:
         summary = trainer.train()
     row = {"name": spec.name, "kind": spec.kind, "seed": spec.seed, **facts, "sweep_value": spec.sweep_value}
     del row["steps"]
     row.update(tokens_trained=summary["tokens_seen"], final_val_loss=summary.get("val_loss"))
-    row.update(tokens_per_s=summary.get("mean_tokens_per_s"), peak_mem_mib=round(mem.mib, 1))
+    row.update(tokens_per_s=summary.get("mean_tokens_per_s"), peak_mem_mib=round(mib[0], 1))
     row.update(wall_s=round(summary.get("train_seconds", time.perf_counter() - t0), 2))
     row.update(data_digest=data_digest(spec.run.train, len(trainer.train_data)))
     row.update(task.results(trainer, summary, spec, facts, compare))
