@@ -107,24 +107,25 @@ def run_one(
     expect_processes: int | None = None,
     state: Any = None,
 ) -> Row:
-    """Train one run (resuming if it was interrupted) and return its row; the main process writes result.json."""
+    """Train one run (resuming if it was interrupted) on ``compare.threads`` torch threads and return its row;
+    the main process writes result.json. ``state``: the adapter's ``prepare`` value, None in a worker."""
     task = TASKS[spec.task]
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = (run_dir / "ckpt").is_dir() and any((run_dir / "ckpt").iterdir())
     t0 = time.perf_counter()
-    trainer = task.build_trainer(spec.run, run_dir, resume=resume, expect_processes=expect_processes, state=state)
-    acc = trainer.accelerator
-    with peak_memory(acc.device) as mib:
-        summary = trainer.train()
-    row = {"name": spec.name, "kind": spec.kind, "seed": spec.seed, **facts, "sweep_value": spec.sweep_value}
-    del row["steps"]
-    row.update(tokens_trained=summary["tokens_seen"], final_val_loss=summary.get("val_loss"))
-    row.update(tokens_per_s=summary.get("mean_tokens_per_s"), peak_mem_mib=round(mib[0], 1))
-    row.update(wall_s=round(summary.get("train_seconds", time.perf_counter() - t0), 2))
-    row.update(data_digest=data_digest(spec.run.train, len(trainer.train_data)))
-    row.update(task.results(trainer, summary, spec, facts, compare))
+    with num_threads(compare.threads):
+        trainer = task.build_trainer(spec.run, run_dir, resume=resume, expect_processes=expect_processes, state=state)
+        with peak_memory(trainer.accelerator.device) as mib:
+            summary = trainer.train()
+        row = {"name": spec.name, "kind": spec.kind, "seed": spec.seed, **facts, "sweep_value": spec.sweep_value}
+        del row["steps"]
+        row.update(tokens_trained=summary["tokens_seen"], final_val_loss=summary.get("val_loss"))
+        row.update(tokens_per_s=summary.get("mean_tokens_per_s"), peak_mem_mib=round(mib[0], 1))
+        row.update(wall_s=round(summary.get("train_seconds", time.perf_counter() - t0), 2))
+        row.update(data_digest=data_digest(spec.run.train, len(trainer.train_data)))
+        row.update(task.results(trainer, summary, spec, facts, compare))
     row["run_wall_s"] = round(time.perf_counter() - t0, 2)  # setup, training, evaluation, sampling
-    return finish_run(acc, run_dir, row)
+    return finish_run(trainer.accelerator, run_dir, row)
 
 
 def finish_run(acc: Any, run_dir: Path, row: Row) -> Row:
@@ -136,11 +137,6 @@ def finish_run(acc: Any, run_dir: Path, row: Row) -> Row:
         tracker.finish()
     acc.wait_for_everyone()
     return row
-
-
-def _worker_run(spec: RunSpec, run_dir: str, compare: CompareConfig, facts: Row) -> Row:
-    with num_threads(compare.threads):
-        return run_one(spec, Path(run_dir), compare, facts)
 
 
 def print_matching(matching: list[Row], columns: tuple, say: Any = print) -> None:
@@ -192,12 +188,11 @@ def run_comparison(
         # would make the later runs' peak memory (RSS above the start value) read far too low.
         ctx = multiprocessing.get_context("spawn")  # fork would copy this process's threads and torch state
         with concurrent.futures.ProcessPoolExecutor(min(c.workers, len(todo)), ctx, max_tasks_per_child=1) as pool:
-            futures = [(s, pool.submit(_worker_run, s, str(out / "runs" / s.folder), c, facts[s.name])) for s in todo]
+            futures = [(s, pool.submit(run_one, s, out / "runs" / s.folder, c, facts[s.name])) for s in todo]
             rows.update((s.folder, fut.result()) for s, fut in futures)
     else:
-        with num_threads(c.threads):
-            for s in todo:
-                rows[s.folder] = run_one(s, out / "runs" / s.folder, c, facts[s.name], expect_processes, state)
+        for s in todo:
+            rows[s.folder] = run_one(s, out / "runs" / s.folder, c, facts[s.name], expect_processes, state)
     ordered = [rows[s.folder] for s in specs]
     timing = dict(wall_s=round(time.perf_counter() - t0, 1), loadavg_start=load0, loadavg_end=_loadavg())
     timing.update(workers=c.workers, threads=c.threads, cpus=os.cpu_count())
