@@ -37,12 +37,9 @@ class LMTask(TaskAdapter):
         return build_lm_trainer(run, run_dir, resume=resume, expect_processes=expect_processes)[0]
 
     def results(self, trainer: Any, summary: Row, spec: RunSpec, facts: Row, compare: Any) -> Row:
-        sample = ""
         full = trainer.gather_full_model()  # collective (expert-parallel shards); the model on the main process
-        if full is not None:
-            sample = sample_text(full, ByteTokenizer(), [compare.prompt], max_new_tokens=compare.sample_tokens, seed=0)[
-                0
-            ]
+        prompts, n = [compare.prompt], compare.sample_tokens
+        sample = "" if full is None else sample_text(full, ByteTokenizer(), prompts, max_new_tokens=n, seed=0)[0]
         return dict(
             train_flops=3 * facts["flops_per_token"] * summary["tokens_seen"],
             val_bits_per_byte=summary.get("val_bpb"),

@@ -75,9 +75,6 @@ class Comparison:
     def task(self) -> TaskAdapter:
         return TASKS[self.compare.task]
 
-    def to_dict(self) -> dict[str, Any]:
-        return {**config_to_dict(self.base), "compare": config_to_dict(self.compare)}
-
 
 def load_comparison(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> Comparison:
     """Defaults -> YAML -> dotted overrides. The ``compare`` section and ``compare.*`` overrides make the

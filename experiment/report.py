@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from moekit.core.files import atomic_write_json, atomic_write_text
+from moekit.core.layering import config_to_dict
 from moekit.experiment.adapter import Row, RunSpec, TaskAdapter, cell, group_rows, mean_spread, pyplot, save_figure
 
 if TYPE_CHECKING:
@@ -131,7 +132,8 @@ def write_report(
         [f"{r['name']}-seed{r['seed']}", f"{r['wall_s']:.0f}", f"{r.get('run_wall_s', math.nan):.0f}"] for r in rows
     ]
     lines += _table(["run", "train s", "setup + train + eval s"], cells)
-    lines += ["", "## Configuration", "", "```yaml", yaml.safe_dump(cmp.to_dict(), sort_keys=False).rstrip(), "```"]
+    config = yaml.safe_dump({**config_to_dict(cmp.base), "compare": config_to_dict(cmp.compare)}, sort_keys=False)
+    lines += ["", "## Configuration", "", "```yaml", config.rstrip(), "```"]
     return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
