@@ -108,9 +108,9 @@ def group_rows(rows: list[Row]) -> dict[str, list[Row]]:
 
 
 def cell(rs: list[Row], key: str, spec: str = ".4f") -> str:
-    """``mean ± sd`` of ``key`` over a model's rows ('n/a' when absent)."""
+    """``mean ± sd`` of ``key`` over a model's rows (the mean alone for one row, 'n/a' when absent)."""
     m, sd = mean_spread([r.get(key) for r in rs])
-    return "n/a" if math.isnan(m) else f"{m:{spec}} ± {sd:{spec}}"
+    return "n/a" if math.isnan(m) else f"{m:{spec}}" + (f" ± {sd:{spec}}" if len(rs) > 1 else "")
 
 
 def save_figure(fig: Any, out: Path, fname: str) -> str:

@@ -29,13 +29,6 @@ from moekit.multimodal.train import (
 MODALITIES = ("text", "image", "audio")  # group ids 0, 1, 2 (moekit.multimodal.sequence)
 
 
-def _acc(rs: list[Row], key: str) -> str:
-    m, sd = mean_spread([r.get(key) for r in rs])
-    if math.isnan(m):
-        return "n/a"
-    return f"{100 * m:.1f}%" if len(rs) < 2 else f"{100 * m:.1f} ± {100 * sd:.1f}%"
-
-
 def _mflops(key: str) -> Any:
     return lambda m: f"{m['flops_per_sample'][key] / 1e6:.3f}M"
 
@@ -59,7 +52,7 @@ class MultimodalTask(TaskAdapter):
     )
     result_columns = (
         ("text loss", lambda rs: cell(rs, "val_text_loss")),
-        *((f"{t} acc", lambda rs, t=t: _acc(rs, f"{t}_acc")) for t in CANDIDATES),
+        *((f"{t} acc", lambda rs, t=t: cell(rs, f"{t}_acc", ".1%")) for t in CANDIDATES),
     )
 
     def seq_len(self, run: MultimodalRunConfig) -> int:
@@ -110,7 +103,7 @@ class MultimodalTask(TaskAdapter):
         best = min(moe, key=lambda n: mean_spread([r["final_val_loss"] for r in groups[n]])[0])
         tasks = [t for t in CANDIDATES if any(f"{t}_acc" in r for r in rows)]
         chance = ", ".join(f"{t} {100 * CHANCE[t]:.0f}%" for t in tasks)
-        accs = {n: ", ".join(f"{t} {_acc(groups[n], f'{t}_acc')}" for t in tasks) for n in (best, "dense")}
+        accs = {n: ", ".join(f"{t} {cell(groups[n], f'{t}_acc', '.1%')}" for t in tasks) for n in (best, "dense")}
         return f"Held-out accuracy (chance: {chance}): {best} {accs[best]}; dense {accs['dense']}."
 
     def sections(self, out: Path, specs: list[RunSpec], rows: list[Row], matching: list[Row]) -> list[str]:

@@ -96,8 +96,7 @@ def write_report(
     plots += [_plot_bars(rows, out)] + _plot_routing(specs, out)
 
     lines = [f"# {task.title}", "", f"**Result.** {headline(rows, task)}", ""]  # verdict sentences go first here
-    cells = [[m["name"], m["kind"], *(f(m) for _, f in task.matching_columns)] for m in matching]
-    lines += ["## What was held equal", "", *_table(["model", "kind", *(h for h, _ in task.matching_columns)], cells)]
+    lines += ["## What was held equal", "", *matching_lines(matching, task)]
     digests = sorted({str(r.get("data_digest")) for r in rows if r["seed"] == rows[0]["seed"]})
     lines += [
         "",
@@ -117,7 +116,7 @@ def write_report(
     ]
     cells = [[name, str(len(rs)), *(f(rs) for _, f in cols)] for name, rs in group_rows(rows).items()]
     lines += _table(["model", "seeds", *(h for h, _ in cols)], cells)
-    lines += ["", "Spread is the sample standard deviation over seeds (± 0 for one seed).", ""]
+    lines += ["", "Spread: the sample standard deviation over seeds (none with one seed).", ""]
     lines += task.sections(out, specs, rows, matching)
     lines += ["## Plots", ""] + [f"![{f}]({f})\n" for f in plots]
     lines += [
@@ -138,6 +137,12 @@ def write_report(
 
 
 _MEANS = (("tokens/s", "tokens_per_s"), ("peak MiB", "peak_mem_mib"), ("train s", "wall_s"))
+
+
+def matching_lines(matching: list[Row], task: TaskAdapter) -> list[str]:
+    """The matching table (markdown; also what the runner prints before training)."""
+    cells = [[m["name"], m["kind"], *(f(m) for _, f in task.matching_columns)] for m in matching]
+    return _table(["model", "kind", *(h for h, _ in task.matching_columns)], cells)
 
 
 def _table(headers: list[str], cells: list[list[str]]) -> list[str]:

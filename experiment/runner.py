@@ -27,7 +27,7 @@ from moekit.core.layering import config_to_dict
 from moekit.core.run_folder import PLACEMENT_KEYS, diff_trees, read_run_config
 from moekit.experiment.adapter import Row, RunSpec
 from moekit.experiment.plan import TASKS, CompareConfig, Comparison, matching_table, plan_runs
-from moekit.experiment.report import headline, write_report
+from moekit.experiment.report import headline, matching_lines, write_report
 
 RESULT_FILE = "result.json"
 
@@ -139,13 +139,6 @@ def finish_run(acc: Any, run_dir: Path, row: Row) -> Row:
     return row
 
 
-def print_matching(matching: list[Row], columns: tuple, say: Any = print) -> None:
-    say("matching (what the comparison holds equal):")
-    say("  " + " | ".join(["model".ljust(24), "kind  ", *(h for h, _ in columns)]))
-    for m in matching:
-        say("  " + " | ".join([m["name"].ljust(24), m["kind"].ljust(6), *(f(m).rjust(len(h)) for h, f in columns)]))
-
-
 def run_comparison(
     cmp: Comparison,
     out_dir: str | os.PathLike,
@@ -166,7 +159,7 @@ def run_comparison(
         state = task.prepare(cmp.base)
         matching = matching_table(specs, state)
     facts = {m["name"]: m for m in matching}
-    print_matching(matching, task.matching_columns, say)
+    say("matching (what the comparison holds equal):\n" + "\n".join(matching_lines(matching, task)))
     say(f"{len(specs)} runs: " + ", ".join(s.folder for s in specs), flush=True)
     if dry_run:
         return []
