@@ -28,19 +28,9 @@ from moekit.moe.parallel import (
 from moekit.moe.router import Router, Routing
 from moekit.moe.telemetry import RoutingStats, summarize_routing
 
-# matching, upcycling and the comparison build on moekit.core, whose ModelConfig imports MoEConfig from this package:
+# upcycling builds on moekit.core, whose ModelConfig imports MoEConfig from this package:
 # loading them on first use (PEP 562) keeps `import moekit.core` and `import moekit.moe` cycle-free.
 _LAZY = {
-    "CompareConfig": "moekit.moe.compare",
-    "ComparisonConfig": "moekit.moe.compare",
-    "plan_runs": "moekit.moe.compare",
-    "run_comparison": "moekit.moe.compare",
-    "write_report": "moekit.moe.report",
-    "MatchReport": "moekit.moe.matching",
-    "check_matched": "moekit.moe.matching",
-    "dense_twin": "moekit.moe.matching",
-    "describe": "moekit.moe.matching",
-    "param_matched_twin": "moekit.moe.matching",
     "upcycle": "moekit.moe.upcycling",
 }
 
@@ -54,11 +44,6 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "CompareConfig",
-    "ComparisonConfig",
-    "plan_runs",
-    "run_comparison",
-    "write_report",
     "ExpertParallelGroups",
     "gather_full_model",
     "load_expert_state",
@@ -72,7 +57,6 @@ __all__ = [
     "init_expert_parallel",
     "shard_experts",
     "unshard_experts",
-    "MatchReport",
     "MoEConfig",
     "MoELayer",
     "MoEOutput",
@@ -82,11 +66,7 @@ __all__ = [
     "RoutingStats",
     "SharedExperts",
     "assignment_counts",
-    "check_matched",
-    "dense_twin",
-    "describe",
     "load_balance_loss",
-    "param_matched_twin",
     "router_z_loss",
     "summarize_routing",
     "update_router_biases",

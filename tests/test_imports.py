@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-PACKAGES = ["moekit.core", "moekit.moe", "moekit.multimodal"]
+PACKAGES = ["moekit.core", "moekit.moe", "moekit.multimodal", "moekit.experiment"]
 
 
-SUBMODULES = ["moekit.core.layers", "moekit.moe.matching", "moekit.core.train", "moekit.core.lm"]
+SUBMODULES = ["moekit.core.layers", "moekit.experiment.matching", "moekit.core.train", "moekit.core.lm"]
 SUBMODULES += ["moekit.core.train_config", "moekit.core.meter"]
 
 
@@ -22,6 +22,7 @@ def test_fresh_import_order(first):
 
 
 def test_lazy_exports_are_functions():
-    from moekit.moe import dense_twin, upcycle
+    from moekit.experiment import dense_twin
+    from moekit.moe import upcycle
 
     assert callable(upcycle) and callable(dense_twin)
