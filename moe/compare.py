@@ -272,7 +272,8 @@ def run_one(
     spec: RunSpec, run_dir: Path, prompt: str, sample_tokens: int, expect_processes: int | None = None
 ) -> dict[str, Any]:
     """Train one run (resuming if it was interrupted) and return its summary row; rank 0 writes result.json."""
-    from moekit.core.lm import build_lm_trainer, sample_text
+    from moekit.core.generate import sample_text
+    from moekit.experiment.lm import build_lm_trainer
 
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = (run_dir / "ckpt").is_dir() and any((run_dir / "ckpt").iterdir())

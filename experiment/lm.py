@@ -1,20 +1,25 @@
 """The language-model wiring of the Trainer: Shakespeare windows through the byte tokenizer into a Transformer,
-and sampling from the trained model. Used by recipes/train_lm.py and the sparse-vs-dense comparison."""
+trained with ``LMObjective`` and ``MoEExtension(cfg.parallel)`` (a no-op for a dense model). Used by
+recipes/train_lm.py and the sparse-vs-dense comparison."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from accelerate.utils import set_seed
-from torch import nn
 
+from moekit.core.accounting import count_params, flops_per_token
+from moekit.core.checks import fail
 from moekit.core.configio import RunConfig
+from moekit.core.data import PackedSequences, load_corpus, tokenize_splits
+from moekit.core.model import Transformer
+from moekit.core.objective import LMObjective
 from moekit.core.tokenizer import ByteTokenizer
 from moekit.core.train import Trainer
-from moekit.core.train_config import _fail
+from moekit.moe.extension import MoEExtension
+
+__all__ = ["build_lm_trainer"]
 
 
 def build_lm_trainer(
@@ -22,14 +27,9 @@ def build_lm_trainer(
 ) -> tuple[Trainer, ByteTokenizer]:
     """Tokenise the corpus, build the Transformer and its Trainer, write ``config.yaml``, print the model facts.
     ``expect_processes``: the launcher's world size, checked against Accelerate's (see ``Trainer``)."""
-    from moekit.core.accounting import count_params, flops_per_token
-    from moekit.core.data import PackedSequences, load_corpus, tokenize_splits
-    from moekit.core.model import Transformer
-    from moekit.core.tokenizer import ByteTokenizer
-
     tok = ByteTokenizer()
     if cfg.model.vocab_size < tok.vocab_size:
-        _fail("ModelConfig", "vocab_size", cfg.model.vocab_size, f"must be >= the tokenizer's {tok.vocab_size}")
+        fail("ModelConfig", "vocab_size", cfg.model.vocab_size, f"must be >= the tokenizer's {tok.vocab_size}")
     run_dir = Path(run_dir)
     if resume:
         cfg.check_resumable(run_dir)
@@ -50,6 +50,8 @@ def build_lm_trainer(
         flops_per_token=fpt,
         tokens_per_byte=1.0,  # byte tokenizer; BOS/EOS per document make this a ~1e-5 overestimate of bpb
         hparams=cfg.to_dict(),
+        extensions=[MoEExtension(cfg.parallel)],
+        objective=LMObjective(),
     )
     if trainer.is_main_process:
         cfg.save(run_dir)
@@ -58,7 +60,8 @@ def build_lm_trainer(
     acc.print(
         f"model: {params.total / 1e6:.3f}M params ({params.active / 1e6:.3f}M active, "
         f"{params.embedding / 1e6:.3f}M embedding), {fpt / 1e6:.3f} MFLOPs/token forward at seq_len "
-        f"{cfg.data.seq_len}, ffn layers {cfg.model.ffn_kinds()}"
+        f"{cfg.data.seq_len}, ffn layers {cfg.model.ffn_kinds()}, expert_parallel_size "
+        f"{cfg.parallel.expert_parallel_size}, dispatch {cfg.parallel.dispatch}"
     )
     acc.print(
         f"data: {cfg.data.corpus} {splits.train.numel():,} train / {splits.val.numel():,} val tokens, "
@@ -69,35 +72,3 @@ def build_lm_trainer(
     if trainer.probe_flops:
         acc.print(f"matmul probe: {trainer.probe_flops / 1e9:.1f} GFLOP/s per process (MFU denominator)")
     return trainer, tok
-
-
-def sample_text(
-    model: nn.Module,
-    tokenizer: ByteTokenizer,
-    prompts: Sequence[str],
-    max_new_tokens: int = 200,
-    temperature: float = 0.8,
-    top_k: int | None = None,
-    top_p: float | None = 0.95,
-    seed: int = 0,
-) -> list[str]:
-    """Continue each prompt (batched, left-padded); returns prompt + continuation texts."""
-    from moekit.core.generate import generate
-
-    device = next(model.parameters()).device
-    ids_bt = tokenizer.encode(list(prompts), add_bos=True, padding_side="left").to(device)  # [B, T]
-    mask_bt = (ids_bt != tokenizer.PAD).long()
-    gen = torch.Generator(device=device).manual_seed(seed)
-    out_bt = generate(
-        model,
-        ids_bt,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        eos_token_id=tokenizer.EOS,
-        pad_token_id=tokenizer.PAD,
-        attention_mask=mask_bt,
-        generator=gen,
-    )
-    return tokenizer.decode_batch(out_bt)
