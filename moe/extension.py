@@ -64,6 +64,22 @@ def check_bias_scope(model: nn.Module, world: int) -> None:
             )
 
 
+class _Slot:
+    """The last training forward's RoutingStats of one layer."""
+
+    stats: RoutingStats | None = None
+
+
+def _recorder(layer: MoELayer, slot: _Slot) -> Any:
+    def record(module: nn.Module, args: Any, output: MoEOutput) -> None:
+        # Training forwards only: evaluation and sampling do not overwrite the training telemetry; nor do
+        # copies of the layer (gather_full_model deep-copies the hook along with it).
+        if module.training and module is layer:
+            slot.stats = output.stats
+
+    return record
+
+
 class MoEExtension:
     """The Trainer extension of MoE models (module doc). ``parallel`` None: no expert parallelism, and every
     layer keeps the dispatch it was built with.
@@ -77,7 +93,7 @@ class MoEExtension:
         self.parallel = parallel if parallel is not None else ParallelConfig()
         self.groups: ExpertParallelGroups | None = None
         self._layers: list[tuple[str, MoELayer]] = []
-        self._last_stats: dict[str, RoutingStats] = {}
+        self._last_stats: list[_Slot] = []  # per layer; a fixed structure, so torch.compile does not recompile
         self._hooks: list[Any] = []
 
     # ------------------------------------------------------------------ setup
@@ -105,17 +121,9 @@ class MoEExtension:
             self.groups = init_expert_parallel(ep)
             apply_expert_parallel(model, self.groups)
             exclude_experts_from_ddp(model)
-        for name, layer in self._layers:
-            self._hooks.append(layer.register_forward_hook(self._recorder(name, layer)))
-
-    def _recorder(self, name: str, layer: MoELayer) -> Any:
-        def record(module: nn.Module, args: Any, output: MoEOutput) -> None:
-            # Training forwards only: evaluation and sampling do not overwrite the training telemetry; nor do
-            # copies of the layer (gather_full_model deep-copies the hook along with it).
-            if module.training and module is layer:
-                self._last_stats[name] = output.stats
-
-        return record
+        self._last_stats = [_Slot() for _ in self._layers]
+        for (_, layer), slot in zip(self._layers, self._last_stats):
+            self._hooks.append(layer.register_forward_hook(_recorder(layer, slot)))
 
     # ------------------------------------------------------------------ step
     def after_backward(self, model: nn.Module, ctx: Any) -> None:
@@ -132,7 +140,7 @@ class MoEExtension:
             update_router_biases(model)
 
     def step_metrics(self, model: nn.Module, ctx: Any) -> dict[str, Any]:
-        stats = [self._last_stats[name] for name, _ in self._layers if name in self._last_stats]
+        stats = [slot.stats for slot in self._last_stats if slot.stats is not None]
         if not stats:
             return {}
         out: dict[str, Any] = dict(summarize_routing(stats))

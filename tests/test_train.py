@@ -14,8 +14,7 @@ from safetensors.torch import load_file
 
 from moekit.core.checkpoint import LATEST, STATE_FILE, CheckpointManager
 from moekit.core.config import ModelConfig
-from moekit.core.data import PackedSequences
-from moekit.core.data import make_batch
+from moekit.core.data import PackedSequences, make_batch
 from moekit.core.extension import TrainerExtension
 from moekit.core.generate import sample_text
 from moekit.core.model import IGNORE_INDEX, Transformer
