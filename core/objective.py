@@ -16,9 +16,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100  # label value of a position without a target (padding, prompt, media)
+# Label of a position without a target (padding, prompt, media): cross_entropy's default, = core.model's.
+IGNORE_INDEX = -100
 
-__all__ = ["IGNORE_INDEX", "LMObjective", "Objective", "StepOutput"]
+__all__ = ["LMObjective", "Objective", "StepOutput"]
 
 
 @dataclass
