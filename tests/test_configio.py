@@ -208,3 +208,24 @@ def test_presets_load_and_validate(preset):
     assert load_run_config(root / f"{preset}.yaml", ["model.moe.num_experts=4"]).model.moe.num_experts == 4
     if preset.startswith("compare"):  # train_lm.py trains a comparison preset's MoE base run, ignoring `compare`
         assert cfg.model.moe is not None
+
+
+def test_old_multimodal_run_folder_is_migrated(tmp_path, caplog):
+    """Multimodal runs kept placement in model.lm.moe: config.yaml migrates on load and resume, config.json
+    (MultimodalConfig.from_dict) drops it."""
+    from moekit.multimodal.config import MultimodalConfig
+    from moekit.multimodal.train import load_mm_run_config
+
+    tree = load_mm_run_config(None, ["model.lm.moe.num_experts=4"]).to_dict()
+    del tree["parallel"]
+    tree["model"]["lm"]["moe"].update(dispatch="reference", expert_parallel_size=2)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    with caplog.at_level("WARNING"):
+        cfg = load_mm_run_config(tmp_path / "config.yaml")
+    assert cfg.parallel == ParallelConfig(expert_parallel_size=2, dispatch="reference")
+    assert "model.lm.moe.dispatch='reference' is placement" in caplog.text
+    cfg.check_resumable(tmp_path)
+    with pytest.raises(ValueError, match=r"model\.lm\.moe\.top_k: run has 2, now 1"):
+        load_mm_run_config(tmp_path / "config.yaml", ["model.lm.moe.top_k=1"]).check_resumable(tmp_path)
+    old_json = json.loads(json.dumps(tree["model"]))  # what final/config.json used to hold
+    assert MultimodalConfig.from_dict(old_json) == cfg.model
