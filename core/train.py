@@ -46,13 +46,14 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from moekit.core.checkpoint import CheckpointManager
+from moekit.core.checks import fail
 from moekit.core.data import StepSampler, make_batch
 from moekit.core.extension import TrainContext, TrainerExtension
 from moekit.core.layering import config_to_dict, flatten_dict
 from moekit.core.meter import LogWindow, measure_matmul_flops
 from moekit.core.objective import LMObjective, Objective, StepOutput
 from moekit.core.optim import build_optimizer, build_scheduler
-from moekit.core.train_config import COMPILE_BACKENDS, MIXED_PRECISIONS, TRACKERS, TrainConfig, _fail
+from moekit.core.train_config import COMPILE_BACKENDS, MIXED_PRECISIONS, TRACKERS, TrainConfig
 
 __all__ = ["COMPILE_BACKENDS", "MIXED_PRECISIONS", "TRACKERS", "TrainConfig", "Trainer", "measure_matmul_flops"]
 
@@ -157,11 +158,11 @@ class Trainer:
         """``(micro_batch_size, accumulation steps)`` of this world size."""
         cfg, world = self.cfg, self.accelerator.num_processes
         if cfg.batch_size % world:
-            _fail("TrainConfig", "batch_size", cfg.batch_size, f"must be divisible by num_processes={world}")
+            fail("TrainConfig", "batch_size", cfg.batch_size, f"must be divisible by num_processes={world}")
         per_rank = cfg.batch_size // world
         micro = cfg.micro_batch_size or per_rank
         if per_rank % micro:
-            _fail(
+            fail(
                 "TrainConfig",
                 "micro_batch_size",
                 cfg.micro_batch_size,
