@@ -98,6 +98,8 @@ class MoEExtension:
 
     # ------------------------------------------------------------------ setup
     def setup(self, model: nn.Module, ctx: Any) -> None:
+        if self._hooks or self.groups is not None:
+            raise RuntimeError("MoEExtension.setup: this extension is already bound to a model; make a new one")
         self._layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
         if not self._layers:
             return

@@ -198,5 +198,8 @@ def test_moe_extension_refuses_unsupported_setups_and_ignores_dense_models():
     model = Transformer(moe)
     MoEExtension(ParallelConfig(dispatch="reference")).setup(model, ctx(world_size=1))
     assert model.layers[0].ffn.dispatch_impl == "reference"
-    MoEExtension().setup(model, ctx(world_size=1))
+    keep = MoEExtension()
+    keep.setup(model, ctx(world_size=1))
     assert model.layers[0].ffn.dispatch_impl == "reference"
+    with pytest.raises(RuntimeError, match="already bound"):  # one extension per Trainer
+        keep.setup(model, ctx(world_size=1))
