@@ -1,14 +1,18 @@
-"""Autoregressive sampling with a KV cache: greedy, temperature, top-k, top-p, EOS, left-padded batches.
+"""Autoregressive sampling with a KV cache: greedy, temperature, top-k, top-p, EOS, left-padded batches;
+``sample_text`` does it from text prompts through a tokenizer.
 
 Shapes: B batch, T prompt length, V vocab.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
 from moekit.core.model import check_token_ids
+from moekit.core.tokenizer import ByteTokenizer
 
 
 def filter_logits(logits_bv: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
@@ -105,3 +109,33 @@ def generate(
         next_pos = next_pos + 1
     model.train(was_training)
     return torch.cat(tokens, dim=1)
+
+
+def sample_text(
+    model: nn.Module,
+    tokenizer: ByteTokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = 0.95,
+    seed: int = 0,
+) -> list[str]:
+    """Continue each prompt (batched, left-padded); returns prompt + continuation texts."""
+    device = next(model.parameters()).device
+    ids_bt = tokenizer.encode(list(prompts), add_bos=True, padding_side="left").to(device)  # [B, T]
+    mask_bt = (ids_bt != tokenizer.PAD).long()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out_bt = generate(
+        model,
+        ids_bt,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=tokenizer.EOS,
+        pad_token_id=tokenizer.PAD,
+        attention_mask=mask_bt,
+        generator=gen,
+    )
+    return tokenizer.decode_batch(out_bt)

@@ -24,7 +24,7 @@ import torch
 from moekit.core.data import StepSampler
 from moekit.core.files import atomic_write_json
 from moekit.core.layering import config_to_dict
-from moekit.core.run_folder import PLACEMENT_KEYS, diff_trees, read_run_config
+from moekit.core.run_folder import diff_trees, migrate_placement, read_run_config
 from moekit.experiment.adapter import Row, RunSpec
 from moekit.experiment.plan import TASKS, CompareConfig, Comparison, matching_table, plan_runs
 from moekit.experiment.report import headline, matching_lines, write_report
@@ -83,12 +83,13 @@ def num_threads(n: int | None) -> Iterator[None]:
 
 def check_planned(spec: RunSpec, run_dir: Path) -> None:
     """Refuse a run folder trained (or started) with another config than the plan's: resuming or reusing it
-    would mix configs within one comparison. Placement (expert-parallel size) may differ."""
-    saved = read_run_config(run_dir)
+    would mix configs within one comparison. Placement (the ``parallel`` section) may differ; a folder written
+    before placement left the model section is read migrated."""
+    moe_path = f"{TASKS[spec.task].decoder_key}.moe"
+    saved = read_run_config(run_dir, migrate=lambda tree: migrate_placement(tree, moe_path=moe_path))
     if saved is None:
         return
-    diffs = [d for d in diff_trees(saved, config_to_dict(spec.run)) if d[0] not in PLACEMENT_KEYS]
-    diffs = [d for d in diffs if not d[0].startswith("parallel.")]
+    diffs = [d for d in diff_trees(saved, config_to_dict(spec.run)) if not d[0].startswith("parallel.")]
     if diffs:
         key, old, new = diffs[0]
         more = f" (and {len(diffs) - 1} more field(s))" if len(diffs) > 1 else ""

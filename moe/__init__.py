@@ -2,22 +2,22 @@
 
 Routers (token-choice top-k, Switch, noisy top-k, expert-choice, aux-loss-free bias), balance and z
 losses, capacity with dropping or dropless, shared and fine-grained experts, a fast dispatch checked
-against a naive reference, routing telemetry, dense twins and sparse upcycling.
+against a naive reference, routing telemetry, expert parallelism, the Trainer extension of MoE models
+(``MoEExtension``) and sparse upcycling. Depends on torch, safetensors and this package only.
 """
 
-import importlib
 from typing import Any
 
-from moekit.moe.config import MoEConfig
+from moekit.moe.config import MoEConfig, ParallelConfig
 from moekit.moe.ep_checkpoint import gather_full_model, load_expert_state, save_expert_state
 from moekit.moe.experts import RoutedExperts, SharedExperts
-from moekit.moe.layer import MoELayer, MoEOutput, update_router_biases
+from moekit.moe.extension import MoEExtension, check_bias_scope
+from moekit.moe.layer import MoELayer, MoEOutput, set_dispatch, update_router_biases
 from moekit.moe.losses import assignment_counts, load_balance_loss, router_z_loss
 from moekit.moe.parallel import (
     ExpertParallelGroups,
     allreduce_expert_grads,
     apply_expert_parallel,
-    comm_volume,
     ep_clip_grad_norm_,
     exclude_experts_from_ddp,
     expert_parameters,
@@ -28,47 +28,48 @@ from moekit.moe.parallel import (
 from moekit.moe.router import Router, Routing
 from moekit.moe.telemetry import RoutingStats, summarize_routing
 
-# upcycling builds on moekit.core, whose ModelConfig imports MoEConfig from this package:
-# loading them on first use (PEP 562) keeps `import moekit.core` and `import moekit.moe` cycle-free.
-_LAZY = {
-    "upcycle": "moekit.moe.upcycling",
-}
 
-
+# TEMPORARY (until moe/upcycling.py stops importing moekit.core, helper C's part of issue 10): importing it
+# here eagerly would close the cycle core.config -> moe -> upcycling -> core.config. Once it is core-free,
+# replace this function with `from moekit.moe.upcycling import upcycle`.
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
+    if name == "upcycle":
+        from moekit.moe.upcycling import upcycle
+
+        globals()["upcycle"] = upcycle
+        return upcycle
     raise AttributeError(f"module 'moekit.moe' has no attribute {name!r}")
 
 
 __all__ = [
     "ExpertParallelGroups",
-    "gather_full_model",
-    "load_expert_state",
-    "save_expert_state",
-    "allreduce_expert_grads",
-    "apply_expert_parallel",
-    "comm_volume",
-    "ep_clip_grad_norm_",
-    "exclude_experts_from_ddp",
-    "expert_parameters",
-    "init_expert_parallel",
-    "shard_experts",
-    "unshard_experts",
     "MoEConfig",
+    "MoEExtension",
     "MoELayer",
     "MoEOutput",
+    "ParallelConfig",
     "RoutedExperts",
     "Router",
     "Routing",
     "RoutingStats",
     "SharedExperts",
+    "allreduce_expert_grads",
+    "apply_expert_parallel",
     "assignment_counts",
+    "check_bias_scope",
+    "ep_clip_grad_norm_",
+    "exclude_experts_from_ddp",
+    "expert_parameters",
+    "gather_full_model",
+    "init_expert_parallel",
     "load_balance_loss",
+    "load_expert_state",
     "router_z_loss",
+    "save_expert_state",
+    "set_dispatch",
+    "shard_experts",
     "summarize_routing",
+    "unshard_experts",
     "update_router_biases",
     "upcycle",
 ]
