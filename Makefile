@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-LINT_PATHS := core moe multimodal recipes tests
+LINT_PATHS := core moe multimodal experiment recipes tests
 
 .PHONY: venv test lint demo demo-multimodal clean distclean
 

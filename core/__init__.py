@@ -1,6 +1,6 @@
 """moekit.core: the dense decoder-only transformer, its accounting, data and training loop."""
 
-from moekit.core.accounting import ParamCount, count_params, flops_per_token, train_flops_per_token
+from moekit.core.accounting import ParamCount, comm_volume, count_params, flops_per_token, train_flops_per_token
 from moekit.core.config import ModelConfig
 from moekit.core.data import (
     CORPORA,
@@ -12,7 +12,8 @@ from moekit.core.data import (
     make_batch,
     tokenize_splits,
 )
-from moekit.core.generate import filter_logits, generate
+from moekit.core.extension import TrainContext, TrainerExtension
+from moekit.core.generate import filter_logits, generate, sample_text
 from moekit.core.hf import (
     config_from_hf,
     config_to_hf,
@@ -23,6 +24,7 @@ from moekit.core.hf import (
 )
 from moekit.core.layers import Attention, RMSNorm, SwiGLU, apply_rope, rope_cos_sin
 from moekit.core.model import IGNORE_INDEX, ModelOutput, Transformer, lm_loss
+from moekit.core.objective import LMObjective, Objective, StepOutput
 from moekit.core.tokenizer import ByteTokenizer
 
 __all__ = [
@@ -57,4 +59,11 @@ __all__ = [
     "lm_loss",
     "rope_cos_sin",
     "train_flops_per_token",
+    "comm_volume",
+    "sample_text",
+    "LMObjective",
+    "Objective",
+    "StepOutput",
+    "TrainContext",
+    "TrainerExtension",
 ]

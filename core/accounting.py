@@ -10,6 +10,8 @@ FLOP convention: a matmul of [m, k] x [k, n] costs 2*m*k*n. Forward FLOPs per to
 Norms, RoPE, activations, softmax and the embedding lookup are elementwise/gathers and are left out
 (they are <1% at these sizes and FlopCounterMode ignores them too). Training FLOPs = 3 x forward
 (backward costs two matmuls per forward matmul).
+
+``comm_volume``: the bytes one GPU sends per step under expert and data parallelism (formulas in its doc).
 """
 
 from __future__ import annotations
@@ -92,3 +94,61 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
     return 3 * flops_per_token(cfg, seq_len)
+
+
+def comm_volume(
+    model_cfg: ModelConfig, tokens_per_gpu: int, ep_size: int, dp_size: int, dtype_bytes: int = 2
+) -> dict[str, float]:
+    """Bytes ONE GPU sends per optimizer step (forward + backward of ``tokens_per_gpu`` tokens).
+
+    Layout: ``W = ep_size * dp_size`` GPUs; experts sharded ``ep_size`` ways and replicated ``dp_size``
+    times; all other parameters replicated (DDP) or sharded (FSDP) over all ``W`` GPUs. Activations and
+    gradients in ``dtype_bytes``. Collective costs per GPU, ``S`` = buffer bytes, ``n`` ranks (ring /
+    bandwidth-optimal algorithms): all-reduce ``2 (n-1)/n S``, all-gather and reduce-scatter ``(n-1)/n S``.
+
+    - all-to-all, per MoE layer: every routed assignment (``tokens * top_k``, dropless) sends a
+      ``d_model`` row to its expert's rank, of which ``(P-1)/P`` leave the GPU under uniform routing;
+      the same volume comes back (combine), and backward repeats both (4 exchanges in all). Rows are sent
+      once per assignment, as ``moekit.moe.parallel.ep_dispatch`` does (no per-rank de-duplication of a token's rows).
+    - DDP: all-reduce of the non-expert gradients over ``W`` plus of this GPU's expert slice over the
+      ``dp_size`` replicas.
+    - FSDP (full shard, re-gather in backward): two all-gathers of the parameters and one reduce-scatter
+      of the gradients; non-expert over ``W``, the expert slice over the replicas.
+    """
+    if model_cfg.moe is None:
+        raise ValueError("comm_volume: model_cfg.moe is None; expert parallelism needs an MoE model")
+    for name, value in (("tokens_per_gpu", tokens_per_gpu), ("ep_size", ep_size), ("dp_size", dp_size),
+                        ("dtype_bytes", dtype_bytes)):  # fmt: skip
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"comm_volume: {name}={value!r} is invalid: must be a positive integer")
+    if model_cfg.moe.num_experts % ep_size:
+        raise ValueError(f"comm_volume: ep_size={ep_size} must divide num_experts={model_cfg.moe.num_experts}")
+    world = ep_size * dp_size
+    params = count_params(model_cfg)
+    dense = params.total - params.expert_total
+    expert_local = params.expert_total // ep_size
+    moe_layers = sum(model_cfg.is_moe_layer(i) for i in range(model_cfg.n_layers))
+
+    dispatch = tokens_per_gpu * model_cfg.moe.top_k * model_cfg.d_model * dtype_bytes * (ep_size - 1) / ep_size
+    a2a_layer = 4 * dispatch
+    world_frac = (world - 1) / world
+    replica_frac = (dp_size - 1) / dp_size
+    ddp_dense = 2 * world_frac * dense * dtype_bytes
+    ddp_expert = 2 * replica_frac * expert_local * dtype_bytes
+    gather = 2 * (world_frac * dense + replica_frac * expert_local) * dtype_bytes
+    scatter = (world_frac * dense + replica_frac * expert_local) * dtype_bytes
+    return {
+        "world_size": world,
+        "moe_layers": moe_layers,
+        "dense_params": dense,
+        "expert_params_per_gpu": expert_local,
+        "a2a_dispatch_bytes_per_layer": dispatch,
+        "a2a_bytes_per_layer": a2a_layer,
+        "a2a_bytes": a2a_layer * moe_layers,
+        "ddp_allreduce_dense_bytes": ddp_dense,
+        "ddp_allreduce_expert_bytes": ddp_expert,
+        "ddp_allreduce_bytes": ddp_dense + ddp_expert,
+        "fsdp_allgather_bytes": gather,
+        "fsdp_reduce_scatter_bytes": scatter,
+        "fsdp_bytes": gather + scatter,
+    }

@@ -40,7 +40,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
-            self.moe = MoEConfig(**self.moe)
+            self.moe = MoEConfig.from_dict(self.moe)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
@@ -73,7 +73,7 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     def is_moe_layer(self, i: int) -> bool:
-        return self.moe is not None and self.moe.is_moe_layer(i, self.n_layers)
+        return self.moe is not None and self.moe.is_moe_layer(i)
 
     def ffn_kinds(self) -> list[str]:
         """Per-layer feed-forward kind: "dense" or "moe"."""
@@ -91,7 +91,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig got unknown fields {unknown}; allowed fields are {sorted(known)}")
         d = dict(d)
         if isinstance(d.get("moe"), dict):
-            d["moe"] = MoEConfig(**d["moe"])
+            d["moe"] = MoEConfig.from_dict(d["moe"])  # drops placement fields of older saved configs
         return cls(**d)
 
     def save_json(self, path: str | Path) -> None:

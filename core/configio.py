@@ -3,7 +3,9 @@
     cfg = load_run_config("recipes/configs/debug.yaml", ["model.d_model=128", "model.moe.num_experts=8"])
 
 Layering (defaults -> YAML -> dotted overrides) is generic and lives in ``moekit.core.layering``; the
-run folder's ``config.yaml`` (save, resume checks) in ``moekit.core.run_folder``.
+run folder's ``config.yaml`` (save, resume checks, migration of older folders) in ``moekit.core.run_folder``.
+The ``parallel`` section (``moekit.moe.config.ParallelConfig``) says where the MoE layers run; it is not the
+model, so a run may resume with another one.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import yaml
 
 from moekit.core.config import ModelConfig
 from moekit.core.data import CORPORA
-from moekit.core.layering import config_to_dict, load_config
-from moekit.core.run_folder import CONFIG_FILE, PLACEMENT_KEYS, check_resumable, save_run_config
+from moekit.core.layering import config_to_dict
+from moekit.core.run_folder import CONFIG_FILE, check_resumable, load_run_file, migrate_placement, save_run_config
 from moekit.core.train_config import TrainConfig
+from moekit.moe.config import ParallelConfig
 
 TOKENIZERS = ("byte",)
 __all__ = ["CONFIG_FILE", "DataConfig", "RunConfig", "load_run_config"]
@@ -50,6 +53,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if self.data.seq_len > self.model.max_seq_len:
@@ -63,7 +67,7 @@ class RunConfig:
 
     def check_resumable(self, run_dir: str | os.PathLike) -> None:
         """Refuse to resume ``run_dir`` with another model (see ``moekit.core.run_folder.check_resumable``)."""
-        check_resumable(self, run_dir, ignore=PLACEMENT_KEYS)
+        check_resumable(self, run_dir, migrate=migrate_placement)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -78,5 +82,5 @@ def load_run_config(
 ) -> RunConfig:
     """Defaults -> YAML file ``path`` (optional) -> dotted ``overrides``. A top-level ``compare`` section in the
     file (a comparison preset's, read by recipes/compare.py) is ignored, so that one preset also trains its
-    MoE base run alone."""
-    return load_config(RunConfig, path, overrides, ignore=("compare",))
+    MoE base run alone. A file from an older version with placement in ``model.moe`` is migrated (logged)."""
+    return load_run_file(RunConfig, path, overrides, ignore=("compare",), migrate=migrate_placement)

@@ -200,10 +200,6 @@ class StepSampler:
         gen = torch.Generator().manual_seed(_mix_seed(self.seed, epoch))
         return torch.randperm(self.num_items, generator=gen)
 
-    def epoch_of(self, step: int) -> int:
-        """Epoch of the first item of batch ``step``."""
-        return step * self.global_batch // self.num_items
-
     def indices(self, step: int) -> torch.Tensor:
         """Item indices of global batch ``step``: LongTensor ``[global_batch]``."""
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:

@@ -1,12 +1,18 @@
-"""Autoregressive sampling with a KV cache: greedy, temperature, top-k, top-p, EOS, left-padded batches.
+"""Autoregressive sampling with a KV cache: greedy, temperature, top-k, top-p, EOS, left-padded batches;
+``sample_text`` does it from text prompts through a tokenizer.
 
 Shapes: B batch, T prompt length, V vocab.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
+
+from moekit.core.inputs import check_token_ids
+from moekit.core.tokenizer import ByteTokenizer
 
 
 def filter_logits(logits_bv: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
@@ -45,17 +51,30 @@ def generate(
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if not temperature >= 0 or temperature == float("inf"):  # `not >=` also catches NaN
+        raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k={top_k} must be None or >= 0 (0 = no top-k filter)")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be None or in (0, 1] (1 = no nucleus filter)")
+    vocab, max_len = model.cfg.vocab_size, model.cfg.max_seq_len
+    check_token_ids(input_ids, vocab, "input_ids")
+    for name, tok in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if tok is not None and not 0 <= tok < vocab:
+            raise ValueError(f"{name}={tok} must be a token id in [0, vocab_size={vocab})")
+    B, T = input_ids.shape
+    if T > max_len:
+        raise ValueError(f"input_ids has T={T} prompt tokens > ModelConfig.max_seq_len={max_len}")
+    if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
+        raise ValueError(f"attention_mask must be [B, T]=[{B}, {T}] like input_ids; got {tuple(attention_mask.shape)}")
     was_training = model.training
     model.eval()
-    B, T = input_ids.shape
     device = input_ids.device
     if attention_mask is None:
         attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
     attention_mask = attention_mask.long()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at 0
-    max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - T)
+    max_new_tokens = min(max_new_tokens, max_len - T)
 
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
     cache = out.past_key_values
@@ -90,3 +109,33 @@ def generate(
         next_pos = next_pos + 1
     model.train(was_training)
     return torch.cat(tokens, dim=1)
+
+
+def sample_text(
+    model: nn.Module,
+    tokenizer: ByteTokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = 0.95,
+    seed: int = 0,
+) -> list[str]:
+    """Continue each prompt (batched, left-padded); returns prompt + continuation texts."""
+    device = next(model.parameters()).device
+    ids_bt = tokenizer.encode(list(prompts), add_bos=True, padding_side="left").to(device)  # [B, T]
+    mask_bt = (ids_bt != tokenizer.PAD).long()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out_bt = generate(
+        model,
+        ids_bt,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=tokenizer.EOS,
+        pad_token_id=tokenizer.PAD,
+        attention_mask=mask_bt,
+        generator=gen,
+    )
+    return tokenizer.decode_batch(out_bt)

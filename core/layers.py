@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 
@@ -77,10 +78,9 @@ class Attention(nn.Module):
         past: LayerKV | None = None,
     ) -> tuple[Tensor, LayerKV]:
         """``mask_b1ts`` is a bool mask (True = may attend) or None for plain causal attention."""
-        B, T, _ = x_btd.shape
-        q = self.q_proj(x_btd).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
-        k = self.k_proj(x_btd).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, Dh]
-        v = self.v_proj(x_btd).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, Dh]
+        q = rearrange(self.q_proj(x_btd), "b t (h dh) -> b h t dh", h=self.n_heads)
+        k = rearrange(self.k_proj(x_btd), "b t (g dh) -> b g t dh", g=self.n_kv_heads)
+        v = rearrange(self.v_proj(x_btd), "b t (g dh) -> b g t dh", g=self.n_kv_heads)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past is not None:
             k = torch.cat([past.k, k], dim=2)  # [B, G, S, Dh]
@@ -95,7 +95,7 @@ class Attention(nn.Module):
             is_causal=mask_b1ts is None and past is None,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # [B, H, T, Dh]
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), kv
+        return self.o_proj(rearrange(y, "b h t dh -> b t (h dh)")), kv
 
 
 class SwiGLU(nn.Module):

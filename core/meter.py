@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -53,9 +52,9 @@ class LogWindow:
     def restart(self) -> None:
         self.sums: dict[str, Tensor] = {}
         self.count = 0
-        self.tokens = 0
+        self.tokens = torch.zeros((), dtype=torch.float64, device=self.device)  # this rank's real target tokens
+        self.global_tokens = 0  # all ranks' tokens of the window, set by reduce()
         self.grad_norm: Tensor | None = None
-        self.moe_stats: list[Any] = []
         self._seconds = 0.0
         self._t0 = time.perf_counter()
 
@@ -68,16 +67,20 @@ class LogWindow:
     def seconds(self) -> float:
         return self._seconds + time.perf_counter() - self._t0
 
-    def add(self, loss: Tensor, aux: Tensor, moe_losses: Mapping[str, Tensor]) -> None:
-        parts = {"train_loss": loss, "aux_loss": aux, **{f"moe_loss/{k}": v for k, v in moe_losses.items()}}
+    def add(self, loss: Tensor, aux: Tensor, metrics: Mapping[str, Tensor], num_tokens: Tensor | int = 0) -> None:
+        """One micro-batch: its loss, aux loss, extra metrics (logged as means) and real target tokens (summed)."""
+        parts = {"train_loss": loss, "aux_loss": aux, **metrics}
         for k, v in parts.items():
             v = torch.as_tensor(v, device=self.device).detach().double()
             self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.tokens = self.tokens + torch.as_tensor(num_tokens, device=self.device).detach().double()
         self.count += 1
 
     def reduce(self, accelerator: Accelerator) -> dict[str, float]:
-        """Means over micro-batches and ranks (one all-reduce); every rank must call it."""
+        """Means over micro-batches and ranks, and ``global_tokens`` (the sum over ranks), in one all-reduce;
+        every rank must call it. Token counts are exact in float64 below 2**53."""
         keys = sorted(self.sums)
-        stacked = torch.stack([self.sums[k] for k in keys])  # [K]
+        stacked = torch.stack([*(self.sums[k] for k in keys), self.tokens])  # [K + 1]
         total = accelerator.reduce(stacked, reduction="sum")
-        return dict(zip(keys, (total / (self.count * accelerator.num_processes)).tolist()))
+        self.global_tokens = int(total[-1].item())
+        return dict(zip(keys, (total[:-1] / (self.count * accelerator.num_processes)).tolist()))

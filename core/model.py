@@ -5,7 +5,6 @@ Shapes: B batch, T new tokens, S key/value length (cache + new), D d_model, V vo
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +12,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
 from moekit.core.config import ModelConfig
+from moekit.core.generate import generate
+from moekit.core.inputs import check_token_ids
 from moekit.core.layers import Attention, LayerKV, RMSNorm, SwiGLU, rope_cos_sin
+from moekit.core.pretrained import load_weights, read_config, save_pretrained_folder
+from moekit.moe.layer import MoELayer
 
 IGNORE_INDEX = -100
 
@@ -45,8 +47,6 @@ class Block(nn.Module):
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dropout)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if self.is_moe:
-            from moekit.moe.layer import MoELayer  # lazy: moe imports core building blocks
-
             out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
             self.ffn: nn.Module = MoELayer(cfg.d_model, cfg.moe, init_std=cfg.init_std, out_init_std=out_std)
         else:
@@ -73,6 +73,31 @@ class Block(nn.Module):
         else:
             f = self.ffn(h)
         return x_btd + self.drop(f), kv, moe_out
+
+
+def _check_like_bt(name: str, t: Tensor | None, B: int, T: int, batch_may_broadcast: bool = False) -> None:
+    """``t`` is None or ``[B, T]`` (``[1, T]`` too when ``batch_may_broadcast``)."""
+    if t is None:
+        return
+    ok = t.dim() == 2 and t.shape[1] == T and (t.shape[0] == B or (batch_may_broadcast and t.shape[0] == 1))
+    if not ok:
+        want = f"[B, T]=[{B}, {T}]" + (" or [1, T]" if batch_may_broadcast else "")
+        raise ValueError(f"{name} must be {want}; got shape {tuple(t.shape)}")
+
+
+def _check_attention_mask(mask: Tensor, B: int, H: int, T: int, S: int) -> None:
+    if mask.is_floating_point() or mask.is_complex():
+        raise ValueError(
+            f"attention_mask must be bool or integer (1 / True = may attend); got dtype {mask.dtype} "
+            "(additive float masks are not supported)"
+        )
+    two_d = mask.dim() == 2 and tuple(mask.shape) == (B, S)
+    four_d = mask.dim() == 4 and mask.shape[0] in (1, B) and mask.shape[1] in (1, H) and mask.shape[2:] == (T, S)
+    if not (two_d or four_d):
+        raise ValueError(
+            f"attention_mask must be a padding mask [B, S]=[{B}, {S}] or a bool mask [B, 1, T, S]=[{B}, 1, {T}, {S}] "
+            f"(batch dim 1 or B, head dim 1 or n_heads={H}; S = cached + new tokens); got shape {tuple(mask.shape)}"
+        )
 
 
 def build_attention_mask(
@@ -154,12 +179,21 @@ class Transformer(nn.Module):
         (e.g. modality ids).
         """
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        x_btd = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        B, T, _ = x_btd.shape
+            raise ValueError("Transformer.forward: pass exactly one of input_ids or inputs_embeds")
+        B, T = self._check_inputs(input_ids, inputs_embeds)
+        if past_key_values and len(past_key_values) != self.cfg.n_layers:
+            raise ValueError(
+                f"past_key_values has {len(past_key_values)} layers; the model has n_layers={self.cfg.n_layers}"
+            )
         past_len = 0 if not past_key_values else past_key_values[0].k.shape[2]
         if past_len + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {past_len + T} exceeds ModelConfig.max_seq_len={self.cfg.max_seq_len}")
+        if attention_mask is not None:
+            _check_attention_mask(attention_mask, B, self.cfg.n_heads, T, past_len + T)
+        _check_like_bt("position_ids", position_ids, B, T, batch_may_broadcast=True)
+        for name, t in (("labels", labels), ("group_ids", group_ids), ("token_mask", token_mask)):
+            _check_like_bt(name, t, B, T)
+        x_btd = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=x_btd.device).expand(B, T)
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x_btd.dtype)
@@ -197,25 +231,37 @@ class Transformer(nn.Module):
             hidden_states=h,
         )
 
-    def generate(self, input_ids: Tensor, **kwargs: Any) -> Tensor:
-        from moekit.core.generate import generate
+    def _check_inputs(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> tuple[int, int]:
+        """(B, T) of valid ``input_ids`` or ``inputs_embeds``; named errors before any computation."""
+        if input_ids is not None:
+            check_token_ids(input_ids, self.cfg.vocab_size, "input_ids")
+            return input_ids.shape[0], input_ids.shape[1]
+        D = self.cfg.d_model
+        if not isinstance(inputs_embeds, Tensor) or not inputs_embeds.is_floating_point():
+            got = inputs_embeds.dtype if isinstance(inputs_embeds, Tensor) else type(inputs_embeds).__name__
+            raise ValueError(f"inputs_embeds must be a floating-point Tensor [B, T, D={D}]; got {got}")
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != D:
+            raise ValueError(f"inputs_embeds must be [B, T, D={D}]; got shape {tuple(inputs_embeds.shape)}")
+        if inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
+            raise ValueError(
+                f"inputs_embeds has shape {tuple(inputs_embeds.shape)}: an empty batch or no tokens; need B, T >= 1"
+            )
+        return inputs_embeds.shape[0], inputs_embeds.shape[1]
 
+    def generate(self, input_ids: Tensor, **kwargs: Any) -> Tensor:
+        """``moekit.core.generate.generate(self, input_ids, **kwargs)``."""
         return generate(self, input_ids, **kwargs)
 
     # ---- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (tied weights stored once)."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        self.cfg.save_json(d / "config.json")
-        save_model(self, str(d / "model.safetensors"))
+        """Write ``config.json`` and ``model.safetensors`` (tied weights stored once), all-or-nothing."""
+        save_pretrained_folder(self, self.cfg.to_dict(), directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Transformer:
-        d = Path(directory)
-        cfg = ModelConfig.from_dict(json.loads((d / "config.json").read_text()))
-        model = cls(cfg)
-        load_model(model, str(d / "model.safetensors"), strict=True, device=str(map_location))
+        """Load a ``save_pretrained`` folder; a Hugging Face folder is refused with the converter to use."""
+        model = cls(ModelConfig.from_dict(read_config(directory)))
+        load_weights(model, directory, map_location)
         return model
 
 

@@ -3,22 +3,43 @@
 One home for every run config (language model, multimodal, any task): each is a dataclass with sections
 (``model``, ``train``, ...), saved resolved with :func:`save_run_config` and compared section by section
 with :func:`check_resumable` before a run continues from its checkpoints.
+
+Older run folders kept placement (``dispatch``, ``expert_parallel_size``) in the model's ``moe`` section;
+:func:`migrate_placement` moves it to the run's ``parallel`` section (logging a note), and
+:func:`load_run_file` applies it to every config file a recipe loads, so such a folder resumes as is.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from moekit.core.files import atomic_write_text
-from moekit.core.layering import config_to_dict, read_yaml
+from moekit.core.layering import build_dataclass, config_to_dict, merge_tree, parse_override, read_yaml, set_dotted
 
 CONFIG_FILE = "config.yaml"
-__all__ = ["CONFIG_FILE", "PLACEMENT_KEYS", "check_resumable", "diff_trees", "read_run_config", "save_run_config"]
+__all__ = [
+    "CONFIG_FILE",
+    "check_resumable",
+    "diff_trees",
+    "load_run_file",
+    "migrate_placement",
+    "read_run_config",
+    "save_run_config",
+]
+
+T = TypeVar("T")
+Migration = Callable[[dict[str, Any]], list[str]]  # rewrites a config tree in place; returns notes
+log = logging.getLogger(__name__)
+
+# Fields older moekit versions kept in MoEConfig that say where/how to run: moved to ``parallel`` (or dropped).
+_MOVED_TO_PARALLEL = ("dispatch", "expert_parallel_size")
+_DROPPED = ("extra",)
 
 
 def save_run_config(cfg: Any, run_dir: str | os.PathLike) -> Path:
@@ -27,15 +48,99 @@ def save_run_config(cfg: Any, run_dir: str | os.PathLike) -> Path:
     return atomic_write_text(Path(run_dir) / CONFIG_FILE, text)
 
 
-def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The saved ``config.yaml`` of ``run_dir`` as a dict, or None when there is none."""
+def read_run_config(run_dir: str | os.PathLike, migrate: Migration | None = None) -> dict[str, Any] | None:
+    """The saved ``config.yaml`` of ``run_dir`` as a dict (passed through ``migrate``), or None when there is
+    none."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         return None
+    return _read_tree(path, migrate)
+
+
+def _read_tree(path: str | os.PathLike, migrate: Migration | None) -> dict[str, Any]:
     tree = read_yaml(path)
+    if tree is None:
+        tree = {}
     if not isinstance(tree, dict):
-        raise ValueError(f"{path}: top level must be a mapping, got {type(tree).__name__}")
+        raise ValueError(f"config file {path}: top level must be a mapping, got {type(tree).__name__}")
+    for note in migrate(tree) if migrate is not None else ():
+        log.warning("%s: %s", path, note)
     return tree
+
+
+def migrate_placement(tree: dict[str, Any], moe_path: str = "model.moe") -> list[str]:
+    """Move ``<moe_path>.dispatch`` / ``.expert_parallel_size`` of an older config tree to ``parallel.*`` and
+    drop ``<moe_path>.extra``, in place; returns one note per change. A value already set in ``parallel`` wins."""
+    node: Any = tree
+    for part in moe_path.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict):
+        return []
+    notes = []
+    for key in _MOVED_TO_PARALLEL:
+        if key in node:
+            value = node.pop(key)
+            parallel = tree.get("parallel")
+            if not isinstance(parallel, dict):
+                parallel = tree["parallel"] = {}
+            parallel.setdefault(key, value)
+            notes.append(f"{moe_path}.{key}={value!r} is placement, not model: moved to parallel.{key}")
+    for key in _DROPPED:
+        if key in node:
+            node.pop(key)
+            notes.append(f"{moe_path}.{key} no longer exists: dropped")
+    return notes
+
+
+def load_run_file(
+    cls: type[T],
+    path: str | os.PathLike | None = None,
+    overrides: Iterable[str] | Mapping[str, Any] = (),
+    *,
+    ignore: Iterable[str] = (),
+    migrate: Migration | None = None,
+) -> T:
+    """``moekit.core.layering.load_config`` (defaults -> YAML ``path`` -> dotted overrides; top-level sections
+    in ``ignore`` skipped) with ``migrate`` applied to the file's tree first: a run folder written by an older
+    version loads, with a logged note per moved field. Overrides naming a moved field are migrated too."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        skip = set(ignore)
+        merge_tree(cls, tree, {k: v for k, v in _read_tree(path, migrate).items() if k not in skip})
+    items = overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides)
+    for key, value in items:
+        if migrate is not None:
+            probe: dict[str, Any] = {}
+            _set_at(probe, key, value)
+            notes = migrate(probe)
+            if notes:
+                for note in notes:
+                    log.warning("override %s: %s", key, note)
+                for new_key, new_value in _leaves(probe):
+                    set_dotted(cls, tree, new_key, new_value)
+                continue
+        set_dotted(cls, tree, key, value)
+    return build_dataclass(cls, tree)
+
+
+def _set_at(tree: dict[str, Any], key: str, value: Any) -> None:
+    """``tree[a][b][c] = value`` for ``key="a.b.c"``, creating the dicts on the way (no validation)."""
+    *parents, last = key.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[last] = value
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Dotted ``(key, value)`` pairs of the plain values of a migrated override tree (sections that the
+    migration emptied are left out: they must not create a section with defaults)."""
+    out: list[tuple[str, Any]] = []
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out += _leaves(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
 
 
 def diff_trees(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
@@ -50,18 +155,17 @@ def diff_trees(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any
     return []
 
 
-# Where the experts live is not the model's shape: checkpoints store them unsharded, so a run may resume
-# with another expert-parallel size.
-PLACEMENT_KEYS = ("model.moe.expert_parallel_size", "model.lm.moe.expert_parallel_size")
-
-
 def check_resumable(
-    cfg: Any, run_dir: str | os.PathLike, sections: Iterable[str] = ("model",), ignore: Iterable[str] = ()
+    cfg: Any,
+    run_dir: str | os.PathLike,
+    sections: Iterable[str] = ("model",),
+    ignore: Iterable[str] = (),
+    migrate: Migration | None = None,
 ) -> None:
     """Refuse to resume ``run_dir`` when a section of ``cfg`` that shapes the checkpoint differs from the
-    saved ``config.yaml``; the error names every differing field with both values. Dotted keys in
-    ``ignore`` may differ."""
-    saved = read_run_config(run_dir)
+    saved ``config.yaml`` (read through ``migrate``); the error names every differing field with both values.
+    Dotted keys in ``ignore`` may differ."""
+    saved = read_run_config(run_dir, migrate)
     if saved is None:
         return
     current = config_to_dict(cfg)

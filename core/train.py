@@ -1,5 +1,5 @@
 """The reusable training loop over Accelerate. Its config is ``moekit.core.train_config.TrainConfig``
-(re-exported here); ``moekit.core.lm.build_lm_trainer`` wires it for language models.
+(re-exported here); ``moekit.experiment.lm.build_lm_trainer`` wires it for language models.
 
 Shapes: ``B`` micro-batch (sequences), ``T`` sequence length, ``K`` logged loss components.
 
@@ -7,19 +7,26 @@ Data order never comes from a DataLoader: ``StepSampler`` fixes the global batch
 takes its contiguous shard, and the shard is cut into micro-batches for gradient accumulation. So a run
 on 1 or N processes, or one resumed from a checkpoint, sees exactly the same sequences at every step.
 
-Metrics (``<run_dir>/metrics.jsonl``, one JSON object per log event, and TensorBoard under ``<run_dir>/tb``):
-``train_loss`` is the LM cross-entropy (the objective is ``loss + aux_loss``; ``aux_loss`` is logged apart),
-``val_bpb = val_loss / ln 2 * tokens_per_byte``, ``tokens_per_s`` over all ranks, excluding eval/save time.
-``mfu = 3 * flops_per_token * tokens_per_s / (num_processes * probe_flops)``, where ``probe_flops`` is the
-best FLOP/s of a square matmul in the training dtype on this machine (``measure_matmul_flops``, run at
-start-up and again after each evaluation, keeping the best): an achievable peak rather than a datasheet
-number, so it is meaningful on CPUs and unknown GPUs alike, and lower than vendor-peak-based MFU figures.
+What is optimised comes from an ``Objective`` (``moekit.core.objective``; default ``LMObjective``): per
+micro-batch a loss, an auxiliary loss, the number of real target tokens and extra metrics. Everything a
+model family needs beyond that (sharding, extra gradient syncs, extra checkpoint files, telemetry) comes
+from ``extensions`` (``moekit.core.extension.TrainerExtension``; docs/DESIGN.md lists the expert-layer one).
 
-Checkpoints store the unwrapped model, so a run resumes on any number of processes; the routed experts of
-MoE layers go to ``experts.safetensors`` unsharded (``moekit.moe.ep_checkpoint``), so an expert-parallel run
-also resumes with another ``expert_parallel_size``. ``save_final`` and ``gather_full_model`` gather the
-expert shards (collective) into a single-process model on the main process, for ``save_pretrained`` and
-sampling: a sharded MoE layer cannot run on one rank alone.
+Metrics (``<run_dir>/metrics.jsonl``, one JSON object per log event, and TensorBoard under ``<run_dir>/tb``):
+``train_loss`` is the objective's loss (the optimised quantity is ``loss + aux_loss``; ``aux_loss`` is logged
+apart), ``val_loss`` its mean over the val windows weighted by real target tokens, ``val_bpb = val_loss / ln 2 *
+tokens_per_byte``. ``tokens_seen`` and ``tokens_per_s`` count real target tokens (the objective's
+``num_tokens``) summed over micro-batches and ranks, exactly; ``tokens_per_s`` excludes eval/save time.
+``mfu = 3 * flops_per_token * tokens_per_s / (num_processes * probe_flops)``, so ``flops_per_token`` must be
+forward FLOPs per real target token; ``probe_flops`` is the best FLOP/s of a square matmul in the training
+dtype on this machine (``measure_matmul_flops``, run at start-up and again after each evaluation, keeping the
+best): an achievable peak rather than a datasheet number, so it is meaningful on CPUs and unknown GPUs alike,
+and lower than vendor-peak-based MFU figures.
+
+Checkpoints store the unwrapped model, so a run resumes on any number of processes; extensions may store
+part of the state in files of their own (``TrainerExtension.save_state``). ``save_final`` and
+``gather_full_model`` build (collectively) a model the main process can run alone, for ``save_pretrained``
+and sampling.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,25 +46,29 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from moekit.core.checkpoint import CheckpointManager
+from moekit.core.checks import fail
 from moekit.core.data import StepSampler, make_batch
+from moekit.core.extension import TrainContext, TrainerExtension
 from moekit.core.layering import config_to_dict, flatten_dict
 from moekit.core.meter import LogWindow, measure_matmul_flops
+from moekit.core.objective import LMObjective, Objective, StepOutput
 from moekit.core.optim import build_optimizer, build_scheduler
-from moekit.core.train_config import COMPILE_BACKENDS, MIXED_PRECISIONS, TRACKERS, TrainConfig, _fail
+from moekit.core.train_config import COMPILE_BACKENDS, MIXED_PRECISIONS, TRACKERS, TrainConfig
 
 __all__ = ["COMPILE_BACKENDS", "MIXED_PRECISIONS", "TRACKERS", "TrainConfig", "Trainer", "measure_matmul_flops"]
 
 METRICS_FILE = "metrics.jsonl"
-IGNORE_INDEX = -100
 
 
 class Trainer:
     """Optimise ``model`` on ``train_data`` with Accelerate; evaluate, log and checkpoint into ``run_dir``.
 
-    ``model(**batch)`` must return an object with ``loss`` (and optionally ``aux_loss``, ``moe_losses``,
-    ``moe_stats``); batches are ``collate(dataset, indices)`` dicts with a ``labels`` entry. Every rank must
-    run the same calls (``train``, ``evaluate``, ``close``): they contain collectives. When some MoE layer
-    uses aux-loss-free balancing, ``update_router_biases`` runs after every optimizer step.
+    Batches are ``collate(dataset, indices)`` dicts; ``objective(model, batch)`` (default ``LMObjective()``:
+    ``model(**batch)`` with a ``labels`` entry) turns one into a ``StepOutput``. ``extensions`` hook into
+    setup, the step, checkpoints, the full-model gather and the logged metrics, in list order; a model with
+    routed-expert layers needs its family's extension (its wiring passes it). Every rank must run the
+    same calls (``train``, ``evaluate``, ``save_checkpoint``, ``gather_full_model``, ``close``): they
+    contain collectives.
     """
 
     def __init__(
@@ -69,111 +80,133 @@ class Trainer:
         val_data: Dataset | None = None,
         *,
         resume: bool = False,
-        flops_per_token: int | None = None,
+        flops_per_token: int | None = None,  # forward FLOPs per real target token (for MFU)
         tokens_per_byte: float | None = None,
         hparams: Mapping[str, Any] | None = None,
         after_step: Callable[[nn.Module], None] | None = None,  # extra hook after each optimizer step
         collate: Callable[[Dataset, Tensor], dict[str, Tensor]] = make_batch,
         expect_processes: int | None = None,  # the launcher's world size (recipes pass WORLD_SIZE)
         find_unused_parameters: bool = False,  # DDP: some parameters may get no gradient on a rank in a step
+        extensions: Sequence[TrainerExtension] = (),
+        objective: Objective | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.train_data, self.val_data, self.collate = train_data, val_data, collate
         self.flops_per_token, self.tokens_per_byte = flops_per_token, tokens_per_byte
-        self.after_step = [*_router_bias_hooks(model), *([after_step] if after_step else [])]
-        acc = Accelerator(
+        self.after_step = after_step
+        self.extensions = tuple(extensions)
+        self.objective: Objective = objective if objective is not None else LMObjective()
+        self.accelerator = acc = self._make_accelerator(find_unused_parameters)
+        self._check_world_size(expect_processes)
+        self.micro_batch_size, self.accum_steps = self._micro_batching()
+        acc.gradient_accumulation_steps = self.accum_steps
+        self.ckpt = CheckpointManager(self.run_dir / "ckpt", cfg.keep_checkpoints)
+        latest = self._existing_checkpoint(resume)
+        self.ctx = TrainContext(
+            cfg=cfg,
+            world_size=acc.num_processes,
+            rank=acc.process_index,
+            device=acc.device,
+            is_main=acc.is_main_process,
+            fsdp=self._fsdp,
+        )
+        self._prepare(model)
+        self.sampler = StepSampler(len(train_data), cfg.batch_size, cfg.seed)
+        self._eval_chunks = self._eval_shard()
+
+        self.step = 0
+        self.tokens_seen = 0  # real target tokens over all ranks, up to the last sync (_sync_tokens)
+        self._pending_tokens = torch.zeros((), dtype=torch.long, device=acc.device)  # this rank's, not yet synced
+        self.train_seconds = 0.0
+        self.last_metrics: dict[str, Any] = {}
+        if latest is not None:
+            self._restore(latest)
+        self._start_metrics_file()
+        if cfg.log_with != "none":
+            acc.init_trackers("tb", config=_tracker_hparams(hparams or {"train": vars(cfg)}))
+        self.probe_flops: float | None = None
+        self._reprobe()
+
+    # ------------------------------------------------------------------ construction
+    def _make_accelerator(self, find_unused_parameters: bool) -> Accelerator:
+        cfg = self.cfg
+        return Accelerator(
             mixed_precision=cfg.mixed_precision,
             cpu=cfg.cpu,
             log_with=None if cfg.log_with == "none" else cfg.log_with,
             project_dir=str(self.run_dir),
             step_scheduler_with_optimizer=False,  # we step it once per optimizer step, whatever the world size
-            # DDP's default re-broadcast of rank 0's buffers before every forward would overwrite the MoE
-            # routers' per-rank load counters mid-accumulation; parameters are synced by DDP regardless.
+            # DDP's default re-broadcast of rank 0's buffers before every forward would overwrite per-rank
+            # buffers (e.g. routers' load counters) mid-accumulation; parameters are synced by DDP regardless.
             kwargs_handlers=[
                 DistributedDataParallelKwargs(broadcast_buffers=False, find_unused_parameters=find_unused_parameters)
             ],
         )
-        self.accelerator = acc
-        world = acc.num_processes
+
+    def _check_world_size(self, expect_processes: int | None) -> None:
+        world = self.accelerator.num_processes
         if expect_processes is not None and world != expect_processes:
             # Otherwise N independent single-process runs would write the same run folder.
             raise RuntimeError(
                 f"launched as {expect_processes} processes, but Accelerate formed a group of {world}: on a machine "
                 "without GPUs set ACCELERATE_USE_CPU=1 (or train.cpu=true) so that the processes join one gloo group"
             )
+
+    def _micro_batching(self) -> tuple[int, int]:
+        """``(micro_batch_size, accumulation steps)`` of this world size."""
+        cfg, world = self.cfg, self.accelerator.num_processes
         if cfg.batch_size % world:
-            _fail("TrainConfig", "batch_size", cfg.batch_size, f"must be divisible by num_processes={world}")
+            fail("TrainConfig", "batch_size", cfg.batch_size, f"must be divisible by num_processes={world}")
         per_rank = cfg.batch_size // world
-        self.micro_batch_size = cfg.micro_batch_size or per_rank
-        if per_rank % self.micro_batch_size:
-            _fail(
+        micro = cfg.micro_batch_size or per_rank
+        if per_rank % micro:
+            fail(
                 "TrainConfig",
                 "micro_batch_size",
                 cfg.micro_batch_size,
                 f"must divide the per-process batch batch_size/num_processes={per_rank}",
             )
-        self.accum_steps = per_rank // self.micro_batch_size
-        acc.gradient_accumulation_steps = self.accum_steps
+        return micro, per_rank // micro
 
-        self.ckpt = CheckpointManager(self.run_dir / "ckpt", cfg.keep_checkpoints)
+    def _existing_checkpoint(self, resume: bool) -> Path | None:
         latest = self.ckpt.latest()
         if latest is not None and not resume:
             raise FileExistsError(
                 f"{self.run_dir} already holds checkpoints (latest {latest.name}); pass resume=True (--resume) "
                 "to continue, or choose a new run directory"
             )
-        # Expert parallelism: keep this rank's expert slice and hide it from DDP, before the optimizer sees
-        # the parameters (sharding replaces them) and before prepare() wraps the model.
-        self.ep_groups = _expert_parallel(model)
-        if self.ep_groups is not None and acc.distributed_type == DistributedType.FSDP:
-            raise ValueError(
-                "MoEConfig.expert_parallel_size > 1 under FSDP is not supported yet (the experts would need "
-                "fsdp_ignored_modules and their own checkpoint path): use DDP, or expert_parallel_size=1"
-            )
-        _check_bias_scope(model, world)
+        return latest
+
+    def _prepare(self, model: nn.Module) -> None:
+        """Extensions' setup (before the optimizer sees the parameters and before ``prepare`` wraps the
+        model), then optimizer, scheduler, ``accelerator.prepare`` and the optional compiled wrapper."""
+        cfg = self.cfg
+        for ext in self.extensions:
+            ext.setup(model, self.ctx)
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.adam_eps)
         scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.decay)
-        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self._compiled: nn.Module | None = None
         if cfg.compile:
-            if self.ep_groups is not None:
-                _fail("TrainConfig", "compile", True, "is not supported with MoE expert_parallel_size > 1 yet")
             # A wrapper used by _train_step only: everything else keeps seeing the eager (prepared) module.
             self._compiled = torch.compile(self.model, backend=cfg.compile_backend)
-        from moekit.moe.ep_checkpoint import expert_checkpoint_hooks
 
-        # MoE experts go to experts.safetensors, unsharded, whatever the EP size; except under FSDP without
-        # expert parallelism, where they are ordinary sharded parameters that FSDP's own checkpoint holds.
-        self._ckpt_writer, self._ckpt_reader = None, None
-        if not (self._fsdp and self.ep_groups is None):
-            self._ckpt_writer, self._ckpt_reader = expert_checkpoint_hooks(model, self.optimizer, self.ep_groups)
-        self.sampler = StepSampler(len(train_data), cfg.batch_size, cfg.seed)
-        self._eval_chunks = self._eval_shard()
-
-        self.step = 0
-        self.tokens_seen = 0
-        self.train_seconds = 0.0
-        self.last_metrics: dict[str, Any] = {}
-        if latest is not None:
-            state = self.ckpt.load(acc, latest, extra_reader=self._ckpt_reader)
-            for key in ("batch_size", "seed"):
-                if state.get(key) != getattr(cfg, key):
-                    raise ValueError(
-                        f"resume: checkpoint {latest} was trained with {key}={state.get(key)}, config has "
-                        f"{key}={getattr(cfg, key)}; the data order would not continue exactly"
-                    )
-            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-            # Accelerate restores its micro-batch counter from rank 0's RNG file; with another process count
-            # (hence accumulation) it would fall out of step with ours.
-            acc.step = self.step * self.accum_steps
-            self.train_seconds = state.get("train_seconds", 0.0)
-        self._start_metrics_file()
-        if cfg.log_with != "none":
-            acc.init_trackers("tb", config=_tracker_hparams(hparams or {"train": vars(cfg)}))
-        self.probe_flops: float | None = None
-        self._reprobe()
+    def _restore(self, latest: Path) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        state = self.ckpt.load(acc, latest, extra_reader=self._read_extra_state)
+        for key in ("batch_size", "seed"):
+            if state.get(key) != getattr(cfg, key):
+                raise ValueError(
+                    f"resume: checkpoint {latest} was trained with {key}={state.get(key)}, config has "
+                    f"{key}={getattr(cfg, key)}; the data order would not continue exactly"
+                )
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        # Accelerate restores its micro-batch counter from rank 0's RNG file; with another process count
+        # (hence accumulation) it would fall out of step with ours.
+        acc.step = self.step * self.accum_steps
+        self.train_seconds = state.get("train_seconds", 0.0)
 
     # ------------------------------------------------------------------ public
     @property
@@ -232,14 +265,15 @@ class Trainer:
         model = self.unwrapped_model  # no DDP wrapper: evaluation needs no gradient sync
         was_training = model.training
         model.eval()
+        self._sync_tokens()
         dev = self.accelerator.device
         sums = torch.zeros(2, dtype=torch.float64, device=dev)  # [loss * targets, targets]
         for chunk in self._eval_chunks:
             batch = self._to_device(self.collate(self.val_data, chunk))
             with self.accelerator.autocast():
-                out = model(**batch)
-            n = (batch["labels"] != IGNORE_INDEX).sum()
-            sums += torch.stack([out.loss.double() * n, n.double()])
+                step = self.objective(model, batch)
+            n = step.num_tokens.double()
+            sums += torch.stack([step.loss.double() * n, n])
         model.train(was_training)
         total = self.accelerator.gather_for_metrics(sums[None]).sum(0)  # [2]
         val_loss = float(total[0] / total[1].clamp(min=1))
@@ -250,13 +284,14 @@ class Trainer:
         return out
 
     def save_checkpoint(self) -> Path:
+        self._sync_tokens()
         state = {
             "tokens_seen": self.tokens_seen,
             "train_seconds": self.train_seconds,
             "batch_size": self.cfg.batch_size,
             "seed": self.cfg.seed,
         }
-        return self.ckpt.save(self.accelerator, self.step, state, extra_writer=self._ckpt_writer)
+        return self.ckpt.save(self.accelerator, self.step, state, extra_writer=self._write_extra_state)
 
     def save_final(self) -> Path | None:
         """``save_pretrained`` of the full (unsharded) model into ``<run_dir>/final``, if the model supports
@@ -271,17 +306,18 @@ class Trainer:
         return path
 
     def gather_full_model(self) -> nn.Module | None:
-        """Collective (every rank must call it): on the main process, a single-process copy of the model with
-        the experts unsharded, for sampling or saving; None on the other ranks. The copy shares the other
-        weights with the training model: use it for inference and drop it, do not train it."""
-        from moekit.moe.ep_checkpoint import gather_full_model
-
-        if self._fsdp:
-            return _fsdp_full_model(self.accelerator, self.model)
-        return gather_full_model(self.unwrapped_model, self.ep_groups)
+        """Collective (every rank must call it): on the main process, a model it can run alone, for sampling or
+        saving; None on the other ranks. Under FSDP a plain copy rebuilt from the full state dict; otherwise
+        the unwrapped model, which extensions may replace with a copy (e.g. with sharded weights gathered).
+        It may share weights with the training model: use it for inference and drop it, do not train it."""
+        full = _fsdp_full_model(self.accelerator, self.model) if self._fsdp else self.unwrapped_model
+        for ext in self.extensions:
+            full = ext.full_model(full, self.ctx)
+        return full if self.is_main_process else None
 
     def summary(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.last_metrics.items() if k != "moe_layers"}
+        """The latest scalar metrics (per-layer lists and sections left out) and the run's totals."""
+        out = {k: v for k, v in self.last_metrics.items() if not isinstance(v, (list, dict))}
         out.update(step=self.step, tokens_seen=self.tokens_seen, train_seconds=self.train_seconds)
         if self.train_seconds > 0:
             out["mean_tokens_per_s"] = self.tokens_seen / self.train_seconds
@@ -308,64 +344,82 @@ class Trainer:
         acc, rank, world = self.accelerator, self.accelerator.process_index, self.accelerator.num_processes
         local = self.sampler.shard(self.sampler.indices(self.step), rank, world)  # [batch_size / world]
         self.model.train()
-        stats: list[Any] = []
         for m in range(self.accum_steps):
             mb = local[m * self.micro_batch_size : (m + 1) * self.micro_batch_size]
             batch = self._to_device(self.collate(self.train_data, mb))
             with acc.accumulate(self.model):
-                out = self._forward(batch)
-                aux = out.aux_loss if getattr(out, "aux_loss", None) is not None else torch.zeros_like(out.loss)
-                acc.backward(out.loss + aux)
-                if acc.sync_gradients and self.ep_groups is not None:
-                    from moekit.moe.parallel import allreduce_expert_grads, ep_clip_grad_norm_
-
-                    allreduce_expert_grads(self.model, self.ep_groups)
-                    if self.cfg.grad_clip is not None:  # the norm over all expert slices, same on every rank
-                        window.grad_norm = ep_clip_grad_norm_(self.model, self.cfg.grad_clip, self.ep_groups)
-                elif acc.sync_gradients and self.cfg.grad_clip is not None:
-                    window.grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                out = self._objective_step(batch)
+                acc.backward(out.loss + out.aux_loss)
+                if acc.sync_gradients:
+                    for ext in self.extensions:
+                        ext.after_backward(self.unwrapped_model, self.ctx)
+                    if self.cfg.grad_clip is not None:
+                        window.grad_norm = self._clip_grad_norm(self.cfg.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            window.add(out.loss, aux, getattr(out, "moe_losses", None) or {})
-            stats = getattr(out, "moe_stats", None) or []
+            window.add(out.loss, out.aux_loss, out.metrics, out.num_tokens)
+            self._pending_tokens += out.num_tokens.detach().to(self._pending_tokens)
         if not acc.sync_gradients:
             raise RuntimeError("gradient accumulation fell out of step with the optimizer; this is a bug")
         self.scheduler.step()
-        for hook in self.after_step:
-            hook(self.unwrapped_model)
-        tokens = self.cfg.batch_size * int(batch["labels"].shape[-1])
-        self.tokens_seen += tokens
-        window.tokens += tokens
-        window.moe_stats = stats
+        for ext in self.extensions:
+            ext.after_optimizer_step(self.unwrapped_model, self.ctx)
+        if self.after_step is not None:
+            self.after_step(self.unwrapped_model)
 
-    def _forward(self, batch: dict[str, Tensor]) -> Any:
+    def _objective_step(self, batch: dict[str, Tensor]) -> StepOutput:
         if self._compiled is None:
-            return self.model(**batch)
-        # The sorted MoE dispatch's per-expert slice sizes then trace as unbacked SymInts: no graph break.
+            return self.objective(self.model, batch)
+        # Data-dependent sizes inside the model (e.g. per-expert slices) then trace as unbacked SymInts.
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
-            return self._compiled(**batch)
+            return self.objective(self._compiled, batch)
+
+    def _clip_grad_norm(self, max_norm: float) -> Tensor:
+        """The first extension that clips (sharded parameters need their own global norm), else Accelerate."""
+        for ext in self.extensions:
+            norm = ext.clip_grad_norm(self.unwrapped_model, max_norm, self.ctx)
+            if norm is not None:
+                return norm
+        return self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def _sync_tokens(self) -> None:
+        """Add every rank's real target tokens since the last sync to ``tokens_seen`` (one all-reduce; every
+        rank calls it at the same points: log events, evaluation, checkpoints)."""
+        total = self.accelerator.reduce(self._pending_tokens.clone(), reduction="sum")
+        self.tokens_seen += int(total)
+        self._pending_tokens.zero_()
 
     def _log_train(self, window: LogWindow, lr: float) -> dict[str, Any]:
+        self._sync_tokens()
         metrics: dict[str, Any] = {"step": self.step, "tokens_seen": self.tokens_seen, "lr": lr}
         metrics.update(window.reduce(self.accelerator))
         if window.grad_norm is not None:
             metrics["grad_norm"] = float(window.grad_norm)
         seconds = window.seconds()  # after reduce(): the device has finished the window's work
         if seconds > 0:
-            tps = window.tokens / seconds
+            tps = window.global_tokens / seconds
             metrics["tokens_per_s"] = tps
             if self.probe_flops and self.flops_per_token:
                 peak = self.probe_flops * self.accelerator.num_processes
                 metrics["mfu"] = 3 * self.flops_per_token * tps / peak
         self.train_seconds += seconds
-        if window.moe_stats:  # the last micro-batch's routing, this rank's view
-            from moekit.moe.telemetry import summarize_routing
-
-            metrics.update(summarize_routing(window.moe_stats))
-            metrics["moe_layers"] = [s.to_dict() for s in window.moe_stats]
+        for ext in self.extensions:
+            metrics.update(ext.step_metrics(self.unwrapped_model, self.ctx))
         window.restart()
         self._log(metrics)
         return metrics
+
+    def _write_extra_state(self, folder: Path) -> Collection[str]:
+        keys: list[str] = []
+        for ext in self.extensions:
+            keys += ext.save_state(self.unwrapped_model, self.optimizer, folder, self.ctx)
+        return keys
+
+    def _read_extra_state(self, folder: Path) -> Collection[str]:
+        keys: list[str] = []
+        for ext in self.extensions:
+            keys += ext.load_state(self.unwrapped_model, self.optimizer, folder, self.ctx)
+        return keys
 
     def _log(self, metrics: dict[str, Any]) -> None:
         self.last_metrics.update(metrics)
@@ -419,51 +473,9 @@ def _fsdp_full_model(accelerator: Accelerator, model: nn.Module) -> nn.Module | 
     cls = next(c for c in type(wrapped).__mro__ if not issubclass(c, FSDPModule))
     if not hasattr(wrapped, "cfg"):
         raise TypeError(f"{cls.__name__} has no .cfg: cannot rebuild an unsharded copy of an FSDP model")
-    from moekit.moe.ep_checkpoint import single_process_configs
-
     plain = cls(wrapped.cfg)
     plain.load_state_dict(state)
-    single_process_configs(plain)  # rank 0 alone runs it: no global-scope all-reduce in its MoE layers
     return plain
-
-
-def _check_bias_scope(model: nn.Module, world: int) -> None:
-    """Aux-loss-free biases updated from each rank's own counts would drift apart across ranks (DDP does not
-    sync buffers here), and a checkpoint keeps rank 0's: refuse before training."""
-    from moekit.moe.layer import MoELayer
-
-    for m in model.modules():
-        if isinstance(m, MoELayer) and m.cfg.bias_update_rate > 0 and m.cfg.balance_scope != "global" and world > 1:
-            raise ValueError(
-                f"MoEConfig.balance_scope={m.cfg.balance_scope!r} with bias_update_rate={m.cfg.bias_update_rate} "
-                f"on {world} processes: each rank's router bias would follow its own tokens; set "
-                "balance_scope='global' (all-reduced counts, the same bias everywhere)"
-            )
-
-
-def _router_bias_hooks(model: nn.Module) -> list[Callable[[nn.Module], None]]:
-    """``update_router_biases`` when some MoE layer uses aux-loss-free balancing (it must run every step)."""
-    from moekit.moe.layer import MoELayer, update_router_biases
-
-    if any(isinstance(m, MoELayer) and m.cfg.bias_update_rate > 0 for m in model.modules()):
-        return [update_router_biases]
-    return []
-
-
-def _expert_parallel(model: nn.Module) -> Any:
-    """Shard the experts over ``moe.expert_parallel_size`` ranks and exclude them from DDP; the groups or None."""
-    from moekit.moe.layer import MoELayer
-    from moekit.moe.parallel import apply_expert_parallel, exclude_experts_from_ddp, init_expert_parallel
-
-    sizes = {m.cfg.expert_parallel_size for m in model.modules() if isinstance(m, MoELayer)}
-    if not sizes or sizes == {1}:
-        return None
-    if len(sizes) > 1:
-        raise ValueError(f"MoEConfig.expert_parallel_size differs between MoE layers: {sorted(sizes)}")
-    groups = init_expert_parallel(sizes.pop())
-    apply_expert_parallel(model, groups)
-    exclude_experts_from_ddp(model)
-    return groups
 
 
 def _tracker_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NoReturn
 
+from moekit.core.checks import fail, is_int
 from moekit.core.optim import DECAY_SCHEDULES
 
 MIXED_PRECISIONS = ("no", "bf16")
 TRACKERS = ("tensorboard", "none")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
-
-
-def _fail(cls: str, name: str, value: Any, allowed: str) -> NoReturn:
-    raise ValueError(f"{cls}.{name}={value!r} is invalid: {allowed}")
 
 
 @dataclass
@@ -51,11 +47,11 @@ class TrainConfig:
         for name, low in (("steps", 1), ("batch_size", 1), ("log_every", 1), ("eval_batches", 1),
                           ("keep_checkpoints", 1), ("warmup_steps", 0), ("eval_every", 0), ("save_every", 0),
                           ("seed", 0)):  # fmt: skip
-            if not _is_int(getattr(self, name)) or getattr(self, name) < low:
-                _fail("TrainConfig", name, getattr(self, name), f"must be an int >= {low}")
+            if not is_int(getattr(self, name)) or getattr(self, name) < low:
+                fail("TrainConfig", name, getattr(self, name), f"must be an int >= {low}")
         mb = self.micro_batch_size
-        if mb is not None and (not _is_int(mb) or mb < 1 or self.batch_size % mb):
-            _fail(
+        if mb is not None and (not is_int(mb) or mb < 1 or self.batch_size % mb):
+            fail(
                 "TrainConfig", "micro_batch_size", mb, f"must be an int >= 1 that divides batch_size={self.batch_size}"
             )
         for name, ok, rule in (
@@ -69,11 +65,11 @@ class TrainConfig:
             if value is None and name == "grad_clip":
                 continue
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and ok(value)):
-                _fail("TrainConfig", name, value, f"must be a number {rule}")
+                fail("TrainConfig", name, value, f"must be a number {rule}")
             setattr(self, name, float(value))
         self.betas = tuple(self.betas)
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
-            _fail("TrainConfig", "betas", self.betas, "must be two numbers in [0, 1)")
+            fail("TrainConfig", "betas", self.betas, "must be two numbers in [0, 1)")
         for name, choices in (
             ("decay", DECAY_SCHEDULES),
             ("mixed_precision", MIXED_PRECISIONS),
@@ -81,11 +77,7 @@ class TrainConfig:
             ("compile_backend", COMPILE_BACKENDS),
         ):
             if getattr(self, name) not in choices:
-                _fail("TrainConfig", name, getattr(self, name), f"allowed values are {', '.join(choices)}")
+                fail("TrainConfig", name, getattr(self, name), f"allowed values are {', '.join(choices)}")
         for name in ("progress_bar", "mfu_probe", "cpu", "compile"):
             if not isinstance(getattr(self, name), bool):
-                _fail("TrainConfig", name, getattr(self, name), "must be true or false")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+                fail("TrainConfig", name, getattr(self, name), "must be true or false")

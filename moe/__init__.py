@@ -2,22 +2,20 @@
 
 Routers (token-choice top-k, Switch, noisy top-k, expert-choice, aux-loss-free bias), balance and z
 losses, capacity with dropping or dropless, shared and fine-grained experts, a fast dispatch checked
-against a naive reference, routing telemetry, dense twins and sparse upcycling.
+against a naive reference, routing telemetry, expert parallelism, the Trainer extension of MoE models
+(``MoEExtension``) and sparse upcycling. Depends on torch, safetensors and this package only.
 """
 
-import importlib
-from typing import Any
-
-from moekit.moe.config import MoEConfig
+from moekit.moe.config import MoEConfig, ParallelConfig
 from moekit.moe.ep_checkpoint import gather_full_model, load_expert_state, save_expert_state
 from moekit.moe.experts import RoutedExperts, SharedExperts
-from moekit.moe.layer import MoELayer, MoEOutput, update_router_biases
+from moekit.moe.extension import MoEExtension, check_bias_scope
+from moekit.moe.layer import MoELayer, MoEOutput, set_dispatch, update_router_biases
 from moekit.moe.losses import assignment_counts, load_balance_loss, router_z_loss
 from moekit.moe.parallel import (
     ExpertParallelGroups,
     allreduce_expert_grads,
     apply_expert_parallel,
-    comm_volume,
     ep_clip_grad_norm_,
     exclude_experts_from_ddp,
     expert_parameters,
@@ -27,68 +25,38 @@ from moekit.moe.parallel import (
 )
 from moekit.moe.router import Router, Routing
 from moekit.moe.telemetry import RoutingStats, summarize_routing
-
-# matching, upcycling and the comparison build on moekit.core, whose ModelConfig imports MoEConfig from this package:
-# loading them on first use (PEP 562) keeps `import moekit.core` and `import moekit.moe` cycle-free.
-_LAZY = {
-    "CompareConfig": "moekit.moe.compare",
-    "ComparisonConfig": "moekit.moe.compare",
-    "plan_runs": "moekit.moe.compare",
-    "run_comparison": "moekit.moe.compare",
-    "write_report": "moekit.moe.report",
-    "MatchReport": "moekit.moe.matching",
-    "check_matched": "moekit.moe.matching",
-    "dense_twin": "moekit.moe.matching",
-    "describe": "moekit.moe.matching",
-    "param_matched_twin": "moekit.moe.matching",
-    "upcycle": "moekit.moe.upcycling",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'moekit.moe' has no attribute {name!r}")
-
+from moekit.moe.upcycling import function_preserving, upcycle
 
 __all__ = [
-    "CompareConfig",
-    "ComparisonConfig",
-    "plan_runs",
-    "run_comparison",
-    "write_report",
     "ExpertParallelGroups",
-    "gather_full_model",
-    "load_expert_state",
-    "save_expert_state",
-    "allreduce_expert_grads",
-    "apply_expert_parallel",
-    "comm_volume",
-    "ep_clip_grad_norm_",
-    "exclude_experts_from_ddp",
-    "expert_parameters",
-    "init_expert_parallel",
-    "shard_experts",
-    "unshard_experts",
-    "MatchReport",
     "MoEConfig",
+    "MoEExtension",
     "MoELayer",
     "MoEOutput",
+    "ParallelConfig",
     "RoutedExperts",
     "Router",
     "Routing",
     "RoutingStats",
     "SharedExperts",
+    "allreduce_expert_grads",
+    "apply_expert_parallel",
     "assignment_counts",
-    "check_matched",
-    "dense_twin",
-    "describe",
+    "check_bias_scope",
+    "ep_clip_grad_norm_",
+    "exclude_experts_from_ddp",
+    "expert_parameters",
+    "gather_full_model",
+    "init_expert_parallel",
     "load_balance_loss",
-    "param_matched_twin",
+    "load_expert_state",
     "router_z_loss",
+    "save_expert_state",
+    "set_dispatch",
+    "shard_experts",
     "summarize_routing",
+    "unshard_experts",
     "update_router_biases",
+    "function_preserving",
     "upcycle",
 ]

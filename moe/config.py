@@ -1,9 +1,13 @@
-"""MoEConfig: everything that shapes a routed expert layer. Pure dataclass (no torch import)."""
+"""MoEConfig: everything that shapes a routed expert layer (saved with the weights), and ParallelConfig: where
+and how the layers run (a run's ``parallel`` section, never saved with the weights). Pure dataclasses (no torch
+import)."""
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 ROUTERS = ("topk", "switch", "noisy_topk", "expert_choice")
@@ -13,6 +17,10 @@ DROP_POLICIES = ("score", "position")
 DISPATCH_IMPLS = ("auto", "reference", "sorted", "grouped_mm")
 BALANCE_SCOPES = ("local", "global")
 ROUTER_DTYPES = ("float32", "float64", "model")
+# MoEConfig fields of earlier versions that described placement, not the model (now ParallelConfig's, or gone).
+LEGACY_PLACEMENT_FIELDS = ("dispatch", "expert_parallel_size", "extra")
+
+log = logging.getLogger(__name__)
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -73,16 +81,13 @@ class MoEConfig:
     every_n_layers: int = 1  # layer i is MoE when (i + 1) % every_n_layers == 0 ...
     layers: list[int] | None = None  # ... unless an explicit list of layer indices is given
     router_dtype: str = "float32"  # router math dtype under mixed precision
-    dispatch: str = "auto"  # one of DISPATCH_IMPLS
     dead_expert_window: int = 100  # an expert is dead after this many steps without tokens
-    expert_parallel_size: int = 1
     num_groups: int = 3  # telemetry: group ids in [0, num_groups) get a per-group expert histogram
     modality_experts: list[int] | None = None  # experts reserved per group id; the rest are common; None = shared
     local_entropy_coef: float = 0.0  # LIMoE local entropy loss (per token, minimised)
     global_entropy_coef: float = 0.0  # LIMoE global entropy loss (per group marginal, entropy maximised)
     global_entropy_threshold: float | None = None  # tau in nats: global loss max(0, tau - H); None = -H
     entropy_groups: list[int] | None = None  # groups the entropy losses apply to; None = all of [0, num_groups)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -98,7 +103,6 @@ class MoEConfig:
             ("score_func", SCORE_FUNCS),
             ("topk_order", TOPK_ORDERS),
             ("drop_policy", DROP_POLICIES),
-            ("dispatch", DISPATCH_IMPLS),
             ("balance_scope", BALANCE_SCOPES),
             ("router_dtype", ROUTER_DTYPES),
         ):
@@ -135,12 +139,6 @@ class MoEConfig:
             if any((not isinstance(i, int)) or i < 0 for i in self.layers):
                 _fail("layers", self.layers, "must be a list of non-negative layer indices")
             self.layers = sorted(set(self.layers))
-        if self.expert_parallel_size < 1 or self.num_experts % self.expert_parallel_size:
-            _fail(
-                "expert_parallel_size",
-                self.expert_parallel_size,
-                f"must be >= 1 and divide num_experts={self.num_experts}",
-            )
         if self.dead_expert_window < 1:
             _fail("dead_expert_window", self.dead_expert_window, "must be >= 1")
         if self.num_groups < 1:
@@ -205,7 +203,7 @@ class MoEConfig:
     def shared_width(self) -> int:
         return self.d_shared if self.d_shared is not None else self.d_expert
 
-    def is_moe_layer(self, i: int, n_layers: int) -> bool:
+    def is_moe_layer(self, i: int) -> bool:
         if self.layers is not None:
             return i in self.layers
         return (i + 1) % self.every_n_layers == 0
@@ -220,3 +218,42 @@ class MoEConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MoEConfig:
+        """Build from a saved dict (``config.json``). Placement fields that older versions saved here
+        (``dispatch``, ``expert_parallel_size``, ``extra``) are dropped with a logged note: they belong to the
+        run's ``parallel`` section now, and a saved model describes only the model."""
+        d = dict(d)
+        dropped = {k: d.pop(k) for k in LEGACY_PLACEMENT_FIELDS if k in d}
+        if dropped:
+            log.warning(
+                "MoEConfig: ignoring saved placement fields %s (older moekit); set dispatch / expert_parallel_size "
+                "in the run's parallel section (ParallelConfig) instead",
+                dropped,
+            )
+        return cls(**d)
+
+
+@dataclass
+class ParallelConfig:
+    """Where and how the MoE layers run: a run config's top-level ``parallel`` section (YAML
+    ``parallel: {expert_parallel_size: 2}``, override ``parallel.expert_parallel_size=2``). Not part of the
+    saved model: a checkpoint trained with one setting resumes or loads with another.
+
+    ``expert_parallel_size`` P shards each MoE layer's routed experts over P consecutive ranks (it must divide
+    the world size and every layer's ``num_experts``; see ``moekit.moe.parallel``). ``dispatch`` picks the
+    dispatch implementation of every MoE layer (one of DISPATCH_IMPLS; see ``MoELayer.resolve_dispatch``).
+    """
+
+    expert_parallel_size: int = 1
+    dispatch: str = "auto"  # one of DISPATCH_IMPLS
+
+    def __post_init__(self) -> None:
+        ep = self.expert_parallel_size
+        if not _is_int(ep) or ep < 1:
+            raise ValueError(f"ParallelConfig.expert_parallel_size={ep!r} is invalid: must be an int >= 1")
+        if self.dispatch not in DISPATCH_IMPLS:
+            raise ValueError(
+                f"ParallelConfig.dispatch={self.dispatch!r} is invalid: allowed values are {', '.join(DISPATCH_IMPLS)}"
+            )

@@ -3,7 +3,9 @@
 Shapes: ``N`` tokens, ``D`` d_model, ``E`` experts, ``A`` assignments (see :class:`Routing`).
 
 - ``dispatch_reference``: obviously correct, slow. Its own capacity rule in plain Python, then one
-  expert call per kept assignment. Tests only.
+  expert call per kept assignment. The yardstick of the fast paths' tests, and selectable
+  (``MoELayer(dispatch='reference')``, ``parallel.dispatch=reference``) to check a run against it; it
+  needs every expert on one rank, so expert parallelism refuses it (``moekit.moe.parallel.shard_experts``).
 - ``dispatch_fast(impl='sorted')``: one stable argsort of assignments by expert (dropped ones last), one
   gather of the kept rows, per-expert matmuls on contiguous slices of ``unbind``-ed weights, one
   ``index_add`` back. Combine weights scale the narrower of the hidden ``[A, F]`` and output ``[A, D]``

@@ -16,7 +16,7 @@ So the routed experts of every MoE layer (sharded or not) live in a file of thei
 Saving gathers each tensor onto global rank 0, which writes the file (:func:`save_expert_state`); loading
 lets every rank read its own rows ``[ep_rank * El, (ep_rank + 1) * El)`` straight from the file
 (:func:`load_expert_state`). The checkpoint therefore does not depend on the EP size: one saved with
-``expert_parallel_size=2`` on 2 processes resumes with 1 process (EP 1), and the other way round.
+``parallel.expert_parallel_size=2`` on 2 processes resumes with 1 process (EP 1), and the other way round.
 
 :func:`gather_full_model` builds, on rank 0, a single-process copy of the model with the experts
 unsharded: for sampling (a sharded MoE layer needs every EP rank in its all-to-all) and ``save_pretrained``.
@@ -199,9 +199,7 @@ def gather_full_model(model: nn.Module, groups: ExpertParallelGroups | None = No
 
     The copy shares every parameter except the gathered expert weights with ``model`` (no extra memory for
     them): use it for inference or ``save_pretrained`` and drop it, do not train it. Its MoE layers run
-    locally, with ``expert_parallel_size=1`` and ``balance_scope='local'`` (in a world of one process the
-    two scopes agree, and no collective may run on rank 0 alone); a model config with a ``moe`` section
-    gets ``expert_parallel_size=1`` too, so ``save_pretrained`` writes a config of the unsharded model.
+    locally, see :func:`single_process_configs`.
     """
     weights = routed_expert_weights(model)
     full = {name: gather_expert_rows(p, num_experts, groups) for name, p, num_experts in weights}
@@ -222,13 +220,11 @@ def gather_full_model(model: nn.Module, groups: ExpertParallelGroups | None = No
 
 
 def single_process_configs(model: nn.Module) -> None:
-    """Point the (copied) MoE configs of ``model`` at one process (see :func:`gather_full_model`)."""
+    """Make the MoE layers of ``model`` (a copy that rank 0 runs alone) compute ``balance_scope='global'``
+    locally: in a world of one process the two scopes agree, and no collective may run on rank 0 alone.
+    Only the layers' (and routers') own config references change; the model's saved config is untouched."""
     local: dict[int, MoEConfig] = {}
     for module in model.modules():
         cfg = getattr(module, "cfg", None)
-        if isinstance(cfg, MoEConfig):
-            module.cfg = local.setdefault(
-                id(cfg), dataclasses.replace(cfg, expert_parallel_size=1, balance_scope="local")
-            )
-        elif isinstance(getattr(cfg, "moe", None), MoEConfig):  # e.g. the Transformer's ModelConfig
-            cfg.moe = dataclasses.replace(cfg.moe, expert_parallel_size=1)
+        if isinstance(cfg, MoEConfig) and cfg.balance_scope != "local":
+            module.cfg = local.setdefault(id(cfg), dataclasses.replace(cfg, balance_scope="local"))

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from moekit.moe.config import MoEConfig
+from moekit.moe.config import DISPATCH_IMPLS, MoEConfig
 from moekit.moe.dispatch import dispatch_fast, dispatch_reference
 from moekit.moe.experts import RoutedExperts, SharedExperts, grouped_mm_supported
 from moekit.moe.losses import (
@@ -52,19 +52,27 @@ class MoELayer(nn.Module):
     ``balance_scope='global'`` (with an initialised process group) all-reduces the load-balance
     assignment counts and the aux-loss-free load; telemetry stays per rank.
 
+    ``dispatch`` (one of ``DISPATCH_IMPLS``, default 'auto') picks the dispatch implementation; it is
+    placement, not model: it lives in ``dispatch_impl`` (not in ``cfg``) and :func:`set_dispatch` changes it.
+
     torch.compile: the layer (losses, telemetry and buffer updates included) traces into one graph, as
     is on the grouped_mm path and with ``torch._dynamo.config.capture_scalar_outputs = True`` on the
     sorted path (see ``moekit.moe.dispatch``); the reference path runs eagerly.
     """
 
     def __init__(
-        self, d_model: int, cfg: MoEConfig, *, init_std: float = 0.02, out_init_std: float | None = None
+        self,
+        d_model: int,
+        cfg: MoEConfig,
+        *,
+        dispatch: str = "auto",
+        init_std: float = 0.02,
+        out_init_std: float | None = None,
     ) -> None:
         super().__init__()
         if d_model < 1:
             raise ValueError(f"MoELayer d_model={d_model!r} is invalid: must be >= 1")
-        if cfg.dispatch == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
-            raise ValueError("MoEConfig.dispatch='grouped_mm' is invalid: this torch has no torch._grouped_mm")
+        self.dispatch_impl = _check_dispatch(dispatch)
         self.cfg = cfg
         self.d_model = d_model
         out_std = init_std if out_init_std is None else out_init_std
@@ -96,7 +104,7 @@ class MoELayer(nn.Module):
         fp32 under torch.compile); 'auto' picks grouped_mm on CUDA in bf16 and sorted elsewhere (on CPU,
         per-expert BLAS calls on contiguous slices are as fast and need no 16-byte-aligned widths).
         """
-        impl = self.cfg.dispatch
+        impl = self.dispatch_impl
         if impl in ("reference", "sorted"):
             return impl
         dtype = self._compute_dtype(x)
@@ -116,7 +124,7 @@ class MoELayer(nn.Module):
             return y_nd.to(dtype), keep_a  # same output dtype as the fast paths (autocast's)
         return dispatch_fast(x_nd, routing, self.experts, self.cfg.drop_policy, impl=impl, compute_dtype=dtype)
 
-    @torch.compiler.disable  # host syncs and per-assignment Python loops (tests only): always eager
+    @torch.compiler.disable  # host syncs and per-assignment Python loops: always eager
     def _dispatch_reference(self, x_nd: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
         capacity = None
         if routing.capacity is not None:
@@ -181,6 +189,34 @@ class MoELayer(nn.Module):
     def update_bias(self) -> None:
         """Aux-loss-free balancing step (no-op unless ``bias_update_rate > 0``); see :meth:`Router.update_bias`."""
         self.router.update_bias()
+
+
+def _check_dispatch(impl: str) -> str:
+    if impl not in DISPATCH_IMPLS:
+        raise ValueError(f"MoELayer dispatch={impl!r} is invalid: allowed values are {', '.join(DISPATCH_IMPLS)}")
+    if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        raise ValueError("MoELayer dispatch='grouped_mm' is invalid: this torch has no torch._grouped_mm")
+    return impl
+
+
+def set_dispatch(model: nn.Module, impl: str) -> list[str]:
+    """Use dispatch ``impl`` (one of ``DISPATCH_IMPLS``) in every MoE layer of ``model``; returns their names.
+
+    Sharded (expert-parallel) layers run the sorted or grouped_mm path over the all-to-all; the per-assignment
+    reference loop has no expert-parallel form, so ``'reference'`` is refused for them.
+    """
+    _check_dispatch(impl)
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, MoELayer):
+            if impl == "reference" and module.expert_parallel is not None:
+                raise ValueError(
+                    f"dispatch='reference' is not available for the expert-parallel MoE layer {name or '<model>'}: "
+                    "use 'auto', 'sorted' or 'grouped_mm', or expert_parallel_size=1"
+                )
+            module.dispatch_impl = impl
+            names.append(name)
+    return names
 
 
 def update_router_biases(model: nn.Module) -> None:

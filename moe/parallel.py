@@ -1,4 +1,4 @@
-"""Expert parallelism (EP) over torch.distributed, and the communication volume of a scaled-out step.
+"""Expert parallelism (EP) over torch.distributed (its traffic: ``moekit.core.accounting.comm_volume``).
 
 Shapes: ``N`` local tokens, ``D`` d_model, ``E`` experts (all ranks), ``El = E / P`` experts held per rank,
 ``P`` expert-parallel size, ``A`` local assignments, ``S`` rows this rank sends, ``R`` rows it receives.
@@ -31,7 +31,7 @@ Checkpoints, the final model and sampling need the experts unsharded: ``moekit.m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -42,9 +42,6 @@ from moekit.moe.dispatch import select_capacity
 from moekit.moe.experts import RoutedExperts
 from moekit.moe.layer import MoELayer
 from moekit.moe.router import Routing
-
-if TYPE_CHECKING:
-    from moekit.core.config import ModelConfig
 
 
 @dataclass(frozen=True, eq=False)
@@ -187,7 +184,10 @@ class ExpertParallelDispatch:
             keep_a = select_capacity(
                 routing.expert_a, routing.score_a, routing.valid_a, cfg.num_experts, routing.capacity, cfg.drop_policy
             )
-        grouped = layer.resolve_dispatch(x_nd) == "grouped_mm"
+        impl = layer.resolve_dispatch(x_nd)
+        if impl == "reference":  # shard_experts / set_dispatch refuse it; never fall back silently
+            raise ValueError("dispatch='reference' has no expert-parallel form: use 'auto', 'sorted' or 'grouped_mm'")
+        grouped = impl == "grouped_mm"
         y_nd = ep_dispatch(
             x_nd, routing, keep_a, layer.experts, self.groups, grouped=grouped, compute_dtype=_compute_dtype(x_nd)
         )
@@ -203,20 +203,24 @@ def shard_experts(layer: MoELayer, groups: ExpertParallelGroups) -> MoELayer:
 
     Every rank must hold the same full weights first (same seed, or a loaded checkpoint). Call before
     building the optimizer and before ``accelerator.prepare`` (the expert parameters are replaced).
-    ``ep_size=1`` leaves the layer untouched.
+    ``ep_size=1`` leaves the layer untouched. The reference dispatch has no expert-parallel form: a layer
+    set to ``dispatch='reference'`` is refused rather than silently run on the sorted path.
     """
     cfg = layer.cfg
-    if cfg.expert_parallel_size != groups.ep_size:
-        raise ValueError(
-            f"MoEConfig.expert_parallel_size={cfg.expert_parallel_size} does not match the expert-parallel "
-            f"group size {groups.ep_size}"
-        )
-    if not hasattr(layer, "expert_parallel"):
-        raise RuntimeError("this MoELayer has no expert_parallel hook (moekit.moe.layer predates expert parallelism)")
     if layer.expert_parallel is not None:
         raise ValueError("shard_experts: this MoELayer is already sharded")
     if groups.ep_size == 1:
         return layer
+    if cfg.num_experts % groups.ep_size:
+        raise ValueError(
+            f"ParallelConfig.expert_parallel_size={groups.ep_size} is invalid: must divide "
+            f"MoEConfig.num_experts={cfg.num_experts}"
+        )
+    if layer.dispatch_impl == "reference":
+        raise ValueError(
+            "ParallelConfig.dispatch='reference' is invalid under expert parallelism (the per-assignment reference "
+            "loop needs every expert on one rank): use 'auto', 'sorted' or 'grouped_mm', or expert_parallel_size=1"
+        )
     lo, hi = groups.expert_range(cfg.num_experts)
     experts = layer.experts
     for name in ("w_gate", "w_up", "w_down"):
@@ -332,64 +336,3 @@ def ep_clip_grad_norm_(model: nn.Module, max_norm: float, groups: ExpertParallel
         if p.grad is not None:
             p.grad.mul_(scale.to(p.grad.dtype))
     return total
-
-
-# ---------------------------------------------------------------------------------------------- volume
-def comm_volume(
-    model_cfg: ModelConfig, tokens_per_gpu: int, ep_size: int, dp_size: int, dtype_bytes: int = 2
-) -> dict[str, float]:
-    """Bytes ONE GPU sends per optimizer step (forward + backward of ``tokens_per_gpu`` tokens).
-
-    Layout: ``W = ep_size * dp_size`` GPUs; experts sharded ``ep_size`` ways and replicated ``dp_size``
-    times; all other parameters replicated (DDP) or sharded (FSDP) over all ``W`` GPUs. Activations and
-    gradients in ``dtype_bytes``. Collective costs per GPU, ``S`` = buffer bytes, ``n`` ranks (ring /
-    bandwidth-optimal algorithms): all-reduce ``2 (n-1)/n S``, all-gather and reduce-scatter ``(n-1)/n S``.
-
-    - all-to-all, per MoE layer: every routed assignment (``tokens * top_k``, dropless) sends a
-      ``d_model`` row to its expert's rank, of which ``(P-1)/P`` leave the GPU under uniform routing;
-      the same volume comes back (combine), and backward repeats both (4 exchanges in all). Rows are sent
-      once per assignment, as :func:`ep_dispatch` does (no per-rank de-duplication of a token's rows).
-    - DDP: all-reduce of the non-expert gradients over ``W`` plus of this GPU's expert slice over the
-      ``dp_size`` replicas.
-    - FSDP (full shard, re-gather in backward): two all-gathers of the parameters and one reduce-scatter
-      of the gradients; non-expert over ``W``, the expert slice over the replicas.
-    """
-    from moekit.core.accounting import count_params
-
-    if model_cfg.moe is None:
-        raise ValueError("comm_volume: model_cfg.moe is None; expert parallelism needs an MoE model")
-    for name, value in (("tokens_per_gpu", tokens_per_gpu), ("ep_size", ep_size), ("dp_size", dp_size),
-                        ("dtype_bytes", dtype_bytes)):  # fmt: skip
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"comm_volume: {name}={value!r} is invalid: must be a positive integer")
-    if model_cfg.moe.num_experts % ep_size:
-        raise ValueError(f"comm_volume: ep_size={ep_size} must divide num_experts={model_cfg.moe.num_experts}")
-    world = ep_size * dp_size
-    params = count_params(model_cfg)
-    dense = params.total - params.expert_total
-    expert_local = params.expert_total // ep_size
-    moe_layers = sum(model_cfg.is_moe_layer(i) for i in range(model_cfg.n_layers))
-
-    dispatch = tokens_per_gpu * model_cfg.moe.top_k * model_cfg.d_model * dtype_bytes * (ep_size - 1) / ep_size
-    a2a_layer = 4 * dispatch
-    world_frac = (world - 1) / world
-    replica_frac = (dp_size - 1) / dp_size
-    ddp_dense = 2 * world_frac * dense * dtype_bytes
-    ddp_expert = 2 * replica_frac * expert_local * dtype_bytes
-    gather = 2 * (world_frac * dense + replica_frac * expert_local) * dtype_bytes
-    scatter = (world_frac * dense + replica_frac * expert_local) * dtype_bytes
-    return {
-        "world_size": world,
-        "moe_layers": moe_layers,
-        "dense_params": dense,
-        "expert_params_per_gpu": expert_local,
-        "a2a_dispatch_bytes_per_layer": dispatch,
-        "a2a_bytes_per_layer": a2a_layer,
-        "a2a_bytes": a2a_layer * moe_layers,
-        "ddp_allreduce_dense_bytes": ddp_dense,
-        "ddp_allreduce_expert_bytes": ddp_expert,
-        "ddp_allreduce_bytes": ddp_dense + ddp_expert,
-        "fsdp_allgather_bytes": gather,
-        "fsdp_reduce_scatter_bytes": scatter,
-        "fsdp_bytes": gather + scatter,
-    }

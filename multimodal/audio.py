@@ -18,6 +18,7 @@ out (FlopCounterMode does not count it either; it is ~0.2% of a small encoder).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -28,9 +29,47 @@ from torch import Tensor, nn
 from moekit.multimodal.blocks import LN_EPS, EncoderLayer, layer_flops, layer_params, sinusoids
 from moekit.multimodal.config import AudioEncoderConfig, conv_out_len
 
+# A "[C, Ls]" wave with more channels than this is almost surely a samples-first [Ls, C] array.
+MAX_AUDIO_CHANNELS = 8
+
+
+def check_sample_rate(rate: int, name: str = "sample_rate") -> None:
+    """Refuse a sample rate that is not an int > 0 (torchaudio would fail deep inside resampling)."""
+    if not isinstance(rate, numbers.Integral) or isinstance(rate, bool) or rate <= 0:
+        raise ValueError(f"{name}={rate!r} is invalid: must be an int > 0 (samples per second)")
+
+
+def check_wave(wave: Tensor, name: str = "wave") -> None:
+    """Refuse a clip that is not float ``[Ls]`` (mono) or ``[C, Ls]`` (channels first), or that is empty."""
+    if not isinstance(wave, Tensor):
+        raise TypeError(f"{name} must be a float Tensor [Ls] or [C, Ls]; got {type(wave).__name__}")
+    if not wave.is_floating_point():
+        raise ValueError(
+            f"{name} must be a float Tensor of samples in [-1, 1]; got dtype {wave.dtype} "
+            "(divide int16 PCM by 32768 first)"
+        )
+    if wave.dim() not in (1, 2) or (wave.dim() == 2 and not 1 <= wave.shape[0] <= MAX_AUDIO_CHANNELS):
+        raise ValueError(
+            f"{name} must be [Ls] (mono) or [C, Ls] channels first with 1 <= C <= {MAX_AUDIO_CHANNELS} "
+            f"(downmixed to mono); got shape {tuple(wave.shape)} (transpose a samples-first [Ls, C] array)"
+        )
+    if wave.shape[-1] == 0:
+        raise ValueError(f"{name} has shape {tuple(wave.shape)}: no samples")
+
+
+def to_mono(wave: Tensor, name: str = "wave") -> Tensor:
+    """One clip as ``[Ls]``: mono as is; ``[C, Ls]`` (``torchaudio.load``'s layout) downmixed by the mean over
+    channels, as Whisper's and librosa's loaders do. Checked by :func:`check_wave`."""
+    check_wave(wave, name)
+    if wave.dim() == 1:
+        return wave
+    return wave[0] if wave.shape[0] == 1 else wave.mean(dim=0)
+
 
 def resample(wave: Tensor, orig_rate: int, target_rate: int) -> Tensor:
     """Resample along the last axis with torchaudio's windowed sinc; identity when rates match."""
+    check_sample_rate(orig_rate, "orig_rate")
+    check_sample_rate(target_rate, "target_rate")
     if orig_rate == target_rate:
         return wave
     return torchaudio.functional.resample(wave, orig_rate, target_rate)
@@ -129,8 +168,12 @@ class AudioEncoder(nn.Module):
         if wave_ns.dim() != 2 or lengths_n.shape != wave_ns.shape[:1]:
             raise ValueError(
                 f"AudioEncoder expects wave [N, Ls] and lengths [N]; got {tuple(wave_ns.shape)} and "
-                f"{tuple(lengths_n.shape)}"
+                f"{tuple(lengths_n.shape)} (one row per mono clip: downmix [C, Ls] clips with to_mono)"
             )
+        if wave_ns.shape[0] == 0:
+            raise ValueError("AudioEncoder: wave has N=0 clips; need at least one")
+        if not wave_ns.is_floating_point():
+            raise ValueError(f"AudioEncoder: wave must be float samples in [-1, 1]; got dtype {wave_ns.dtype}")
         if lengths_n.dtype != torch.long:
             raise ValueError(f"AudioEncoder: lengths must be torch.long, got {lengths_n.dtype}")
         lo, hi = int(lengths_n.min()), int(lengths_n.max())

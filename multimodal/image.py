@@ -1,7 +1,7 @@
 """Image encoder: ViT-style patch stem (or a torchvision backbone from local weights) + small transformer.
 
 Shapes: ``N`` images, ``C`` channels, ``S`` image side, ``P`` patch side, ``L`` tokens per image,
-``W`` encoder width, ``Cb`` backbone feature channels.
+``W`` encoder width, ``Cb`` backbone feature channels, ``gh``/``gw`` patch grid rows/columns (``L = gh * gw``).
 
 Accounting: ``num_params()`` is analytic for our own layers (tested against ``numel``); ``flops_per_item()``
 is analytic for the patch stem (tested against ``FlopCounterMode``). A torchvision backbone is counted by
@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
@@ -111,8 +112,8 @@ class BackboneStem(nn.Module):
 
     def tokens(self, images_ncss: Tensor) -> Tensor:
         feats = self.body(images_ncss)["features"]
-        if feats.dim() == 4:  # [N, Cb, h, w] -> [N, h*w, Cb]
-            return feats.flatten(2).transpose(1, 2)
+        if feats.dim() == 4:  # a feature map: one token per cell, row-major
+            return rearrange(feats, "n cb h w -> n (h w) cb")
         if feats.dim() == 3:  # already [N, L, Cb] (ViT encoder output)
             return feats
         if feats.dim() == 2:  # pooled [N, Cb]: one token
@@ -167,14 +168,25 @@ class ImageEncoder(nn.Module):
         return self.cfg.width
 
     def forward(self, images_ncss: Tensor) -> Tensor:
+        """``images`` float (normalised), or uint8 0..255: scaled to [0, 1] and normalised with ``cfg.mean/std``,
+        exactly as ``build_image_transform(cfg, train=False)`` does for an image already of the right size."""
         c = self.cfg
         if images_ncss.dim() != 4 or tuple(images_ncss.shape[1:]) != (c.in_channels, c.image_size, c.image_size):
             raise ValueError(
-                f"ImageEncoder expects images [N, {c.in_channels}, {c.image_size}, {c.image_size}], "
-                f"got {tuple(images_ncss.shape)}"
+                f"ImageEncoder expects images [N, {c.in_channels}, {c.image_size}, {c.image_size}] (ImageEncoderConfig"
+                f".in_channels={c.in_channels}, image_size={c.image_size}), got {tuple(images_ncss.shape)}; "
+                "build_image_transform(cfg) converts channels and resizes"
+            )
+        if images_ncss.dtype == torch.uint8:
+            images_ncss = v2.functional.to_dtype(images_ncss, torch.float32, scale=True)
+            images_ncss = v2.functional.normalize(images_ncss, list(c.mean), list(c.std))
+            images_ncss = images_ncss.to(self.pos.dtype)
+        elif not images_ncss.is_floating_point():
+            raise ValueError(
+                f"ImageEncoder: images must be float (normalised) or uint8 (0..255); got dtype {images_ncss.dtype}"
             )
         if self.patch is not None:
-            x_nlw = self.patch(images_ncss).flatten(2).transpose(1, 2)  # [N, L, W]
+            x_nlw = rearrange(self.patch(images_ncss), "n w gh gw -> n (gh gw) w")  # one token per patch, row-major
         else:
             x_nlw = self.adapter(self.backbone(images_ncss))  # [N, L, W]
         x_nlw = x_nlw + self.pos

@@ -17,6 +17,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from moekit.core.accounting import count_params, flops_per_token
+from moekit.core.inputs import check_token_ids
 from moekit.core.model import ModelOutput, Transformer
 from moekit.core.tokenizer import ByteTokenizer
 from moekit.multimodal.audio import AudioEncoder
@@ -74,6 +75,7 @@ class MultimodalLM(nn.Module):
     def embed(self, batch: dict[str, Tensor]) -> Tensor:
         """``inputs_embeds [B, T, D]``: token embeddings with media tokens spliced over the placeholders."""
         ids_bt = batch["input_ids"]
+        check_token_ids(ids_bt, self.cfg.lm.vocab_size, "batch['input_ids']")
         x_btd = self.lm.embed(ids_bt)
         media = (
             ("images", ByteTokenizer.IMAGE, self.image_encoder, self.image_projector),
@@ -88,7 +90,9 @@ class MultimodalLM(nn.Module):
             if encoder is None:
                 raise ValueError(f"MultimodalLM: batch has '{key}' but MultimodalConfig.{key.rstrip('s')} is None")
             if key == "images":
-                tokens_nld, valid_nl = projector(encoder(batch["images"].to(x_btd.dtype)))
+                images = batch["images"]  # uint8 goes to the encoder as is: it scales and normalises
+                images = images.to(x_btd.dtype) if images.is_floating_point() else images
+                tokens_nld, valid_nl = projector(encoder(images))
             else:
                 tokens_nld, valid_nl = encoder(batch["audio"], batch["audio_lengths"])  # front-end casts
                 tokens_nld, valid_nl = projector(tokens_nld, valid_nl)

@@ -24,7 +24,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from moekit.core.model import IGNORE_INDEX
 from moekit.core.tokenizer import ByteTokenizer
-from moekit.multimodal.audio import resample
+from moekit.multimodal.audio import check_sample_rate, check_wave, resample, to_mono
 from moekit.multimodal.config import MultimodalConfig
 
 MODALITY_TEXT, MODALITY_IMAGE, MODALITY_AUDIO = 0, 1, 2
@@ -41,13 +41,36 @@ class TextPart:
 
 @dataclass(frozen=True)
 class ImagePart:
-    pixels: Tensor  # [C, S, S], already transformed/normalised
+    """One image ``[C, S, S]``: float, already normalised (``build_image_transform``), or uint8 0..255, which
+    the image encoder scales to [0, 1] and normalises with its config's mean/std. Channel count and size
+    are checked against the encoder when the batch is encoded."""
+
+    pixels: Tensor  # [C, S, S] float (normalised) or uint8
+
+    def __post_init__(self) -> None:
+        p = self.pixels
+        if not isinstance(p, Tensor):
+            raise TypeError(f"ImagePart.pixels must be a Tensor [C, S, S]; got {type(p).__name__}")
+        if not (p.is_floating_point() or p.dtype == torch.uint8):
+            raise ValueError(
+                f"ImagePart.pixels must be float (normalised) or uint8 (0..255, normalised by the encoder); "
+                f"got dtype {p.dtype}"
+            )
+        if p.dim() != 3:
+            raise ValueError(f"ImagePart.pixels must be one image [C, S, S]; got shape {tuple(p.shape)}")
 
 
 @dataclass(frozen=True)
 class AudioPart:
-    wave: Tensor  # [Ls] float
+    """One clip: float ``[Ls]``, or ``[C, Ls]`` channels first (downmixed to mono by the mean over channels
+    when the batch is built); resampled to the layout's rate. Checked here, at construction."""
+
+    wave: Tensor  # [Ls] or [C, Ls] float
     sample_rate: int
+
+    def __post_init__(self) -> None:
+        check_wave(self.wave, "AudioPart.wave")
+        check_sample_rate(self.sample_rate, "AudioPart.sample_rate")
 
 
 Part = TextPart | ImagePart | AudioPart
@@ -102,7 +125,7 @@ def _lay_out_part(part: Part, tok: ByteTokenizer, layout: TokenLayout) -> tuple[
     if isinstance(part, AudioPart):
         if layout.audio_tokens is None:
             raise ValueError("build_batch: a sample has audio but the layout takes no audio")
-        wave = resample(part.wave.reshape(-1), part.sample_rate, layout.audio_sample_rate)
+        wave = resample(to_mono(part.wave, "AudioPart.wave"), part.sample_rate, layout.audio_sample_rate)
         n = layout.audio_tokens(wave.numel())
         ids, mod = _span(tok.AUDIO_START, tok.AUDIO, tok.AUDIO_END, n, MODALITY_AUDIO)
         return ids, torch.zeros(ids.shape, dtype=torch.bool), mod, wave
@@ -173,6 +196,11 @@ def build_batch(
     if images:
         if len({tuple(im.shape) for im in images}) != 1:
             raise ValueError(f"build_batch: images differ in shape {sorted({tuple(im.shape) for im in images})}")
+        if len({im.dtype for im in images}) != 1:  # stacking would promote uint8 to float without scaling
+            raise ValueError(
+                f"build_batch: images differ in dtype {sorted(str(im.dtype) for im in images)}; "
+                "pass all float (normalised) or all uint8"
+            )
         batch["images"] = torch.stack(images)
     if waves:
         batch["audio"] = pad_sequence(waves, batch_first=True)  # zeros past each clip

@@ -20,7 +20,7 @@ summed over the val set: load per expert per layer per modality and each expert'
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,11 +32,15 @@ from accelerate.utils import set_seed
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from moekit.core.layering import config_to_dict, load_config
+from moekit.core.layering import config_to_dict
 from moekit.core.model import IGNORE_INDEX, ModelOutput
-from moekit.core.run_folder import PLACEMENT_KEYS, check_resumable, save_run_config
+from moekit.core.objective import LMObjective
+from moekit.core.pretrained import load_weights, read_config, save_pretrained_folder
+from moekit.core.run_folder import check_resumable, load_run_file, migrate_placement, save_run_config
 from moekit.core.tokenizer import ByteTokenizer
 from moekit.core.train import TrainConfig, Trainer
+from moekit.moe.config import ParallelConfig
+from moekit.moe.extension import MoEExtension
 from moekit.moe.modality import mean_purity, modality_purity
 from moekit.multimodal.config import MultimodalConfig
 from moekit.multimodal.model import MultimodalLM
@@ -100,6 +104,7 @@ class MultimodalRunConfig:
     tasks: DigitTasksConfig = field(default_factory=DigitTasksConfig)
     data: MMDataConfig = field(default_factory=MMDataConfig)
     eval: MMEvalConfig = field(default_factory=MMEvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # where the decoder's MoE layers run
 
     def __post_init__(self) -> None:
         if self.tasks.weights.get("text", 0) > 0 and self.tasks.text_tokens + 1 > self.model.lm.max_seq_len:
@@ -117,15 +122,20 @@ class MultimodalRunConfig:
 
     def check_resumable(self, run_dir: str | os.PathLike) -> None:
         """Refuse to resume ``run_dir`` with another model (see ``moekit.core.run_folder.check_resumable``)."""
-        check_resumable(self, run_dir, ignore=PLACEMENT_KEYS)
+        check_resumable(self, run_dir, migrate=_migrate)
+
+
+# Older run folders kept placement in the decoder's MoE section: moved to `parallel` on load (logged).
+_migrate = functools.partial(migrate_placement, moe_path="model.lm.moe")
 
 
 def load_mm_run_config(
     path: str | os.PathLike | None = None, overrides: Iterable[str] | Mapping[str, Any] = ()
 ) -> MultimodalRunConfig:
-    """Defaults -> YAML ``path`` -> dotted ``overrides``, like ``moekit.core.configio.load_config``, except
-    that a top-level ``compare`` section (the comparison's, so one preset serves both recipes) is ignored."""
-    return load_config(MultimodalRunConfig, path, overrides, ignore=("compare",))
+    """Defaults -> YAML ``path`` -> dotted ``overrides``, like ``moekit.core.configio.load_run_config``: a
+    top-level ``compare`` section (the comparison's, so one preset serves both recipes) is ignored, and an
+    older file's ``model.lm.moe.dispatch`` / ``expert_parallel_size`` move to ``parallel`` (logged)."""
+    return load_run_file(MultimodalRunConfig, path, overrides, ignore=("compare",), migrate=_migrate)
 
 
 # ---------------------------------------------------------------- data and model glue
@@ -186,21 +196,14 @@ class TrainableMultimodalLM(MultimodalLM):
         return super().forward(batch if batch is not None else tensors)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (tied weights stored once)."""
-        from safetensors.torch import save_model
-
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1) + "\n")
-        save_model(self, str(d / "model.safetensors"))
+        """Write ``config.json`` and ``model.safetensors`` (tied weights stored once), all-or-nothing."""
+        save_pretrained_folder(self, self.cfg.to_dict(), directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str = "cpu") -> TrainableMultimodalLM:
-        from safetensors.torch import load_model
-
-        d = Path(directory)
-        model = cls(MultimodalConfig.from_dict(json.loads((d / "config.json").read_text())))
-        load_model(model, str(d / "model.safetensors"), strict=True, device=str(map_location))
+        """Load a ``save_pretrained`` folder (names, dtypes and HF folders checked by ``moekit.core.pretrained``)."""
+        model = cls(MultimodalConfig.from_dict(read_config(directory)))
+        load_weights(model, directory, map_location)
         return model
 
 
@@ -383,6 +386,8 @@ def build_multimodal_trainer(
         expect_processes=expect_processes,
         # A rank whose micro-batch holds no image (or no clip) gives that encoder no gradient in the step.
         find_unused_parameters=True,
+        extensions=[MoEExtension(cfg.parallel)],  # a no-op for a dense decoder
+        objective=LMObjective(),
     )
     if trainer.is_main_process:
         cfg.save(run_dir)
@@ -393,8 +398,9 @@ def flops_profile(
     model: MultimodalLM, tasks: DigitTasks, collate: SampleCollate, batch_size: int, num_batches: int = 4
 ) -> dict[str, Any]:
     """Forward FLOPs of the training mixture, encoders included, from the first ``num_batches`` training
-    batches (``MultimodalLM.batch_flops``: padding excluded): per sample and per padded token, split into
-    ``lm`` / ``image`` / ``audio`` / ``total``."""
+    batches (``MultimodalLM.batch_flops``: padding excluded): per sample and per real target token (labels !=
+    -100, what the Trainer counts as tokens, so that its MFU = 3 x FLOPs per target token x target tokens/s),
+    split into ``lm`` / ``image`` / ``audio`` / ``total``."""
     data = TaskSamples(tasks, "train", num_batches * batch_size)
     sums = {"lm": 0, "image": 0, "audio": 0, "total": 0}
     tokens = 0
@@ -402,10 +408,10 @@ def flops_profile(
         batch = collate(data, range(b * batch_size, (b + 1) * batch_size))
         for k, v in model.batch_flops(batch).items():
             sums[k] += v
-        tokens += batch["input_ids"].numel()
+        tokens += int((batch["labels"] != IGNORE_INDEX).sum())
     n = num_batches * batch_size
     return {
         "per_sample": {k: v / n for k, v in sums.items()},
-        "per_token": {k: round(v / tokens) for k, v in sums.items()},
+        "per_token": {k: round(v / max(tokens, 1)) for k, v in sums.items()},
         "samples": n,
     }

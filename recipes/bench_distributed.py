@@ -15,7 +15,7 @@ differences such as EP's halved expert state on top of a common base).
 
 Settings: 1 process with all N threads (what one process makes of the machine), 1 process with 1 thread,
 N processes x 1 thread with data parallelism (DDP, experts replicated), and N processes x 1 thread with
-expert parallelism (`model.moe.expert_parallel_size=N`: each rank holds E/N experts; tokens travel by
+expert parallelism (`parallel.expert_parallel_size=N`: each rank holds E/N experts; tokens travel by
 all-to-all). Library code is untouched: this script only launches recipes and reads their metrics.jsonl.
 """
 
@@ -55,7 +55,7 @@ def run_once(config: str, overrides: list[str], procs: int, threads: int, ep: in
         launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
     cmd = [*launch, str(RECIPE), "--config", config, "--out", str(out), "--samples", "0", *overrides]
     if ep > 1:
-        cmd.append(f"model.moe.expert_parallel_size={ep}")
+        cmd.append(f"parallel.expert_parallel_size={ep}")
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)

@@ -131,8 +131,8 @@ def bench(args: argparse.Namespace) -> list[dict]:
             torch.manual_seed(0)
             impls: dict[str, torch.nn.Module] = {}
             for impl in ("sorted", "reference") + (("grouped_mm",) if args.grouped else ()):
-                cfg = MoEConfig(num_experts=num_experts, top_k=top_k, d_expert=d_expert, dispatch=impl)
-                layer = MoELayer(D_MODEL, cfg).to(device)
+                cfg = MoEConfig(num_experts=num_experts, top_k=top_k, d_expert=d_expert)
+                layer = MoELayer(D_MODEL, cfg, dispatch=impl).to(device)
                 if impls:  # identical weights for every implementation
                     layer.load_state_dict(next(iter(impls.values())).state_dict())
                 impls[f"moekit-{impl}"] = layer.to(dtype)

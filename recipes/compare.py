@@ -8,17 +8,18 @@
         --out runs/compare-gpu
     python recipes/compare.py --config recipes/configs/mm-cpu.yaml --out runs/mm-compare     # compare.task: multimodal
 
-The YAML holds the MoE base run (model with a moe section, train, data) and a `compare` section; dotted
-overrides follow (`model.moe.num_experts=16 compare.budget=flops`). The matching (params total/active,
-FLOPs per token) is printed before any training, and a comparison whose active FLOPs differ by more than
-`compare.max_flops_mismatch` is refused unless `--allow-mismatch`. Rerunning the same command resumes:
-finished runs are reused, an interrupted run continues from its last checkpoint. Outputs in OUT:
-report.md, summary.json, PNG plots, runs/<model>-seed<k>/ (each a full train_lm run folder).
+The YAML holds the MoE base run (the task's run config, with a moe section in its decoder) and a `compare`
+section; dotted overrides follow (`model.moe.num_experts=16 compare.budget=flops compare.workers=2`). The
+matching (params, FLOPs per token) is printed before any training, and a comparison whose active FLOPs
+differ by more than `compare.max_flops_mismatch` is refused unless `--allow-mismatch`. Rerunning the same
+command resumes: finished runs are reused, an interrupted run continues from its last checkpoint, and a run
+folder trained with another config is refused. Outputs in OUT: report.md, summary.json, PNG plots,
+runs/<model>-seed<k>/ (each a full training run folder).
 
-`compare.task` picks the comparison: `lm` (default; Shakespeare, moekit.moe.compare) or `multimodal` (image,
-audio and text tasks through one decoder, moekit.multimodal.compare: encoders identical in both models, the
-report adds held-out accuracy per task and per-modality expert load and purity). --sweep, --param-matched and
---budget belong to the language-model comparison.
+`compare.task` picks the task adapter (moekit.experiment.plan.TASKS): `lm` (default; Shakespeare) or
+`multimodal` (image, audio and text tasks through one decoder: encoders identical in both models, the
+report adds held-out accuracy per task and per-modality expert load and purity). `compare.workers=2` trains
+two runs side by side, each in its own process (`compare.threads` torch threads each).
 """
 
 from __future__ import annotations
@@ -28,27 +29,9 @@ import os
 from pathlib import Path
 
 import torch.distributed as dist
-import yaml
 
-from moekit.core.layering import load_config, parse_override
-from moekit.moe.compare import TASKS, ComparisonConfig, matching_table, parse_sweep, plan_runs, run_comparison
-from moekit.moe.report import headline, write_report
-
-
-def comparison_task(config: str | None, overrides: list[str]) -> str:
-    """``compare.task`` from the YAML, then the overrides (the last one wins); "lm" when unset."""
-    task = "lm"
-    if config is not None:
-        tree = yaml.safe_load(Path(config).read_text()) or {}
-        section = tree.get("compare") if isinstance(tree, dict) else None
-        task = section.get("task", task) if isinstance(section, dict) else task
-    for o in overrides:
-        key, value = parse_override(o)
-        if key == "compare.task":
-            task = value
-    if task not in TASKS:
-        raise ValueError(f"compare.task={task!r} is invalid: allowed values are {TASKS}")
-    return task
+from moekit.experiment.plan import load_comparison
+from moekit.experiment.runner import run_comparison
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -65,67 +48,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_intermixed_args(argv)
 
     overrides = list(args.overrides)
-    if args.seeds is not None:
-        overrides.append(f"compare.seeds={args.seeds}")
-    if args.allow_mismatch:
-        overrides.append("compare.allow_mismatch=true")
-    if comparison_task(args.config, overrides) == "multimodal":
-        for flag, value in (
-            ("--param-matched", args.param_matched),
-            ("--sweep", args.sweep),
-            ("--budget", args.budget),
-        ):
-            if value:
-                p.error(f"{flag} is for the language-model comparison (compare.task=lm), not compare.task=multimodal")
-        return _multimodal(args.config, overrides, Path(args.out), args.dry_run)
-    if args.param_matched:
-        overrides.append("compare.param_matched=true")
-    if args.sweep:
-        overrides.append(f"compare.sweep={args.sweep}")
-    if args.budget:
-        overrides.append(f"compare.budget={args.budget}")
-    cfg = load_config(ComparisonConfig, args.config, overrides)
-    specs = plan_runs(cfg)
-    matching = matching_table(specs)
-    # The process group starts with the first run's Accelerator; until then the launcher's RANK tells.
-    if os.environ.get("RANK", "0") == "0":
-        print(f"matching (forward FLOPs per token at seq_len {cfg.data.seq_len}):")
-        print(f"  {'model':<24} {'kind':<6} {'params total':>14} {'params active':>14} {'FLOPs/token':>14} steps")
-        for m in matching:
-            print(
-                f"  {m['name']:<24} {m['kind']:<6} {m['params_total']:>14,} {m['params_active']:>14,} "
-                f"{m['flops_per_token']:>14,} {m['steps']}"
-            )
-        print(f"{len(specs)} runs: " + ", ".join(s.folder for s in specs), flush=True)
-    if args.dry_run:
-        return []
-    out = Path(args.out)
-    rows = run_comparison(cfg, out, expect_processes=_launcher_world_size())
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        sweep_key = parse_sweep(cfg.compare.sweep)[0] if cfg.compare.sweep else None
-        report = write_report(out, specs, rows, matching, cfg.to_dict(), sweep_key)
-        print(f"\n{headline(rows)}\nreport: {report}")
-    if dist.is_initialized():
-        dist.destroy_process_group()  # gloo aborts at exit otherwise
-    return rows
-
-
-def _launcher_world_size() -> int | None:
-    """torchrun / accelerate launch set WORLD_SIZE; other launchers (e.g. mpirun) leave the check to Accelerate."""
-    return int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
-
-
-def _multimodal(config: str | None, overrides: list[str], out: Path, dry_run: bool) -> list[dict]:
-    from moekit.multimodal.compare import MultimodalComparisonConfig, run_multimodal_comparison
-
-    cfg = load_config(MultimodalComparisonConfig, config, overrides)
-    world = _launcher_world_size()
-    # Prints the matching (rank 0: no process group exists yet to ask); rank 0 writes the report.
-    rows = run_multimodal_comparison(
-        cfg, out, dry_run=dry_run, verbose=os.environ.get("RANK", "0") == "0", expect_processes=world
+    for flag, value in (
+        ("seeds", args.seeds),
+        ("allow_mismatch", args.allow_mismatch or None),
+        ("param_matched", args.param_matched or None),
+        ("sweep", args.sweep),
+        ("budget", args.budget),
+    ):
+        if value is not None:
+            overrides.append(f"compare.{flag}={'true' if value is True else value}")
+    cmp = load_comparison(args.config, overrides)
+    # torchrun / accelerate launch set WORLD_SIZE and RANK; the process group starts with the first run's
+    # Accelerator, so until then RANK says which process prints the plan.
+    world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
+    rows = run_comparison(
+        cmp, Path(args.out), dry_run=args.dry_run, verbose=os.environ.get("RANK", "0") == "0", expect_processes=world
     )
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # gloo aborts at exit otherwise
     return rows
 
 

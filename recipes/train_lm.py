@@ -4,7 +4,7 @@
     python recipes/train_lm.py --config recipes/configs/debug.yaml --out runs/dbg model.moe.num_experts=4
     torchrun --nproc_per_node 2 recipes/train_lm.py --config recipes/configs/debug.yaml --out runs/dbg2
     torchrun --nproc_per_node 2 recipes/train_lm.py --config recipes/configs/debug.yaml --out runs/ep2 \
-        model.moe.num_experts=4 model.moe.d_expert=64 model.moe.expert_parallel_size=2   # experts sharded
+        model.moe.num_experts=4 model.moe.d_expert=64 parallel.expert_parallel_size=2   # experts sharded
     accelerate launch recipes/train_lm.py --config recipes/configs/gpu.yaml --out runs/gpu
     python recipes/train_lm.py --out runs/dbg --resume         # continue with the saved OUT/config.yaml
 
@@ -20,7 +20,8 @@ import os
 from pathlib import Path
 
 from moekit.core.configio import CONFIG_FILE, load_run_config
-from moekit.core.lm import build_lm_trainer, sample_text
+from moekit.core.generate import sample_text
+from moekit.experiment.lm import build_lm_trainer
 
 PROMPTS = ("**ROMEO**\n", "**HAMLET**\nTo be, or not", "**KING HENRY V**\nOnce more")
 

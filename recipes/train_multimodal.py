@@ -9,7 +9,8 @@
 
 Tasks: image -> caption, audio -> transcript, image + audio -> same/different, Shakespeare text LM.
 Overrides are dotted ``section.key=value`` pairs (positional or ``--set``), applied after the YAML file;
-sections: model (MultimodalConfig: lm, image, audio, *_projector), train, tasks, data, eval (a ``compare``
+sections: model (MultimodalConfig: lm, image, audio, *_projector), train, tasks, data, eval, parallel
+(ParallelConfig: ``parallel.dispatch``, ``parallel.expert_parallel_size`` of the decoder's MoE layers; a ``compare``
 section, read by recipes/compare.py, is ignored here). The resolved
 config is written to ``OUT/config.yaml``; metrics (with per-modality routing per MoE layer) to
 ``OUT/metrics.jsonl``; checkpoints to ``OUT/ckpt``; the final model to ``OUT/final``. At the end the

@@ -19,13 +19,14 @@ import torch
 from safetensors.torch import load_file
 
 from moekit.core.config import ModelConfig
-from moekit.core.data import PackedSequences
-from moekit.core.lm import sample_text
-from moekit.core.model import Transformer
+from moekit.core.data import PackedSequences, make_batch
+from moekit.core.generate import sample_text
+from moekit.core.model import IGNORE_INDEX, Transformer
 from moekit.core.tokenizer import ByteTokenizer
 from moekit.core.train import TrainConfig, Trainer
-from moekit.moe.config import MoEConfig
+from moekit.moe.config import MoEConfig, ParallelConfig
 from moekit.moe.ep_checkpoint import local_expert_range, routed_expert_weights
+from moekit.moe.extension import MoEExtension
 
 
 def make_data() -> tuple[PackedSequences, PackedSequences]:
@@ -36,7 +37,16 @@ def make_data() -> tuple[PackedSequences, PackedSequences]:
     return PackedSequences(tokens[:2500], 16), PackedSequences(tokens[2500:], 16)
 
 
-def model_config(moe: bool, ep: int = 1) -> ModelConfig:
+def padded_collate(dataset: PackedSequences, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Targets removed (-100) at a data-dependent, per-row uneven share of positions: ranks and micro-batches
+    then hold different numbers of real targets, which tokens_seen must sum exactly."""
+    batch = make_batch(dataset, indices)
+    drop_bt = (batch["input_ids"] % 4 == 0) | (torch.arange(16) >= 16 - indices[:, None] % 6)
+    batch["labels"] = batch["labels"].masked_fill(drop_bt, IGNORE_INDEX)
+    return batch
+
+
+def model_config(moe: bool) -> ModelConfig:
     # Aux-loss-free biases with global scope: counts are all-reduced, so the update is world-size invariant.
     # The load-balance loss is not (it sees one micro-batch per rank), hence its coefficient 0 here.
     moe_cfg = MoEConfig(
@@ -46,14 +56,13 @@ def model_config(moe: bool, ep: int = 1) -> ModelConfig:
         bias_update_rate=0.01,
         balance_scope="global",
         load_balance_coef=0.0,
-        expert_parallel_size=ep,
     )
     return ModelConfig(
         vocab_size=272, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=16, moe=moe_cfg if moe else None
     )
 
 
-def check_final(trainer: Trainer, out: Path) -> None:
+def check_final(trainer: Trainer, ext: MoEExtension, out: Path) -> None:
     """This rank's weights (its expert slice) equal the saved full model's, bit for bit."""
     saved = load_file(out / "final" / "model.safetensors")
     model = trainer.unwrapped_model
@@ -63,11 +72,12 @@ def check_final(trainer: Trainer, out: Path) -> None:
             continue  # tied to the embedding, stored once
         full = saved[name]
         if name in experts:
-            lo, hi = local_expert_range(experts[name], local.shape[0], trainer.ep_groups)
+            lo, hi = local_expert_range(experts[name], local.shape[0], ext.groups)
             assert full.shape[0] == experts[name], (name, full.shape)
             full = full[lo:hi]
         assert torch.equal(full, local), name
-    assert json.loads((out / "final" / "config.json").read_text())["moe"]["expert_parallel_size"] == 1
+    saved_cfg = json.loads((out / "final" / "config.json").read_text())["moe"]
+    assert saved_cfg == model.cfg.moe.to_dict() and "expert_parallel_size" not in saved_cfg  # the model only
 
 
 def main() -> None:
@@ -82,10 +92,11 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--sample", action="store_true")
     parser.add_argument("--check-final", action="store_true")
+    parser.add_argument("--pad", action="store_true", help="remove some targets (padded_collate)")
     args = parser.parse_args()
 
     train, val = make_data()
-    model_cfg = model_config(args.moe or args.ep > 1, args.ep)
+    model_cfg = model_config(args.moe or args.ep > 1)
     cfg = TrainConfig(
         steps=args.steps,
         batch_size=8,
@@ -101,7 +112,11 @@ def main() -> None:
         cpu=True,
     )
     torch.manual_seed(0)
-    trainer = Trainer(Transformer(model_cfg), cfg, args.out, train, val, resume=args.resume)
+    ext = MoEExtension(ParallelConfig(expert_parallel_size=args.ep))
+    collate = padded_collate if args.pad else make_batch
+    trainer = Trainer(
+        Transformer(model_cfg), cfg, args.out, train, val, resume=args.resume, extensions=[ext], collate=collate
+    )
     try:
         assert trainer.accelerator.num_processes == args.expect_processes, trainer.accelerator.num_processes
         trainer.train(max_steps=args.stop_at)
@@ -113,7 +128,7 @@ def main() -> None:
                 print(f"rank {rank}: sample {text!r}", flush=True)
             trainer.accelerator.wait_for_everyone()
         if args.check_final:
-            check_final(trainer, Path(args.out))
+            check_final(trainer, ext, Path(args.out))
             print(f"rank {rank}: final ok", flush=True)
     finally:
         trainer.close()  # destroys the process group: gloo aborts at exit otherwise

@@ -50,6 +50,7 @@ class Case(NamedTuple):
     mask: str | None = None  # token mask kind, see _mask
     bias: list[float] | None = None  # router expert_bias: pins the top-k selection
     input_grad: bool = True  # whether the layer input requires grad
+    dispatch: str = "auto"  # MoELayer dispatch
 
 
 TO_RANK0 = [9.0, 9.0, -9.0, -9.0]  # every token picks experts 0 and 1: EP rank 0's slice
@@ -64,7 +65,7 @@ LAYER_CASES = {
     "all_to_rank0_input_without_grad": Case({"bias_update_rate": 0.1}, bias=TO_RANK0, input_grad=False),
     # ... and when rank 1's tokens are all padding it sends and receives nothing, yet joins every exchange.
     "rank1_idle": Case({"bias_update_rate": 0.1}, mask="rank1_padded", bias=TO_RANK0),
-    "grouped_mm_f32": Case({"dispatch": "grouped_mm", "router_dtype": "float32"}, dtype=torch.float32),
+    "grouped_mm_f32": Case({"router_dtype": "float32"}, dtype=torch.float32, dispatch="grouped_mm"),
 }
 
 
@@ -86,15 +87,12 @@ def _grad(p: torch.nn.Parameter) -> torch.Tensor:
 
 
 def check_layer(name: str, groups: ExpertParallelGroups) -> None:
-    overrides, dtype, mask_kind, bias, input_grad = LAYER_CASES[name]
+    overrides, dtype, mask_kind, bias, input_grad, dispatch = LAYER_CASES[name]
     rank, world = dist.get_rank(), dist.get_world_size()
     tol = F64 if dtype == torch.float64 else F32
-    cfg = MoEConfig(
-        **{"num_experts": 4, "top_k": 2, "d_expert": 8, "router_dtype": "float64", **overrides},
-        expert_parallel_size=groups.ep_size,
-    )
+    cfg = MoEConfig(**{"num_experts": 4, "top_k": 2, "d_expert": 8, "router_dtype": "float64", **overrides})
     torch.manual_seed(0)  # identical full weights and global batch on every rank
-    ref = MoELayer(D, cfg, init_std=0.5).to(dtype)
+    ref = MoELayer(D, cfg, dispatch=dispatch, init_std=0.5).to(dtype)
     if bias is not None:
         ref.router.expert_bias.copy_(torch.tensor(bias))
     ep = shard_experts(copy.deepcopy(ref), groups)
@@ -107,7 +105,7 @@ def check_layer(name: str, groups: ExpertParallelGroups) -> None:
 
     # Expert parallel: this rank's tokens only; the objective is the sum of all ranks' losses.
     x_mine = x_wbtd[rank].clone().requires_grad_(input_grad)
-    if cfg.dispatch == "grouped_mm":  # the EP path then runs its local experts with torch._grouped_mm
+    if dispatch == "grouped_mm":  # the EP path then runs its local experts with torch._grouped_mm
         assert ep.resolve_dispatch(x_mine) == "grouped_mm"
     out = ep(x_mine, mask_of(rank))
     ((out.y * g_wbtd[rank]).sum() + out.aux_loss).backward()
@@ -170,7 +168,6 @@ def check_ddp(groups: ExpertParallelGroups, acc: Accelerator) -> None:
         d_expert=8,
         num_shared_experts=1,
         router_dtype="float64",
-        expert_parallel_size=groups.ep_size,
     )
     cfg = ModelConfig(vocab_size=32, d_model=D, n_layers=2, n_heads=2, d_ff=16, max_seq_len=8, moe=moe)
     torch.manual_seed(0)

@@ -65,9 +65,11 @@ MOE_CONFIGS = [
 @pytest.mark.parametrize("dispatch", ["reference", "sorted"])
 def test_moe_params_and_flops_are_exact(moe_kw, dispatch):
     from moekit.moe.config import MoEConfig
+    from moekit.moe.layer import set_dispatch
 
-    cfg = ModelConfig(**DENSE_CONFIGS[0], moe=MoEConfig(**moe_kw, dispatch=dispatch))
+    cfg = ModelConfig(**DENSE_CONFIGS[0], moe=MoEConfig(**moe_kw))
     model = Transformer(cfg).eval()
+    set_dispatch(model, dispatch)
     pc = count_params(cfg)
     assert pc.total == sum(p.numel() for p in model.parameters())
     # Active = total minus the routed experts a token does not use.

@@ -23,7 +23,8 @@ from moekit.core.data import PackedSequences
 from moekit.core.model import IGNORE_INDEX, ModelOutput, Transformer
 from moekit.core.train import TrainConfig, Trainer
 from moekit.moe.config import MoEConfig
-from moekit.moe.layer import MoELayer, update_router_biases
+from moekit.moe.extension import MoEExtension
+from moekit.moe.layer import MoELayer, set_dispatch, update_router_biases
 
 B, T, V = 2, 8, 64
 STATS = ("tokens_per_expert", "routed_assignments", "dropped_assignments", "dropped_tokens", "router_entropy")
@@ -41,15 +42,17 @@ def _capture_scalars(on: bool = True):
     return torch._dynamo.config.patch(capture_scalar_outputs=on)
 
 
-def _model(moe: MoEConfig | None = None) -> Transformer:
+def _model(moe: MoEConfig | None = None, dispatch: str = "sorted") -> Transformer:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=16, moe=moe)
-    return Transformer(cfg)
+    model = Transformer(cfg)
+    set_dispatch(model, dispatch)
+    return model
 
 
 def _moe(**kw) -> MoEConfig:
     # Layer 0 dense, layer 1 MoE: one model exercises both feed-forward kinds.
-    return MoEConfig(**{"num_experts": 4, "top_k": 2, "d_expert": 16, "every_n_layers": 2, "dispatch": "sorted", **kw})
+    return MoEConfig(**{"num_experts": 4, "top_k": 2, "d_expert": 16, "every_n_layers": 2, **kw})
 
 
 def _batch(seed: int = 1) -> dict[str, Tensor]:
@@ -172,7 +175,7 @@ def test_other_routers_trace_into_one_graph(moe, training):
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="needs torch._grouped_mm")
 def test_grouped_mm_bf16_compiles_fullgraph_without_scalar_capture():
     """The GPU fast path (grouped_mm in bf16) has static shapes and no host sync: one graph as is."""
-    eager = _model(_moe(dispatch="grouped_mm", capacity_factor=1.0)).to(torch.bfloat16)
+    eager = _model(_moe(capacity_factor=1.0), dispatch="grouped_mm").to(torch.bfloat16)
     assert eager.moe_layers[0].resolve_dispatch(torch.zeros(1, 32, dtype=torch.bfloat16)) == "grouped_mm"
     src, out_e, out_c = _compiled_vs_eager(eager, capture=False)
     torch.testing.assert_close(out_c.logits, out_e.logits)
@@ -184,7 +187,7 @@ def test_grouped_mm_bf16_compiles_fullgraph_without_scalar_capture():
 def test_fp32_grouped_mm_falls_back_to_sorted_under_compile():
     """grouped_mm's fake kernel rejects fp32, so a compiled fp32 model takes the sorted path (eager keeps
     grouped_mm where it runs): same result up to summation order."""
-    eager = _model(_moe(dispatch="grouped_mm"))
+    eager = _model(_moe(), dispatch="grouped_mm")
     src, out_e, out_c = _compiled_vs_eager(eager)
     torch.testing.assert_close(out_c.logits, out_e.logits, rtol=1e-5, atol=1e-6)
     for (n, p_c), p_e in zip(src.named_parameters(), eager.parameters()):
@@ -192,7 +195,7 @@ def test_fp32_grouped_mm_falls_back_to_sorted_under_compile():
 
 
 def test_reference_dispatch_runs_eagerly_inside_a_compiled_model():
-    eager = _model(_moe(dispatch="reference", capacity_factor=1.0))
+    eager = _model(_moe(capacity_factor=1.0), dispatch="reference")
     src = copy.deepcopy(eager)
     compiled = torch.compile(src, backend="aot_eager")
     batch = _batch()
@@ -261,12 +264,14 @@ def test_trainer_compile_matches_eager(tmp_path, fresh_accelerate):
             log_with="none", progress_bar=False, mfu_probe=False, cpu=True, compile=compile_on,
             compile_backend="aot_eager",
         )  # fmt: skip
-        trainer = Trainer(_model(moe), cfg, tmp_path / name, train, val)
+        # MoEExtension: bias updates after each step, and its telemetry forward hooks trace into the graph.
+        trainer = Trainer(_model(moe), cfg, tmp_path / name, train, val, extensions=[MoEExtension()])
         counters.clear()
         trainer.train()
         trainer.close()
         events = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        runs[name] = [{k: e[k] for k in ("step", "train_loss", "aux_loss", "val_loss") if k in e} for e in events]
+        keys = ("step", "train_loss", "aux_loss", "val_loss", "tokens_seen", "moe/router_entropy")
+        runs[name] = [{k: e[k] for k in keys if k in e} for e in events]
         assert (trainer._compiled is not None) == compile_on
         assert counters["stats"]["unique_graphs"] == int(compile_on)  # one graph, reused by every step
         assert not counters["graph_break"]
@@ -275,5 +280,6 @@ def test_trainer_compile_matches_eager(tmp_path, fresh_accelerate):
         assert e_c.keys() == e_e.keys()
         for k in e_e:
             assert e_c[k] == pytest.approx(e_e[k], rel=1e-5, abs=1e-6), (e_e["step"], k)
+    assert "moe/router_entropy" in runs["compiled"][0]  # telemetry recorded from inside the compiled graph
     final = Transformer.from_pretrained(tmp_path / "compiled" / "final")  # strict: no _orig_mod. prefixes
     assert final.cfg.moe == moe

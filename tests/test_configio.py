@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from moekit.core.config import ModelConfig
 from moekit.core.configio import DataConfig, RunConfig, load_run_config
 from moekit.core.layering import parse_override
 from moekit.core.train import TrainConfig
-from moekit.moe.config import MoEConfig
+from moekit.moe.config import MoEConfig, ParallelConfig
 
 
 def _yaml(tmp_path, data) -> str:
@@ -21,7 +22,7 @@ def _yaml(tmp_path, data) -> str:
 
 
 def test_defaults_only():
-    assert load_run_config() == RunConfig(ModelConfig(), TrainConfig(), DataConfig())
+    assert load_run_config() == RunConfig(ModelConfig(), TrainConfig(), DataConfig(), ParallelConfig())
 
 
 def test_yaml_then_overrides_later_layer_wins(tmp_path):
@@ -129,14 +130,66 @@ def test_seq_len_must_fit_the_model():
         load_run_config(None, ["data.seq_len=512"])
 
 
-def test_resume_refuses_another_model_but_allows_another_expert_parallel_size(tmp_path):
-    base = ["model.moe.num_experts=4", "model.moe.expert_parallel_size=2"]
+def test_resume_refuses_another_model_but_allows_another_parallel_section(tmp_path):
+    base = ["model.moe.num_experts=4", "parallel.expert_parallel_size=2", "parallel.dispatch=sorted"]
     load_run_config(None, base).save(tmp_path)
     load_run_config(None, ["model.moe.num_experts=4"]).check_resumable(tmp_path)  # placement, not shape
     with pytest.raises(ValueError, match=r"model\.moe\.top_k: run has 2, now 1"):
         load_run_config(None, [*base, "model.moe.top_k=1"]).check_resumable(tmp_path)
     with pytest.raises(ValueError, match=r"model\.moe: run has a section, now None"):
         load_run_config(None, ["model.moe=null"]).check_resumable(tmp_path)
+
+
+def test_parallel_section_is_validated():
+    cfg = load_run_config(None, ["parallel.expert_parallel_size=2", "parallel.dispatch=grouped_mm"])
+    assert cfg.parallel == ParallelConfig(expert_parallel_size=2, dispatch="grouped_mm")
+    with pytest.raises(ValueError, match=r"ParallelConfig\.dispatch='triton' is invalid.*reference, sorted"):
+        load_run_config(None, ["parallel.dispatch=triton"])
+    with pytest.raises(ValueError, match=r"ParallelConfig\.expert_parallel_size=0 is invalid"):
+        load_run_config(None, ["parallel.expert_parallel_size=0"])
+    with pytest.raises(TypeError, match="dispatch"):  # placement is not a model field
+        MoEConfig(dispatch="sorted")
+
+
+def _old_run_tree() -> dict:
+    """A run folder's config.yaml as versions before ParallelConfig wrote it (resolved; placement in model.moe)."""
+    tree = load_run_config(None, ["model.d_model=64", "model.moe.num_experts=4", "train.steps=3"]).to_dict()
+    del tree["parallel"]
+    tree["model"]["moe"].update(dispatch="sorted", expert_parallel_size=2, extra={})
+    return tree
+
+
+def test_old_run_folder_config_is_migrated_on_resume(tmp_path, caplog):
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(_old_run_tree(), sort_keys=False))
+    with caplog.at_level("WARNING"):
+        cfg = load_run_config(run / "config.yaml")  # what train_lm.py --resume loads
+    assert cfg.parallel == ParallelConfig(expert_parallel_size=2, dispatch="sorted")
+    assert cfg.model.moe == MoEConfig(num_experts=4) and cfg.train.steps == 3 and cfg.model.d_model == 64
+    assert "model.moe.expert_parallel_size=2 is placement, not model: moved to parallel.expert_parallel_size" in (
+        caplog.text
+    )
+    cfg.check_resumable(run)  # the saved tree is migrated before the comparison: no spurious difference
+    with pytest.raises(ValueError, match=r"model\.moe\.top_k: run has 2, now 1"):
+        load_run_config(run / "config.yaml", ["model.moe.top_k=1"]).check_resumable(run)
+    # An old command line's override moves too; a value in the parallel section itself wins over the old key.
+    assert load_run_config(None, ["model.moe.expert_parallel_size=4"]).parallel.expert_parallel_size == 4
+    assert load_run_config(None, ["model.moe.dispatch=sorted"]).model.moe is None  # no section created by it
+
+
+def test_old_saved_model_config_json_loads_without_placement(tmp_path, caplog):
+    from moekit.core.model import Transformer
+
+    cfg = ModelConfig(vocab_size=272, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=16, moe=MoEConfig(4))
+    Transformer(cfg).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "dispatch" not in saved["moe"] and "expert_parallel_size" not in saved["moe"]  # only the model
+    saved["moe"].update(dispatch="reference", expert_parallel_size=2, extra={})  # what final/ used to hold
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with caplog.at_level("WARNING"):
+        loaded = Transformer.from_pretrained(tmp_path)
+    assert loaded.cfg == cfg and "ignoring saved placement fields" in caplog.text
 
 
 def test_saved_config_round_trips(tmp_path):
@@ -155,3 +208,24 @@ def test_presets_load_and_validate(preset):
     assert load_run_config(root / f"{preset}.yaml", ["model.moe.num_experts=4"]).model.moe.num_experts == 4
     if preset.startswith("compare"):  # train_lm.py trains a comparison preset's MoE base run, ignoring `compare`
         assert cfg.model.moe is not None
+
+
+def test_old_multimodal_run_folder_is_migrated(tmp_path, caplog):
+    """Multimodal runs kept placement in model.lm.moe: config.yaml migrates on load and resume, config.json
+    (MultimodalConfig.from_dict) drops it."""
+    from moekit.multimodal.config import MultimodalConfig
+    from moekit.multimodal.train import load_mm_run_config
+
+    tree = load_mm_run_config(None, ["model.lm.moe.num_experts=4"]).to_dict()
+    del tree["parallel"]
+    tree["model"]["lm"]["moe"].update(dispatch="reference", expert_parallel_size=2)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    with caplog.at_level("WARNING"):
+        cfg = load_mm_run_config(tmp_path / "config.yaml")
+    assert cfg.parallel == ParallelConfig(expert_parallel_size=2, dispatch="reference")
+    assert "model.lm.moe.dispatch='reference' is placement" in caplog.text
+    cfg.check_resumable(tmp_path)
+    with pytest.raises(ValueError, match=r"model\.lm\.moe\.top_k: run has 2, now 1"):
+        load_mm_run_config(tmp_path / "config.yaml", ["model.lm.moe.top_k=1"]).check_resumable(tmp_path)
+    old_json = json.loads(json.dumps(tree["model"]))  # what final/config.json used to hold
+    assert MultimodalConfig.from_dict(old_json) == cfg.model

@@ -29,14 +29,14 @@ from moekit.moe.parallel import ExpertParallelGroups, apply_expert_parallel
 NAMES = [f"layers.{i}.ffn.experts.{w}" for i in range(2) for w in ("w_gate", "w_up", "w_down")]
 
 
-def _cfg(ep: int = 1, num_experts: int = 4) -> ModelConfig:
-    moe = MoEConfig(num_experts=num_experts, top_k=2, d_expert=8, balance_scope="global", expert_parallel_size=ep)
+def _cfg(num_experts: int = 4) -> ModelConfig:
+    moe = MoEConfig(num_experts=num_experts, top_k=2, d_expert=8, balance_scope="global")
     return ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, d_ff=24, max_seq_len=8, moe=moe)
 
 
-def _model(seed: int, ep: int = 1, dtype: torch.dtype = torch.float32) -> Transformer:
+def _model(seed: int, dtype: torch.dtype = torch.float32) -> Transformer:
     torch.manual_seed(seed)
-    return Transformer(_cfg(ep)).to(dtype)
+    return Transformer(_cfg()).to(dtype)
 
 
 def _step(model: nn.Module) -> torch.optim.AdamW:
@@ -81,7 +81,7 @@ def test_load_gives_each_ep_rank_its_rows(tmp_path):
     opt = _step(src)
     save_expert_state(tmp_path, src, opt)
     groups = _fake_rank(1)
-    dst = _model(1, ep=2, dtype=torch.float64)
+    dst = _model(1, dtype=torch.float64)
     apply_expert_parallel(dst, groups)  # slicing only: no process group needed
     dst_opt = torch.optim.AdamW(dst.parameters(), lr=1e-2)
     for _, p, _ in routed_expert_weights(dst):
@@ -107,7 +107,7 @@ def test_load_errors(tmp_path):
     one_layer = ModelConfig(**{**_cfg().to_dict(), "n_layers": 1})
     with pytest.raises(ValueError, match=r"different model: experts only in the file \['layers.1.ffn.experts.w_down'"):
         load_expert_state(tmp_path, Transformer(one_layer))
-    sharded = _model(1, ep=2)
+    sharded = _model(1)
     apply_expert_parallel(sharded, _fake_rank(0))
     with pytest.raises(ValueError, match="2 of 4 experts does not fit no groups"):
         load_expert_state(tmp_path, sharded)  # a sharded model needs its groups
@@ -131,7 +131,7 @@ def test_gather_full_model_builds_an_unsharded_copy(monkeypatch):
     test): full experts, no hook, single-process configs, shared non-expert weights, same outputs."""
     ref = _model(0, dtype=torch.float64).eval()
     full = {n: p.detach().clone() for n, p, _ in routed_expert_weights(ref)}
-    sharded = _model(0, ep=2, dtype=torch.float64).eval()
+    sharded = _model(0, dtype=torch.float64).eval()
     apply_expert_parallel(sharded, _fake_rank(0))
     names = iter(n for n, _, _ in routed_expert_weights(sharded))
     monkeypatch.setattr(ep_checkpoint, "gather_expert_rows", lambda local, e, groups: full[next(names)])
@@ -141,8 +141,8 @@ def test_gather_full_model_builds_an_unsharded_copy(monkeypatch):
     assert layer.expert_parallel is None and layer.experts.num_experts == 4 and layer.experts.w_up.shape[0] == 4
     assert orig.expert_parallel is not None and orig.experts.w_up.shape[0] == 2  # the training model is untouched
     assert layer.cfg.balance_scope == layer.router.cfg.balance_scope == "local"  # no collective on rank 0 alone
-    assert copy.cfg.moe.expert_parallel_size == 1 and copy.cfg.moe.balance_scope == "global"  # saved config
-    assert sharded.cfg.moe.expert_parallel_size == 2 and orig.cfg.balance_scope == "global"
+    assert copy.cfg.moe.balance_scope == "global" and orig.cfg.balance_scope == "global"  # saved config untouched
+    assert sharded.cfg.moe == copy.cfg.moe and "expert_parallel_size" not in copy.cfg.to_dict()["moe"]
     assert copy.embed.weight is sharded.embed.weight and copy.lm_head.weight is copy.embed.weight
     ids = torch.randint(0, 32, (2, 8))
     torch.testing.assert_close(copy(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-12, atol=1e-12)
@@ -219,7 +219,9 @@ def test_fsdp_full_model_is_a_plain_copy_rebuilt_from_the_gathered_state():
 
     from torch.distributed.fsdp import FSDPModule
 
-    from moekit.core.train import _fsdp_full_model
+    from moekit.core.extension import TrainContext
+    from moekit.core.train import TrainConfig, _fsdp_full_model
+    from moekit.moe.extension import MoEExtension
 
     torch.manual_seed(0)
     moe = MoEConfig(num_experts=4, top_k=2, d_expert=8, balance_scope="global", bias_update_rate=0.01)
@@ -230,6 +232,10 @@ def test_fsdp_full_model_is_a_plain_copy_rebuilt_from_the_gathered_state():
     acc = SimpleNamespace(get_state_dict=lambda m: full, is_main_process=True, unwrap_model=lambda m: m)
     plain = _fsdp_full_model(acc, model)
     assert type(plain) is Transformer and plain is not model
+    ctx = TrainContext(TrainConfig(), world_size=2, rank=0, device=torch.device("cpu"), is_main=True, fsdp=True)
+    ext = MoEExtension()
+    ext.setup(Transformer(cfg), TrainContext(**{**vars(ctx), "world_size": 1}))
+    assert ext.full_model(plain, ctx) is plain and ext.full_model(None, ctx) is None  # no collective under FSDP
     # rank 0 runs the copy alone: no global-scope all-reduce may remain in it
     assert {m.cfg.balance_scope for m in plain.modules() if hasattr(m, "experts")} == {"local"}
     ids = torch.randint(0, 64, (2, 8))
@@ -239,7 +245,7 @@ def test_fsdp_full_model_is_a_plain_copy_rebuilt_from_the_gathered_state():
 
 
 def test_rank_local_router_bias_is_refused_on_several_processes():
-    from moekit.core.train import _check_bias_scope
+    from moekit.moe.extension import check_bias_scope as _check_bias_scope
 
     def model(scope):
         moe = MoEConfig(num_experts=4, top_k=2, d_expert=8, balance_scope=scope, bias_update_rate=0.01)

@@ -16,11 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from moekit.core.accounting import comm_volume
 from moekit.core.config import ModelConfig
 from moekit.moe.config import MoEConfig
-from moekit.moe.layer import MoELayer
-from moekit.moe.parallel import comm_volume, expert_parameters, init_expert_parallel, shard_experts
+from moekit.moe.layer import MoELayer, set_dispatch
+from moekit.moe.parallel import ExpertParallelGroups, expert_parameters, init_expert_parallel, shard_experts
 
 WORKER = Path(__file__).with_name("ep_worker.py")
 
@@ -107,9 +109,24 @@ def test_single_process_groups_and_errors():
     layer = MoELayer(8, MoEConfig(num_experts=4, top_k=2, d_expert=8))
     assert shard_experts(layer, groups) is layer and layer.experts.w_gate.shape[0] == 4
     assert expert_parameters(layer) == []  # nothing sharded: the experts stay ordinary data-parallel weights
-    wrong = MoELayer(8, MoEConfig(num_experts=4, top_k=2, d_expert=8, expert_parallel_size=2))
-    with pytest.raises(ValueError, match="expert_parallel_size=2 does not match"):
-        shard_experts(wrong, groups)
+    fake = ExpertParallelGroups(ep_size=2, ep_rank=0, world_size=2, ep_group=None, replica_group=None)
+    odd = MoELayer(8, MoEConfig(num_experts=3, top_k=2, d_expert=8))
+    with pytest.raises(ValueError, match=r"expert_parallel_size=2 is invalid: must divide MoEConfig.num_experts=3"):
+        shard_experts(odd, fake)
+
+
+def test_reference_dispatch_is_refused_under_expert_parallelism():
+    """The reference loop needs every expert on one rank: refused at sharding and afterwards, never run as sorted."""
+    fake = ExpertParallelGroups(ep_size=2, ep_rank=0, world_size=2, ep_group=None, replica_group=None)
+    ref = MoELayer(8, MoEConfig(num_experts=4, top_k=2, d_expert=8), dispatch="reference")
+    with pytest.raises(ValueError, match=r"dispatch='reference' is invalid under expert parallelism"):
+        shard_experts(ref, fake)
+    layer = shard_experts(MoELayer(8, MoEConfig(num_experts=4, top_k=2, d_expert=8), dispatch="sorted"), fake)
+    with pytest.raises(ValueError, match=r"dispatch='reference' is not available for the expert-parallel MoE layer"):
+        set_dispatch(layer, "reference")
+    layer.dispatch_impl = "reference"  # set behind set_dispatch's back: the EP hook still refuses
+    with pytest.raises(ValueError, match="no expert-parallel form"):
+        layer(torch.randn(1, 3, 8))
 
 
 def _gpu_like_cfg() -> ModelConfig:
@@ -154,3 +171,35 @@ def test_comm_volume_limits_and_errors():
         comm_volume(cfg, 0, 1, 1)
     with pytest.raises(ValueError, match="moe is None"):
         comm_volume(ModelConfig(vocab_size=10, d_model=4, n_layers=1, n_heads=2, d_ff=3), 1, 1, 1)
+
+
+def test_moe_extension_refuses_unsupported_setups_and_ignores_dense_models():
+    from moekit.core.extension import TrainContext
+    from moekit.core.train_config import TrainConfig
+    from moekit.moe.config import ParallelConfig
+    from moekit.moe.extension import MoEExtension
+
+    def ctx(**kw):
+        base = dict(cfg=TrainConfig(), world_size=2, rank=0, device=torch.device("cpu"), is_main=True, fsdp=False)
+        return TrainContext(**{**base, **kw})
+
+    moe = ModelConfig(vocab_size=10, d_model=8, n_layers=1, n_heads=2, moe=MoEConfig(num_experts=4, d_expert=8))
+    from moekit.core.model import Transformer
+
+    ep2 = MoEExtension(ParallelConfig(expert_parallel_size=2))
+    with pytest.raises(ValueError, match=r"expert_parallel_size=2 under FSDP is not supported"):
+        ep2.setup(Transformer(moe), ctx(fsdp=True))
+    with pytest.raises(ValueError, match=r"TrainConfig\.compile=True is invalid: not supported with expert_parallel"):
+        ep2.setup(Transformer(moe), ctx(cfg=TrainConfig(compile=True)))
+    dense = Transformer(ModelConfig(vocab_size=10, d_model=8, n_layers=1, n_heads=2))
+    ep2.setup(dense, ctx(fsdp=True))  # nothing to shard: no error, no groups, no hooks
+    assert ep2.groups is None and ep2.step_metrics(dense, ctx()) == {} and ep2.full_model(dense, ctx()) is dense
+    # parallel.dispatch reaches every layer; without a ParallelConfig the layers keep their own.
+    model = Transformer(moe)
+    MoEExtension(ParallelConfig(dispatch="reference")).setup(model, ctx(world_size=1))
+    assert model.layers[0].ffn.dispatch_impl == "reference"
+    keep = MoEExtension()
+    keep.setup(model, ctx(world_size=1))
+    assert model.layers[0].ffn.dispatch_impl == "reference"
+    with pytest.raises(RuntimeError, match="already bound"):  # one extension per Trainer
+        keep.setup(model, ctx(world_size=1))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit.moe.config import MoEConfig
-from moekit.moe.layer import MoELayer
+from moekit.moe.config import MoEConfig, ParallelConfig
+from moekit.moe.layer import MoELayer, set_dispatch
 
 
 @pytest.mark.parametrize(
@@ -19,7 +19,6 @@ from moekit.moe.layer import MoELayer
         ({"router": "hash"}, "router", "topk, switch, noisy_topk, expert_choice"),
         ({"score_func": "relu"}, "score_func", "softmax, sigmoid"),
         ({"drop_policy": "random"}, "drop_policy", "score, position"),
-        ({"dispatch": "triton"}, "dispatch", "reference, sorted, grouped_mm"),
         ({"router_dtype": "float16"}, "router_dtype", "float32"),
         ({"score_func": "sigmoid", "topk_order": "topk_then_softmax"}, "topk_order", "softmax"),
         ({"router": "noisy_topk"}, "router_noise", "> 0"),
@@ -41,7 +40,25 @@ def test_config_errors_name_the_field(kw, field, hint):
 def test_grouped_mm_dispatch_needs_the_kernel(monkeypatch):
     monkeypatch.delattr(torch, "_grouped_mm", raising=False)
     with pytest.raises(ValueError, match="dispatch='grouped_mm'"):
-        MoELayer(8, MoEConfig(num_experts=4, top_k=2, d_expert=8, dispatch="grouped_mm"))
+        MoELayer(8, MoEConfig(num_experts=4, top_k=2, d_expert=8), dispatch="grouped_mm")
+    layer = MoELayer(8, MoEConfig(num_experts=4, top_k=2, d_expert=8))
+    with pytest.raises(ValueError, match="dispatch='grouped_mm'"):
+        set_dispatch(layer, "grouped_mm")
+
+
+def test_dispatch_is_placement_not_config():
+    """The implementation is chosen per layer (MoELayer(dispatch=) or set_dispatch), validated with the allowed
+    values, and never stored in MoEConfig (so never in a saved config.json)."""
+    with pytest.raises(ValueError, match=r"MoELayer dispatch='triton' is invalid.*auto, reference, sorted"):
+        MoELayer(8, MoEConfig(num_experts=4, top_k=2, d_expert=8), dispatch="triton")
+    with pytest.raises(ValueError, match=r"ParallelConfig\.dispatch='triton' is invalid.*reference, sorted"):
+        ParallelConfig(dispatch="triton")
+    model = torch.nn.Sequential(MoELayer(8, MoEConfig(num_experts=4, top_k=2, d_expert=8)), torch.nn.Linear(8, 8))
+    assert model[0].dispatch_impl == "auto"
+    assert set_dispatch(model, "reference") == ["0"] and model[0].dispatch_impl == "reference"
+    assert model[0].resolve_dispatch(torch.zeros(1, 8)) == "reference"
+    for legacy in ("dispatch", "expert_parallel_size", "extra"):
+        assert legacy not in MoEConfig().to_dict()
 
 
 def test_capacity_formula():

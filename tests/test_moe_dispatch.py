@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import pytest
@@ -80,7 +79,7 @@ def _cfg_id(cfg: MoEConfig) -> str:
 
 
 def _run(cfg: MoEConfig, impl: str, state: dict, x_btd: torch.Tensor, mask_bt: torch.Tensor, proj: torch.Tensor):
-    layer = MoELayer(D, dataclasses.replace(cfg, dispatch=impl)).to(x_btd.dtype)
+    layer = MoELayer(D, cfg, dispatch=impl).to(x_btd.dtype)
     layer.load_state_dict(state)
     layer.train()
     x = x_btd.clone().requires_grad_(True)
@@ -154,9 +153,9 @@ def test_grouped_mm_matches_reference_float32(cfg: MoEConfig):
 
 @pytest.mark.parametrize("impl", ["sorted", "grouped_mm", "reference"])
 def test_bf16_autocast_close_to_float32(impl: str):
-    cfg = MoEConfig(num_experts=4, top_k=2, d_expert=16, capacity_factor=1.0, num_shared_experts=1, dispatch=impl)
+    cfg = MoEConfig(num_experts=4, top_k=2, d_expert=16, capacity_factor=1.0, num_shared_experts=1)
     torch.default_generator.manual_seed(0)
-    layer = MoELayer(D, cfg, init_std=0.3)
+    layer = MoELayer(D, cfg, dispatch=impl, init_std=0.3)
     x = torch.randn(2, 6, D, requires_grad=True)
     want = layer(x).y
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -171,17 +170,17 @@ def test_grouped_mm_backward_accepts_expanded_grad():
     if not grouped_mm_supported(torch.device("cpu"), torch.float32, D, 8):
         pytest.skip("no _grouped_mm")
     torch.default_generator.manual_seed(0)
-    layer = MoELayer(D, MoEConfig(num_experts=4, top_k=2, d_expert=8, dispatch="grouped_mm"))
+    layer = MoELayer(D, MoEConfig(num_experts=4, top_k=2, d_expert=8), dispatch="grouped_mm")
     x = torch.randn(3, 4, D, requires_grad=True)
     layer(x).y.sum().backward()  # sum() hands an expanded (stride-0) grad to the last matmul
     assert torch.isfinite(layer.experts.w_down.grad).all() and layer.experts.w_down.grad.abs().sum() > 0
 
 
 def test_grouped_mm_falls_back_to_sorted_where_unsupported():
-    layer = MoELayer(6, MoEConfig(num_experts=4, top_k=2, d_expert=6, dispatch="grouped_mm"))
+    layer = MoELayer(6, MoEConfig(num_experts=4, top_k=2, d_expert=6), dispatch="grouped_mm")
     assert layer.resolve_dispatch(torch.zeros(1, 6)) == "sorted"  # 6 floats: row stride not 16-byte aligned
     assert layer.resolve_dispatch(torch.zeros(1, 6, dtype=torch.float64)) == "sorted"
-    auto = MoELayer(8, MoEConfig(num_experts=4, top_k=2, d_expert=8, dispatch="auto"))
+    auto = MoELayer(8, MoEConfig(num_experts=4, top_k=2, d_expert=8), dispatch="auto")
     assert auto.resolve_dispatch(torch.zeros(1, 8)) == "sorted"  # auto: grouped_mm only on CUDA bf16
 
 

@@ -13,10 +13,10 @@ from moekit.moe.layer import MoELayer, MoEOutput, update_router_biases
 D = 8
 
 
-def _layer(seed: int = 0, init_std: float = 0.5, **kw) -> MoELayer:
+def _layer(seed: int = 0, init_std: float = 0.5, dispatch: str = "auto", **kw) -> MoELayer:
     cfg = MoEConfig(**{"num_experts": 4, "top_k": 2, "d_expert": 8, "router_dtype": "float64", **kw})
     torch.manual_seed(seed)
-    return MoELayer(D, cfg, init_std=init_std).double()
+    return MoELayer(D, cfg, dispatch=dispatch, init_std=init_std).double()
 
 
 def _swiglu(x, w_gate, w_up, w_down):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import math
@@ -151,7 +150,7 @@ MATRIX = _matrix()
 
 
 def _run(cfg: MoEConfig, impl: str, state, x_btd, mask_bt, group_bt, proj):
-    layer = MoELayer(D, dataclasses.replace(cfg, dispatch=impl)).to(x_btd.dtype)
+    layer = MoELayer(D, cfg, dispatch=impl).to(x_btd.dtype)
     layer.load_state_dict(state)
     layer.train()
     x = x_btd.clone().requires_grad_(True)

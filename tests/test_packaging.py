@@ -45,10 +45,11 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_contains_only_the_moekit_namespace(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    for required in ("moekit/core/config.py", "moekit/moe/config.py", "moekit/multimodal/__init__.py"):
+    required_files = ("moekit/core/config.py", "moekit/moe/config.py", "moekit/multimodal/__init__.py")
+    for required in (*required_files, "moekit/experiment/plan.py"):
         assert required in names
     top_level = {n.split("/")[0] for n in names}
-    assert not top_level & {"core", "moe", "multimodal", "tests", "recipes"}
+    assert not top_level & {"core", "moe", "multimodal", "experiment", "tests", "recipes"}
     (dist_info,) = top_level - {"moekit"}  # the only other entry is the metadata folder
     assert dist_info.startswith("moekit-") and dist_info.endswith(".dist-info")
 

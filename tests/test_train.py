@@ -14,12 +14,14 @@ from safetensors.torch import load_file
 
 from moekit.core.checkpoint import LATEST, STATE_FILE, CheckpointManager
 from moekit.core.config import ModelConfig
-from moekit.core.data import PackedSequences
-from moekit.core.lm import sample_text
-from moekit.core.model import Transformer
+from moekit.core.data import PackedSequences, make_batch
+from moekit.core.extension import TrainerExtension
+from moekit.core.generate import sample_text
+from moekit.core.model import IGNORE_INDEX, Transformer
 from moekit.core.optim import build_optimizer, build_scheduler, lr_factor, split_decay_params
 from moekit.core.train import TrainConfig, Trainer
 from moekit.moe.config import MoEConfig
+from moekit.moe.extension import MoEExtension
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TINY = ModelConfig(vocab_size=272, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=16, dropout=0.1)
@@ -69,6 +71,7 @@ def _cfg(**kw) -> TrainConfig:
 
 def _trainer(run_dir, data, cfg, seed=0, model_cfg=TINY, **kw) -> Trainer:
     torch.manual_seed(seed)
+    kw.setdefault("extensions", [MoEExtension()])  # what the wiring passes; a no-op for the dense model
     return Trainer(Transformer(model_cfg), cfg, run_dir, data[0], data[1], tokens_per_byte=1.0, **kw)
 
 
@@ -157,6 +160,102 @@ def test_evaluate_matches_direct_loss(tmp_path, data):
         ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
     assert got["val_loss"] == pytest.approx(float(ref), abs=1e-6)
     assert got["val_bpb"] == pytest.approx(float(ref) / math.log(2), abs=1e-6)
+
+
+def _padded_collate(dataset, indices):
+    """make_batch with the targets of a data-dependent share of positions removed (-100), unevenly per row."""
+    batch = make_batch(dataset, indices)
+    drop_bt = (batch["input_ids"] % 3 == 0) | (torch.arange(16) >= 16 - (indices[:, None] % 5))
+    batch["labels"] = batch["labels"].masked_fill(drop_bt, IGNORE_INDEX)
+    return batch
+
+
+def test_tokens_count_real_targets_only(tmp_path, data, monkeypatch):
+    """tokens_seen counts labels != -100 summed over micro-batches (exactly), tokens/s and MFU follow it, and
+    val_loss weights every window by its real targets."""
+    monkeypatch.setattr("moekit.core.train.measure_matmul_flops", lambda device, dtype: 1e9)  # a fixed peak
+    cfg = _cfg(steps=3, eval_every=0, mfu_probe=True)
+    trainer = _trainer(tmp_path, data, cfg, collate=_padded_collate, flops_per_token=1000)
+    trainer.train()
+    trainer.close()
+    expected = 0
+    for step in range(3):
+        batch = _padded_collate(data[0], trainer.sampler.indices(step))
+        expected += int((batch["labels"] != IGNORE_INDEX).sum())
+    assert 0 < expected < 3 * 4 * 16  # the padding is real
+    events = [e for e in _events(tmp_path) if "train_loss" in e]
+    assert trainer.tokens_seen == events[-1]["tokens_seen"] == expected
+    first = int((_padded_collate(data[0], trainer.sampler.indices(0))["labels"] != IGNORE_INDEX).sum())
+    assert events[0]["tokens_seen"] == first
+    e = events[1]
+    assert e["mfu"] == pytest.approx(3 * 1000 * e["tokens_per_s"] / 1e9)
+    # val_loss: CE summed over every real target of the val windows / their count (micro-batches differ in size)
+    got = trainer.evaluate()["val_loss"]
+    model = trainer.unwrapped_model.eval()
+    windows = torch.arange(8) * len(data[1]) // 8
+    ce, n = 0.0, 0
+    with torch.no_grad():
+        for chunk in windows.split(2):
+            b = _padded_collate(data[1], chunk)
+            logits = model(input_ids=b["input_ids"]).logits.double()
+            ce += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), reduction="sum"))
+            n += int((b["labels"] != IGNORE_INDEX).sum())
+    assert got == pytest.approx(ce / n, abs=1e-6)
+
+
+class _Recorder(TrainerExtension):
+    """Logs every hook call; clips nothing (returns None), so Accelerate's clipping still runs."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def setup(self, model, ctx):
+        assert ctx.world_size == 1 and ctx.rank == 0 and ctx.is_main and not ctx.fsdp and ctx.cfg.steps == 2
+        self.calls.append("setup")
+
+    def after_backward(self, model, ctx):
+        assert all(p.grad is not None for p in model.parameters())
+        self.calls.append("after_backward")
+
+    def clip_grad_norm(self, model, max_norm, ctx):
+        self.calls.append("clip")
+        return None
+
+    def after_optimizer_step(self, model, ctx):
+        self.calls.append("step")
+
+    def save_state(self, model, optimizer, folder, ctx):
+        (folder / "mine.txt").write_text("x")
+        self.calls.append("save")
+        return ()
+
+    def load_state(self, model, optimizer, folder, ctx):
+        assert (folder / "mine.txt").read_text() == "x"
+        self.calls.append("load")
+        return ()
+
+    def full_model(self, model, ctx):
+        self.calls.append("full")
+        return model
+
+    def step_metrics(self, model, ctx):
+        return {"mine": len(self.calls)}
+
+
+def test_extension_hooks_are_called_in_order(tmp_path, data):
+    rec = _Recorder()
+    cfg = _cfg(steps=2, eval_every=0, micro_batch_size=1)  # 4 micro-batches: after_backward once per step
+    trainer = _trainer(tmp_path, data, cfg, extensions=[rec])
+    trainer.train()
+    trainer.close()
+    step = ["after_backward", "clip", "step"]
+    assert rec.calls == ["setup", *step, *step, "save", "full"]
+    assert [e["mine"] for e in _events(tmp_path) if "train_loss" in e] == [4, 7]
+    assert "grad_norm" in _events(tmp_path)[0]  # Accelerate clipped
+    again = _Recorder()
+    resumed = _trainer(tmp_path, data, cfg, extensions=[again], resume=True)
+    resumed.close()
+    assert again.calls == ["setup", "load"]
 
 
 def test_checkpoints_are_pruned_and_guarded(tmp_path, data):

@@ -1,11 +1,8 @@
 """Dense twins of a MoE config: matched active compute (FLOPs per token) or matched total parameters.
 
-The twin keeps everything but the feed-forward width of the MoE layers: each MoE layer becomes a dense
-SwiGLU whose hidden width ``d_ff`` makes its FLOPs (or parameters) equal to the MoE layer's
-(router + top_k routed experts + shared experts). Non-MoE layers keep the base ``d_ff``; since a model
-has a single ``d_ff``, matching is exact when every layer is MoE and otherwise matched per layer by
-choosing ``d_ff`` so that the *model totals* agree.
-"""
+The twin keeps everything but the feed-forward width: each MoE layer becomes a dense SwiGLU whose ``d_ff``
+makes its FLOPs (or parameters) equal the MoE layer's (router + top_k routed + shared experts). A model has
+one ``d_ff``, so with some non-MoE layers ``d_ff`` is chosen so that the *model totals* agree."""
 
 from __future__ import annotations
 
@@ -66,5 +63,5 @@ def check_matched(a: MatchReport, b: MatchReport, field: str = "flops_per_token"
     if diff > tol:
         raise ValueError(
             f"{a.name} and {b.name} differ by {diff:.1%} in {field} ({getattr(a, field):,} vs {getattr(b, field):,}); "
-            f"the tolerance is {tol:.0%}. Adjust the configs, or allow it explicitly (--allow-mismatch)."
+            f"the tolerance is {tol:.0%}. Adjust the configs, or allow it explicitly (compare.allow_mismatch=true)."
         )

@@ -4,8 +4,8 @@ import pytest
 
 from moekit.core.accounting import count_params, flops_per_token
 from moekit.core.config import ModelConfig
+from moekit.experiment.matching import check_matched, dense_twin, describe, param_matched_twin
 from moekit.moe.config import MoEConfig
-from moekit.moe.matching import check_matched, dense_twin, describe, param_matched_twin
 
 
 def moe_cfg(**moe_kw) -> ModelConfig:
@@ -47,7 +47,8 @@ def test_param_matched_twin_matches_total_params():
 def test_mismatch_is_refused():
     cfg = moe_cfg()
     small = ModelConfig(**{**cfg.to_dict(), "moe": None, "d_ff": 64})
-    with pytest.raises(ValueError, match="flops_per_token"):
+    with pytest.raises(ValueError, match="flops_per_token") as e:
         check_matched(describe("moe", cfg), describe("dense", small))
+    assert "compare.allow_mismatch=true" in str(e.value) and "--" not in str(e.value)  # no CLI flags in a library
     with pytest.raises(ValueError, match="moe=None"):
         dense_twin(small)

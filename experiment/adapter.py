@@ -1,0 +1,131 @@
+"""The task adapter: all that the task-agnostic planner, runner and report writer know about a task. A task
+is one :class:`TaskAdapter` subclass in its own file, registered by name in ``moekit.experiment.plan.TASKS``:
+its run config, where the decoder's ``ModelConfig`` sits in it (what the dense twin replaces), its Trainer,
+its facts and result fields, its report sections."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moekit.core.config import ModelConfig
+from moekit.core.layering import load_config
+
+Row = dict[str, Any]
+Column = tuple[str, Callable[[Any], str]]  # (header, cell from a matching row / a list of a model's rows)
+
+
+@dataclass
+class RunSpec:
+    """One planned run: a model of the comparison at one seed, as a complete run config of its task."""
+
+    task: str  # key of moekit.experiment.plan.TASKS
+    name: str  # model name shared by its seeds, e.g. "dense" or "moe-8x2"
+    kind: str  # "dense" | "moe"
+    seed: int
+    run: Any  # the task's run config (RunConfig, MultimodalRunConfig, ...)
+    sweep_value: Any = None
+
+    @property
+    def folder(self) -> str:
+        return f"{self.name}-seed{self.seed}"
+
+
+class TaskAdapter:
+    """Base class of the task adapters; the defaults suit a run config with ``model`` and ``train`` sections."""
+
+    name: str = ""
+    title: str = "Sparse vs dense at matched compute"
+    run_config: type = object  # the task's run config dataclass
+    summary_fields: tuple[str, ...] = ()  # extra row fields copied into summary.json
+    matching_columns: tuple[Column, ...] = ()  # matching-table columns after model and kind
+    result_columns: tuple[Column, ...] = ()  # results-table columns after the final val loss
+    decoder_key: str = "model"  # dotted path of the decoder's ModelConfig in the run config
+
+    def load_base(self, path: Any, overrides: list[str]) -> Any:
+        """The MoE base run config from a comparison YAML (its ``compare`` section is read separately)."""
+        return load_config(self.run_config, path, overrides, ignore=("compare",))
+
+    def decoder(self, run: Any) -> ModelConfig:
+        """The decoder config that the dense twin replaces."""
+        for part in self.decoder_key.split("."):
+            run = getattr(run, part)
+        return run
+
+    def with_decoder(self, run: Any, model: ModelConfig, key: str | None = None) -> Any:
+        head, _, rest = (key or self.decoder_key).partition(".")
+        return dataclasses.replace(run, **{head: self.with_decoder(getattr(run, head), model, rest) if rest else model})
+
+    def seq_len(self, run: Any) -> int:
+        """The sequence length at which active FLOPs per token are matched."""
+        raise NotImplementedError
+
+    def prepare(self, run: Any) -> Any:
+        """Data shared by the main process's facts and in-process runs (loaded once); None if nothing."""
+        return None
+
+    def facts(self, run: Any, state: Any) -> Row:
+        """Matching facts of one model: params_total, params_active, flops_per_token and task-specific ones."""
+        raise NotImplementedError
+
+    def build_trainer(self, run: Any, run_dir: Path, *, resume: bool, expect_processes: int | None, state: Any):
+        """The run's Trainer (it writes config.yaml); ``state`` is :meth:`prepare`'s value or None in a worker."""
+        raise NotImplementedError
+
+    def results(self, trainer: Any, summary: Row, spec: RunSpec, facts: Row, compare: Any) -> Row:
+        """Task-specific fields of a finished run's row; must include ``train_flops``."""
+        raise NotImplementedError
+
+    def headline(self, rows: list[Row]) -> str:
+        """A sentence appended to the generic headline ('' for none)."""
+        return ""
+
+    def sections(self, out: Path, specs: list[RunSpec], rows: list[Row], matching: list[Row]) -> list[str]:
+        """Task-specific report.md lines (plots written into ``out``), placed after the results table."""
+        return []
+
+
+# ---------------------------------------------------------------- helpers shared by the report and adapters
+def mean_spread(values: list[float | None]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value); None and NaN are skipped."""
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def group_rows(rows: list[Row]) -> dict[str, list[Row]]:
+    groups: dict[str, list[Row]] = defaultdict(list)
+    for r in rows:
+        groups[r["name"]].append(r)
+    return dict(groups)
+
+
+def cell(rs: list[Row], key: str, spec: str = ".4f") -> str:
+    """``mean ± sd`` of ``key`` over a model's rows (the mean alone for one row, 'n/a' when absent)."""
+    m, sd = mean_spread([r.get(key) for r in rs])
+    return "n/a" if math.isnan(m) else f"{m:{spec}}" + (f" ± {sd:{spec}}" if len(rs) > 1 else "")
+
+
+def save_figure(fig: Any, out: Path, fname: str) -> str:
+    """Write ``fig`` to ``out/fname`` as every report PNG is written, close it, return ``fname``."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(out / fname, dpi=110)
+    plt.close(fig)
+    return fname
+
+
+def pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display in workers or CI
+    import matplotlib.pyplot as plt
+
+    return plt

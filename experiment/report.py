@@ -1,0 +1,260 @@
+"""The comparison's outputs, for every task: summary.json, PNG plots and report.md, from the runs' rows and
+their metrics.jsonl. The task adapter adds its columns, headline sentence and sections."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from moekit.core.files import atomic_write_json, atomic_write_text
+from moekit.core.layering import config_to_dict
+from moekit.experiment.adapter import Row, RunSpec, TaskAdapter, cell, group_rows, mean_spread, pyplot, save_figure
+
+if TYPE_CHECKING:
+    from moekit.experiment.plan import Comparison
+
+METRICS_FILE = "metrics.jsonl"
+# every row field summary.json keeps, whatever the task (the adapter adds its own summary_fields)
+SUMMARY_FIELDS = tuple(
+    "name kind seed params_total params_active flops_per_token tokens_trained train_flops final_val_loss "
+    "tokens_per_s peak_mem_mib wall_s data_digest".split()
+)
+PALETTE = ["#444444", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
+
+
+def read_metrics(run_dir: Path) -> list[Row]:
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def verdicts(rows: list[Row]) -> list[Row]:
+    """Paired-seed verdicts of every MoE model against the dense twin (issue 12: ``model``, ``metric``,
+    ``diff_mean``, ``diff_ci95``, ``n_seeds``, ``verdict``). Computed by ``moekit.experiment.verdict``, which
+    is wired in here at merge; until then the list is empty and the report leads with :func:`headline`."""
+    return []
+
+
+def headline(rows: list[Row], task: TaskAdapter | None = None) -> str:
+    """One sentence: the best MoE vs the FLOP-matched dense twin, the measured difference and spread, then the
+    task's own sentence (e.g. held-out accuracy)."""
+    groups = group_rows(rows)
+    if "dense" not in groups:
+        return "No dense baseline was trained."
+    moe_names = [n for n, rs in groups.items() if rs[0]["kind"] == "moe"]
+    if not moe_names:
+        return "No MoE run was trained."
+    d_mean, d_sd = mean_spread([r["final_val_loss"] for r in groups["dense"]])
+    best = min(moe_names, key=lambda n: mean_spread([r["final_val_loss"] for r in groups[n]])[0])
+    m_mean, m_sd = mean_spread([r["final_val_loss"] for r in groups[best]])
+    n = min(len(groups["dense"]), len(groups[best]))
+    # Paired by seed: same data order and init seed, so the per-seed difference is the honest spread.
+    by_seed = {r["seed"]: r["final_val_loss"] for r in groups["dense"]}
+    diffs = [r["final_val_loss"] - by_seed[r["seed"]] for r in groups[best] if r["seed"] in by_seed]
+    diff, diff_sd = mean_spread(diffs)
+    fpt_m, fpt_d = groups[best][0]["flops_per_token"], groups["dense"][0]["flops_per_token"]
+    head = (
+        f"At matched active compute ({fpt_m / 1e6:.2f} vs {fpt_d / 1e6:.2f} MFLOPs/token) and "
+        f"{groups[best][0]['tokens_trained']:,} training tokens, the {best} model"
+    )
+    extra = f" {task.headline(rows)}".rstrip() if task is not None else ""
+    if len(diffs) < 2:  # one seed has no spread: report the gap without a verdict
+        return (
+            f"{head} reached a {'lower' if diff < 0 else 'higher'} validation loss than its dense twin on a single "
+            f"seed: {m_mean:.4f} vs {d_mean:.4f} nats/byte ({diff:+.4f}); one seed cannot separate that from "
+            f"seed-to-seed noise (rerun with compare.seeds=3).{extra}"
+        )
+    if diff < 0 and all(d < 0 for d in diffs):
+        verdict = "beats"
+    elif diff > 0 and all(d > 0 for d in diffs):
+        verdict = "is worse than"
+    else:  # the seeds disagree on the sign: the difference is within seed-to-seed noise
+        verdict = "is not distinguishable (the seeds disagree on the sign) from"
+    return (
+        f"{head} {verdict} its dense twin: validation loss {m_mean:.4f} ± {m_sd:.4f} vs {d_mean:.4f} ± {d_sd:.4f} "
+        f"nats/byte, a difference of {diff:+.4f} ± {diff_sd:.4f} (sd over {len(diffs)} paired seeds), "
+        f"n={n} seeds.{extra}"
+    )
+
+
+def write_report(
+    out_dir: str | Path, cmp: Comparison, specs: list[RunSpec], rows: list[Row], matching: list[Row], timing: Row
+) -> Path:
+    """Write summary.json, the plots and report.md into ``out_dir``; returns the report path."""
+    out, task = Path(out_dir), cmp.task
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [{k: r.get(k) for k in SUMMARY_FIELDS + task.summary_fields} for r in rows]
+    atomic_write_json(out / "summary.json", dict(task=task.name, verdicts=verdicts(rows), runs=runs))
+    sweep_key = cmp.compare.sweep.partition("=")[0].strip().removeprefix("moe.") if cmp.compare.sweep else None
+    plots = _plot_curves(specs, rows, out) + ([_plot_sweep(rows, out, sweep_key)] if sweep_key else [])
+    plots += [_plot_bars(rows, out)] + _plot_routing(specs, out)
+
+    lines = [f"# {task.title}", "", f"**Result.** {headline(rows, task)}", ""]  # verdict sentences go first here
+    lines += ["## What was held equal", "", *matching_lines(matching, task)]
+    digests = sorted({str(r.get("data_digest")) for r in rows if r["seed"] == rows[0]["seed"]})
+    lines += [
+        "",
+        f"Same data in the same order for every model with the same seed (data-order digest: {', '.join(digests)}), "
+        "same initial-weight seed, optimizer, learning-rate schedule and budget. The dense twin's SwiGLU width is "
+        "chosen so that its forward FLOPs per token equal the MoE decoder's (router and active experts included). "
+        "Forward FLOPs: 2 per multiply-add, training = 3x forward.",
+        "",
+        "## Results",
+        "",
+    ]
+    cols = [("final val loss", lambda rs: cell(rs, "final_val_loss")), *task.result_columns]
+    cols += [
+        ("tokens trained", lambda rs: f"{rs[0]['tokens_trained']:,}"),
+        ("train FLOPs", lambda rs: f"{rs[0]['train_flops']:.3g}"),
+        *((h, lambda rs, k=k: f"{mean_spread([r[k] for r in rs])[0]:,.0f}") for h, k in _MEANS),
+    ]
+    cells = [[name, str(len(rs)), *(f(rs) for _, f in cols)] for name, rs in group_rows(rows).items()]
+    lines += _table(["model", "seeds", *(h for h, _ in cols)], cells)
+    lines += ["", "Spread: the sample standard deviation over seeds (none with one seed).", ""]
+    lines += task.sections(out, specs, rows, matching)
+    lines += ["## Plots", ""] + [f"![{f}]({f})\n" for f in plots]
+    lines += [
+        "## Time",
+        "",
+        f"{timing['wall_s']:.0f} s wall for the whole comparison ({timing['workers']} run(s) at a time, "
+        f"{timing['threads'] or 'default'} torch thread(s) each, {timing['cpus']} CPUs; load average "
+        f"{timing['loadavg_start']} at the start, {timing['loadavg_end']} at the end).",
+        "",
+    ]
+    cells = [
+        [f"{r['name']}-seed{r['seed']}", f"{r['wall_s']:.0f}", f"{r.get('run_wall_s', math.nan):.0f}"] for r in rows
+    ]
+    lines += _table(["run", "train s", "setup + train + eval s"], cells)
+    config = yaml.safe_dump({**config_to_dict(cmp.base), "compare": config_to_dict(cmp.compare)}, sort_keys=False)
+    lines += ["", "## Configuration", "", "```yaml", config.rstrip(), "```"]
+    return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+_MEANS = (("tokens/s", "tokens_per_s"), ("peak MiB", "peak_mem_mib"), ("train s", "wall_s"))
+
+
+def matching_lines(matching: list[Row], task: TaskAdapter) -> list[str]:
+    """The matching table (markdown; also what the runner prints before training)."""
+    cells = [[m["name"], m["kind"], *(f(m) for _, f in task.matching_columns)] for m in matching]
+    return _table(["model", "kind", *(h for h, _ in task.matching_columns)], cells)
+
+
+def _table(headers: list[str], cells: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(row) + " |" for row in [headers, ["---"] * len(headers), *cells]]
+
+
+def _color(name: str, names: Any) -> str:
+    return PALETTE[list(names).index(name) % len(PALETTE)]
+
+
+def _plot_curves(specs: list[RunSpec], rows: list[Row], out: Path) -> list[str]:
+    """Validation loss against training tokens, training FLOPs and training seconds, every run."""
+    plt = pyplot()
+    curves: dict[str, list[dict[str, list[float]]]] = defaultdict(list)
+    for s, row in zip(specs, rows):  # rows are in plan order
+        ev = [m for m in read_metrics(out / "runs" / s.folder) if "val_loss" in m]
+        toks, fpt, tps = [m["tokens_seen"] for m in ev], row["train_flops"] / row["tokens_trained"], row["tokens_per_s"]
+        secs = [m.get("train_seconds", t / (tps or math.nan)) for m, t in zip(ev, toks)]
+        if ev:
+            curves[s.name].append(
+                dict(tokens=toks, flops=[fpt * t for t in toks], time=secs, loss=[m["val_loss"] for m in ev])
+            )
+    files = []
+    for key, label in (("tokens", "training tokens"), ("flops", "training FLOPs"), ("time", "training seconds")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for name, runs in curves.items():
+            for i, c in enumerate(runs):
+                ax.plot(c[key], c["loss"], color=_color(name, curves), alpha=0.9, label=name if i == 0 else None)
+        ax.set(xlabel=label, ylabel="validation loss (nats/byte)", title=f"Validation loss vs {label}")
+        files.append(_finish(fig, ax, out, f"val_loss_vs_{key}.png"))
+    return files
+
+
+def _plot_routing(specs: list[RunSpec], out: Path) -> list[str]:
+    """Expert load per layer over training (heatmaps) and entropy / drop rate, for each MoE model's first seed."""
+    import numpy as np
+
+    plt = pyplot()
+    files = []
+    firsts = {n: next(s for s in specs if s.name == n) for n in dict.fromkeys(s.name for s in specs if s.kind == "moe")}
+    for name, s in firsts.items():
+        logs = [m for m in read_metrics(out / "runs" / s.folder) if "moe_layers" in m]
+        if not logs:
+            continue
+        steps = [m["step"] for m in logs]
+        n_layers = len(logs[0]["moe_layers"])
+        fig, axes = plt.subplots(1, n_layers, figsize=(3.2 * n_layers + 1.2, 3.6), squeeze=False, layout="constrained")
+        for li in range(n_layers):
+            load = np.array([m["moe_layers"][li]["tokens_per_expert"] for m in logs], dtype=float)  # [steps, E]
+            frac = load / np.maximum(load.sum(1, keepdims=True), 1)
+            ax = axes[0, li]
+            extent = (steps[0], steps[-1], -0.5, frac.shape[1] - 0.5)
+            im = ax.imshow(frac.T, aspect="auto", origin="lower", cmap="viridis", extent=extent)
+            ax.set(title=f"MoE layer {li}", xlabel="step", ylabel="expert")
+            ax.yaxis.get_major_locator().set_params(integer=True)
+        fig.colorbar(im, ax=axes.ravel().tolist(), label="share of routed tokens")
+        fig.suptitle(f"{name}: expert load over training (uniform = {1 / frac.shape[1]:.3f})")
+        files.append(save_figure(fig, out, f"expert_load_{name}.png"))
+
+        fig, ax1 = plt.subplots(figsize=(6.4, 3.6))
+        ax1.plot(steps, [m.get("moe/router_entropy", math.nan) for m in logs], color="#1f77b4")
+        ax1.set_xlabel("step")
+        ax1.set_ylabel("router entropy (nats)", color="#1f77b4")
+        ax1.axhline(math.log(frac.shape[1]), color="#1f77b4", ls=":", lw=1)
+        ax2 = ax1.twinx()
+        ax2.plot(steps, [m.get("moe/drop_rate", 0.0) for m in logs], color="#d62728")
+        ax2.set_ylabel("drop rate", color="#d62728")
+        ax1.set_title(f"{name}: routing entropy (dotted: uniform) and drop rate")
+        fig.tight_layout()
+        files.append(save_figure(fig, out, f"routing_{name}.png"))
+    return files
+
+
+def _plot_bars(rows: list[Row], out: Path) -> str:
+    plt = pyplot()
+    groups = group_rows(rows)
+    names = list(groups)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, title in zip(axes, ("tokens_per_s", "peak_mem_mib"), ("training throughput (tokens/s)", "peak MiB")):
+        ms = [mean_spread([r[key] for r in groups[n]]) for n in names]
+        ax.bar(names, [m for m, _ in ms], yerr=[s for _, s in ms], color=[_color(n, names) for n in names])
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    return save_figure(fig, out, "throughput_memory.png")
+
+
+def _plot_sweep(rows: list[Row], out: Path, key: str) -> str:
+    plt = pyplot()
+    pts: dict[Any, list[float]] = defaultdict(list)
+    for r in rows:
+        if r["kind"] == "moe":
+            pts[r["sweep_value"]].append(r["final_val_loss"])
+    xs = list(pts)
+    numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+    pos = xs if numeric else list(range(len(xs)))
+    ms = [mean_spread(pts[x]) for x in xs]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.errorbar(pos, [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", color="#d62728", label="MoE")
+    dense = [r["final_val_loss"] for r in rows if r["name"] == "dense"]
+    if dense:
+        ax.axhline(mean_spread(dense)[0], color="#444444", ls="--", label="dense twin (same active FLOPs)")
+    if numeric and all(x > 0 for x in xs) and max(xs) / max(min(xs), 1e-9) > 4:
+        ax.set_xscale("log", base=2)
+    if not numeric:
+        ax.set_xticks(pos, [str(x) for x in xs])
+    ax.set(xlabel=key, ylabel="final validation loss", title=f"Final validation loss vs {key} at fixed active compute")
+    return _finish(fig, ax, out, "sweep.png")
+
+
+def _finish(fig: Any, ax: Any, out: Path, fname: str) -> str:
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return save_figure(fig, out, fname)

@@ -1,0 +1,201 @@
+"""The comparison's runner, for every task: train (or reuse) each planned run, then write the report.
+
+Runs train side by side in ``compare.workers`` fresh spawned processes (``compare.threads`` torch threads
+each): on a small shared CPU two single-threaded processes beat one two-threaded one by a wide margin. Under a
+launcher (``expect_processes`` > 1) all ranks train the runs one after another, together. A finished run
+(``result.json``) is reused and an interrupted one resumes, only if its ``config.yaml`` is the plan's."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moekit.core.data import StepSampler
+from moekit.core.files import atomic_write_json
+from moekit.core.layering import config_to_dict
+from moekit.core.run_folder import diff_trees, migrate_placement, read_run_config
+from moekit.experiment.adapter import Row, RunSpec
+from moekit.experiment.plan import TASKS, CompareConfig, Comparison, matching_table, plan_runs
+from moekit.experiment.report import headline, matching_lines, write_report
+
+RESULT_FILE = "result.json"
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device) -> Iterator[list[float]]:
+    """``[MiB]``, set when the block ends: CUDA's allocator peak, or on CPU the process RSS peak above its
+    start value, sampled every 50 ms (RSS because CPU tensors live on the process heap)."""
+    out = [0.0]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        yield out
+        out[0] = torch.cuda.max_memory_allocated(device) / 2**20
+        return
+    import psutil
+
+    proc, stop = psutil.Process(), threading.Event()
+    base = proc.memory_info().rss
+
+    def watch() -> None:
+        while not stop.wait(0.05):
+            out[0] = max(out[0], (proc.memory_info().rss - base) / 2**20)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+
+
+def data_digest(train: Any, num_items: int) -> str:
+    """Hash of every global batch's item indices: equal digests mean identical data order."""
+    sampler = StepSampler(num_items, train.batch_size, train.seed)
+    h = hashlib.sha256()
+    for step in range(train.steps):
+        h.update(sampler.indices(step).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    """torch intra-op threads set to ``n`` inside the block (None: unchanged), restored afterwards."""
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def check_planned(spec: RunSpec, run_dir: Path) -> None:
+    """Refuse a run folder trained (or started) with another config than the plan's: resuming or reusing it
+    would mix configs within one comparison. Placement (the ``parallel`` section) may differ; a folder written
+    before placement left the model section is read migrated."""
+    moe_path = f"{TASKS[spec.task].decoder_key}.moe"
+    saved = read_run_config(run_dir, migrate=lambda tree: migrate_placement(tree, moe_path=moe_path))
+    if saved is None:
+        return
+    diffs = [d for d in diff_trees(saved, config_to_dict(spec.run)) if not d[0].startswith("parallel.")]
+    if diffs:
+        key, old, new = diffs[0]
+        more = f" (and {len(diffs) - 1} more field(s))" if len(diffs) > 1 else ""
+        raise ValueError(
+            f"{run_dir} was trained with a different config than this comparison plans for it: {key} is {old!r} "
+            f"there, {new!r} in the plan{more}; use a new output folder (or delete that run) instead of mixing "
+            "configs within one comparison"
+        )
+
+
+def run_one(
+    spec: RunSpec,
+    run_dir: Path,
+    compare: CompareConfig,
+    facts: Row,
+    expect_processes: int | None = None,
+    state: Any = None,
+) -> Row:
+    """Train one run (resuming if it was interrupted) on ``compare.threads`` torch threads and return its row;
+    the main process writes result.json. ``state``: the adapter's ``prepare`` value, None in a worker."""
+    task = TASKS[spec.task]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume = (run_dir / "ckpt").is_dir() and any((run_dir / "ckpt").iterdir())
+    t0 = time.perf_counter()
+    with num_threads(compare.threads):
+        trainer = task.build_trainer(spec.run, run_dir, resume=resume, expect_processes=expect_processes, state=state)
+        with peak_memory(trainer.accelerator.device) as mib:
+            summary = trainer.train()
+        row = {"name": spec.name, "kind": spec.kind, "seed": spec.seed, **facts, "sweep_value": spec.sweep_value}
+        del row["steps"]
+        row.update(tokens_trained=summary["tokens_seen"], final_val_loss=summary.get("val_loss"))
+        row.update(tokens_per_s=summary.get("mean_tokens_per_s"), peak_mem_mib=round(mib[0], 1))
+        row.update(wall_s=round(summary.get("train_seconds", time.perf_counter() - t0), 2))
+        row.update(data_digest=data_digest(spec.run.train, len(trainer.train_data)))
+        row.update(task.results(trainer, summary, spec, facts, compare))
+    row["run_wall_s"] = round(time.perf_counter() - t0, 2)  # setup, training, evaluation, sampling
+    return finish_run(trainer.accelerator, run_dir, row)
+
+
+def finish_run(acc: Any, run_dir: Path, row: Row) -> Row:
+    """Mark a run done (the main process writes ``result.json``), finish its trackers and wait for every rank.
+    Not ``Trainer.close()``: under a launcher the next run reuses the process group (the caller destroys it)."""
+    if acc.is_main_process:
+        atomic_write_json(run_dir / RESULT_FILE, row)
+    for tracker in acc.trackers:
+        tracker.finish()
+    acc.wait_for_everyone()
+    return row
+
+
+def run_comparison(
+    cmp: Comparison,
+    out_dir: str | os.PathLike,
+    dry_run: bool = False,
+    verbose: bool = True,
+    expect_processes: int | None = None,
+) -> list[Row]:
+    """Plan, print the matching, train (or reuse) every run under ``out_dir/runs``, write the report.
+
+    Returns the rows in plan order (empty for ``dry_run``). ``verbose=False`` silences the plan (ranks other
+    than 0 under a launcher, before any process group exists); ``expect_processes``: the launcher's world size.
+    """
+    say = print if verbose else (lambda *a, **k: None)
+    out, c, task = Path(out_dir), cmp.compare, cmp.task
+    t0, load0 = time.perf_counter(), _loadavg()
+    specs = plan_runs(cmp)
+    with num_threads(c.threads):
+        state = task.prepare(cmp.base)
+        matching = matching_table(specs, state)
+    facts = {m["name"]: m for m in matching}
+    say("matching (what the comparison holds equal):\n" + "\n".join(matching_lines(matching, task)))
+    say(f"{len(specs)} runs: " + ", ".join(s.folder for s in specs), flush=True)
+    if dry_run:
+        return []
+    rows: dict[str, Row] = {}
+    todo = []
+    for spec in specs:
+        run_dir = out / "runs" / spec.folder
+        check_planned(spec, run_dir)
+        if (run_dir / RESULT_FILE).is_file():
+            rows[spec.folder] = json.loads((run_dir / RESULT_FILE).read_text())
+            say(f"[compare] {spec.folder}: finished earlier, reusing {run_dir / RESULT_FILE}", flush=True)
+        else:
+            todo.append(spec)
+    launched = expect_processes is not None and expect_processes > 1
+    if c.workers > 1 and len(todo) > 1 and launched:  # every rank would spawn workers claiming its rank
+        say(f"[compare] {expect_processes} processes launched: runs train one after another (workers ignored)")
+    if c.workers > 1 and len(todo) > 1 and not launched:
+        # One fresh process per run: a reused worker keeps the previous run's freed heap in its RSS, which
+        # would make the later runs' peak memory (RSS above the start value) read far too low.
+        ctx = multiprocessing.get_context("spawn")  # fork would copy this process's threads and torch state
+        with concurrent.futures.ProcessPoolExecutor(min(c.workers, len(todo)), ctx, max_tasks_per_child=1) as pool:
+            futures = [(s, pool.submit(run_one, s, out / "runs" / s.folder, c, facts[s.name])) for s in todo]
+            rows.update((s.folder, fut.result()) for s, fut in futures)
+    else:
+        for s in todo:
+            rows[s.folder] = run_one(s, out / "runs" / s.folder, c, facts[s.name], expect_processes, state)
+    ordered = [rows[s.folder] for s in specs]
+    timing = dict(wall_s=round(time.perf_counter() - t0, 1), loadavg_start=load0, loadavg_end=_loadavg())
+    timing.update(workers=c.workers, threads=c.threads, cpus=os.cpu_count())
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:  # every rank trained; one writes the report
+        report = write_report(out, cmp, specs, ordered, matching, timing)
+        print(f"\n{headline(ordered, task)}\nreport: {report}", flush=True)
+    return ordered
+
+
+def _loadavg() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None  # not on Windows

@@ -1,0 +1,218 @@
+"""The experiment layer on the language-model task: matching, identical data order, side-by-side workers,
+resume, refusal to mix configs, summary schema, report."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from moekit.core.accounting import flops_per_token
+from moekit.experiment.lm import LMTask
+from moekit.experiment.plan import TASKS, CompareConfig, load_comparison, plan_runs
+from moekit.experiment.report import SUMMARY_FIELDS
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "compare-debug.yaml")
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "compare.py"
+
+
+def load(*overrides):
+    return load_comparison(CONFIG, list(overrides))
+
+
+def test_plan_matches_active_flops_within_two_percent():
+    cmp = load("compare.seeds=2", "compare.param_matched=true", "compare.variants=['moe.num_experts=8']")
+    specs = plan_runs(cmp)
+    names = [s.folder for s in specs]
+    assert names[:2] == ["dense-seed0", "dense-seed1"]
+    assert {"moe-4x2-seed1", "moe-8x2-seed0", "dense-param-matched-seed0"} <= set(names)
+    dense = flops_per_token(specs[0].run.model, 64)
+    for s in specs:
+        if s.kind == "moe":
+            assert abs(flops_per_token(s.run.model, 64) - dense) / dense < 0.02
+    # Same seed -> same training setup apart from the model.
+    by_seed = {}
+    for s in specs:
+        key = (s.run.train.seed, s.run.train.batch_size, s.run.data.seq_len, s.run.train.steps, s.run.train.lr)
+        by_seed.setdefault(s.seed, set()).add(key)
+    assert all(len(v) == 1 for v in by_seed.values())
+
+
+def test_mismatched_compute_is_refused():
+    with pytest.raises(ValueError, match="flops_per_token"):
+        plan_runs(load("compare.variants=['moe.top_k=4']"))  # doubles active FLOPs
+    plan_runs(load("compare.variants=['moe.top_k=4']", "compare.allow_mismatch=true"))
+
+
+def test_sweep_holds_active_compute_fixed():
+    specs = plan_runs(load("compare.sweep=top_k=1,2,4"))
+    moe = [s for s in specs if s.kind == "moe"]
+    assert [s.run.model.moe.top_k for s in moe] == [1, 2, 4]
+    assert [s.run.model.moe.d_expert for s in moe] == [128, 64, 32]
+    with pytest.raises(ValueError, match="sweep"):
+        load("compare.sweep=not_a_field=1,2")
+
+
+def test_flops_budget_scales_steps():
+    cmp = load("compare.budget=flops", "compare.param_matched=true")
+    steps = {s.name: s.run.train.steps for s in plan_runs(cmp)}
+    assert steps["dense"] == steps["moe-4x2"] == 12
+    assert steps["dense-param-matched"] < 12
+
+
+def test_dense_base_config_is_refused():
+    with pytest.raises(ValueError, match="model.moe"):
+        load("model.moe=null")
+
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("task", "speech", r"\('lm', 'multimodal'\)"),
+        ("budget", "steps", r"\('tokens', 'flops'\)"),
+        ("workers", 0, "int >= 1"),
+        ("seeds", True, "int >= 1"),
+        ("threads", 0, "int >= 1 or null"),
+        ("max_flops_mismatch", 1.5, r"\[0, 1\)"),
+    ],
+)
+def test_compare_config_errors_name_the_field_and_allowed_values(field, value, allowed):
+    with pytest.raises(ValueError, match=rf"CompareConfig\.{field}=.* is invalid: .*{allowed}"):
+        CompareConfig(**{field: value})
+
+
+def test_task_registry_and_the_compare_task_switch():
+    mm = str(Path(CONFIG).with_name("mm-cpu.yaml"))
+    assert isinstance(TASKS["lm"], LMTask) and set(TASKS) == {"lm", "multimodal"}
+    assert load(*()).task.name == "lm"  # no task key: the language-model comparison
+    assert load_comparison(mm, []).task.name == "multimodal"
+    assert load("compare.task=multimodal", "compare.task=lm").task.name == "lm"  # the last override wins
+    with pytest.raises(ValueError, match=r"CompareConfig\.task='speech' is invalid.*'lm', 'multimodal'"):
+        load("compare.task=speech")
+    with pytest.raises(ValueError, match=r"unknown config key 'compare\.sed'"):
+        load("compare.sed=2")
+
+
+def _recipe():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_recipe", RECIPE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run_recipe(out, *extra):
+    return _recipe().main(["--config", CONFIG, "--out", str(out), *extra])
+
+
+TINY = ("train.steps=6", "train.eval_every=3", "train.save_every=3", "compare.sample_tokens=8")
+
+
+@pytest.mark.slow
+def test_end_to_end_identical_data_and_resume(tmp_path):
+    out = tmp_path / "cmp"
+    rows = _run_recipe(out, *TINY)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "lm" and summary["verdicts"] == []  # the verdict spot (moekit.experiment.verdict)
+    assert [r["name"] for r in summary["runs"]] == ["dense", "moe-4x2"]
+    for r in summary["runs"]:
+        assert set(r) == set(SUMMARY_FIELDS + LMTask.summary_fields)
+        assert r["tokens_trained"] == 6 * 8 * 64 and r["final_val_loss"] > 0 and r["peak_mem_mib"] >= 0
+    assert rows[0]["data_digest"] == rows[1]["data_digest"], "both models must see the same data order"
+    assert rows[1]["sample"].startswith("**ROMEO**")
+    for f in (
+        "report.md",
+        "val_loss_vs_tokens.png",
+        "val_loss_vs_flops.png",
+        "val_loss_vs_time.png",
+        "throughput_memory.png",
+        "expert_load_moe-4x2.png",
+        "routing_moe-4x2.png",
+    ):
+        assert (out / f).is_file(), f
+    report = (out / "report.md").read_text()
+    assert "matched active compute" in report and "moe-4x2" in report and "## Samples" in report
+
+    # Interrupt: drop the MoE run's result (as if it died after its step-3 checkpoint) and rerun.
+    moe_dir = out / "runs" / "moe-4x2-seed0"
+    dense_mtime = (out / "runs" / "dense-seed0" / "result.json").stat().st_mtime
+    (moe_dir / "result.json").unlink()
+    ckpts = sorted((moe_dir / "ckpt").glob("step_*"))
+    for c in ckpts[1:]:
+        shutil.rmtree(c)
+    (moe_dir / "ckpt" / "latest").write_text(ckpts[0].name)
+    rows2 = _run_recipe(out, *TINY)
+    assert (out / "runs" / "dense-seed0" / "result.json").stat().st_mtime == dense_mtime, "dense was redone"
+    assert rows2[1]["final_val_loss"] == pytest.approx(rows[1]["final_val_loss"], abs=1e-6)
+    # A changed config is refused (finished and interrupted runs alike), naming the first differing field.
+    with pytest.raises(ValueError, match=r"different config.*train\.lr is 0\.003 there, 0\.001 in the plan"):
+        _run_recipe(out, *TINY, "train.lr=1e-3")
+    (moe_dir / "result.json").unlink()
+    with pytest.raises(ValueError, match=r"dense-seed0 was trained with a different config.*model\.d_model"):
+        _run_recipe(out, *TINY, "model.d_model=32")
+
+
+@pytest.mark.slow
+def test_two_runs_side_by_side_in_worker_processes(tmp_path, monkeypatch):
+    import moekit.experiment.runner as runner
+
+    pools = []
+
+    class Pool(runner.concurrent.futures.ProcessPoolExecutor):
+        def __init__(self, workers, ctx, **kw):
+            pools.append((workers, ctx.get_start_method(), kw["max_tasks_per_child"]))
+            super().__init__(workers, ctx, **kw)
+
+    monkeypatch.setattr(runner.concurrent.futures, "ProcessPoolExecutor", Pool)
+    # spawned workers import afresh: this process must not train a run itself
+    monkeypatch.setattr(TASKS["lm"], "build_trainer", lambda *a, **k: pytest.fail("trained in the parent"))
+    out = tmp_path / "cmp"
+    tiny = ("train.steps=2", "train.eval_every=0", "train.save_every=0", "train.log_every=1")
+    rows = _run_recipe(out, *tiny, "compare.workers=2", "compare.threads=1", "compare.sample_tokens=4")
+    assert pools == [(2, "spawn", 1)], "both runs at once, one fresh spawned process each"
+    assert [r["name"] for r in rows] == ["dense", "moe-4x2"]
+    assert rows[0]["data_digest"] == rows[1]["data_digest"] and all(r["tokens_trained"] == 2 * 8 * 64 for r in rows)
+    end = {f: (out / "runs" / f / "result.json").stat().st_mtime for f in ("dense-seed0", "moe-4x2-seed0")}
+    # a rerun reuses both results instead of training again
+    monkeypatch.setattr(runner, "run_one", lambda *a, **k: pytest.fail("retrained"))
+    assert _run_recipe(out, *tiny, "compare.workers=2", "compare.threads=1", "compare.sample_tokens=4") == rows
+    assert end == {f: (out / "runs" / f / "result.json").stat().st_mtime for f in end}
+
+
+def _rows(dense, moe):
+    base = dict(tokens_trained=100, flops_per_token=10)
+    return [dict(name="dense", kind="dense", seed=s, final_val_loss=v, **base) for s, v in enumerate(dense)] + [
+        dict(name="moe-8x2", kind="moe", seed=s, final_val_loss=v, **base) for s, v in enumerate(moe)
+    ]
+
+
+def test_headline_states_the_verdict_with_paired_spread():
+    from moekit.experiment.report import headline
+
+    text = headline(_rows([2.0, 2.1], [1.9, 2.05]))
+    assert "moe-8x2 model beats its dense twin" in text and "-0.0750 ± 0.0354" in text
+    assert "is worse than" in headline(_rows([2.0, 2.1], [2.1, 2.2]))
+    assert "not distinguishable" in headline(_rows([2.0, 2.1], [1.9, 2.2]))
+    one = headline(_rows([2.0], [2.1]))  # one seed: the gap, but no verdict
+    assert "higher validation loss than its dense twin on a single seed" in one and "(+0.1000)" in one
+    assert "worse" not in one and "beats" not in one
+
+
+@pytest.mark.slow
+def test_comparison_runs_on_two_processes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    cmd += [str(RECIPE), "--config", CONFIG, "--out", str(tmp_path / "cmp"), "train.steps=4", "train.eval_every=2"]
+    cmd += ["compare.workers=2"]  # ignored under a launcher: both ranks train each run together
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("2 process(es)") == 2, "both runs must really use 2 processes"
+    assert proc.stdout.count("report:") == 1, "only rank 0 writes the report"
+    assert proc.stdout.count("matching (") == 1, "only rank 0 prints the plan"
+    summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    assert [r["tokens_trained"] for r in summary["runs"]] == [4 * 8 * 64] * 2
