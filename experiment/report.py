@@ -14,6 +14,7 @@ import yaml
 from moekit.core.files import atomic_write_json, atomic_write_text
 from moekit.core.layering import config_to_dict
 from moekit.experiment.adapter import Row, RunSpec, TaskAdapter, cell, group_rows, mean_spread, pyplot, save_figure
+from moekit.experiment.verdict import paired_verdicts, verdict_metrics, verdicts_sentence
 
 if TYPE_CHECKING:
     from moekit.experiment.plan import Comparison
@@ -34,11 +35,26 @@ def read_metrics(run_dir: Path) -> list[Row]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def verdicts(rows: list[Row]) -> list[Row]:
-    """Paired-seed verdicts of every MoE model against the dense twin (issue 12: ``model``, ``metric``,
-    ``diff_mean``, ``diff_ci95``, ``n_seeds``, ``verdict``). Computed by ``moekit.experiment.verdict``, which
-    is wired in here at merge; until then the list is empty and the report leads with :func:`headline`."""
-    return []
+def verdicts(rows: list[Row], task: TaskAdapter | None = None) -> list[Row]:
+    """Paired-seed verdicts of every MoE model against the dense twin (``model``, ``metric``, ``diff_mean``,
+    ``diff_ci95``, ``n_seeds``, ``verdict``, ...; ``moekit.experiment.verdict``): final val loss, every per-task
+    accuracy and the task's own extra metrics (``task.verdict_fields``, e.g. per-task val losses)."""
+    if not any(r["name"] == "dense" for r in rows):
+        return []
+    metrics = verdict_metrics(rows)
+    metrics += [m for m in (task.verdict_fields if task is not None else ()) if m not in metrics]
+    return paired_verdicts(rows, metrics)
+
+
+def digest_checks(rows: list[Row]) -> list[Row]:
+    """Per seed and MoE model: is the data digest its training loop recorded equal to the dense twin's?"""
+    dense = {r["seed"]: r.get("data_digest") for r in rows if r["name"] == "dense"}
+    out = []
+    for r in rows:
+        if r["kind"] == "moe" and r["seed"] in dense:
+            d, m = dense[r["seed"]], r.get("data_digest")
+            out.append(dict(model=r["name"], seed=r["seed"], dense=d, moe=m, equal=d is not None and d == m))
+    return out
 
 
 def headline(rows: list[Row], task: TaskAdapter | None = None) -> str:
@@ -90,18 +106,35 @@ def write_report(
     out, task = Path(out_dir), cmp.task
     out.mkdir(parents=True, exist_ok=True)
     runs = [{k: r.get(k) for k in SUMMARY_FIELDS + task.summary_fields} for r in rows]
-    atomic_write_json(out / "summary.json", dict(task=task.name, verdicts=verdicts(rows), runs=runs))
+    verdict_rows, digests = verdicts(rows, task), digest_checks(rows)
+    summary = dict(task=task.name, verdicts=verdict_rows, data_digests=digests, runs=runs)
+    atomic_write_json(out / "summary.json", summary)
     sweep_key = cmp.compare.sweep.partition("=")[0].strip().removeprefix("moe.") if cmp.compare.sweep else None
     plots = _plot_curves(specs, rows, out) + ([_plot_sweep(rows, out, sweep_key)] if sweep_key else [])
     plots += [_plot_bars(rows, out)] + _plot_routing(specs, out)
 
-    lines = [f"# {task.title}", "", f"**Result.** {headline(rows, task)}", ""]  # verdict sentences go first here
+    first = verdicts_sentence(verdict_rows) or "No verdict: no MoE model paired with the dense twin."
+    lines = [f"# {task.title}", "", f"**Verdict.** {first}", "", f"**Result.** {headline(rows, task)}", ""]
+    if verdict_rows:
+        cells = [
+            [v["model"], v["metric"], _num(v["diff_mean"]), _ci(v["diff_ci95"]), str(v["n_seeds"]), v["verdict"]]
+            for v in verdict_rows
+        ]
+        lines += _table(["model", "metric", "moe - dense", "95% CI", "paired seeds", "verdict"], cells) + [""]
     lines += ["## What was held equal", "", *matching_lines(matching, task)]
-    digests = sorted({str(r.get("data_digest")) for r in rows if r["seed"] == rows[0]["seed"]})
+    bad = [d for d in digests if not d["equal"]]
+    recorded = ", ".join(f"seed {d['seed']} {d['model']}: {d['moe']} vs dense {d['dense']}" for d in digests)
     lines += [
         "",
-        f"Same data in the same order for every model with the same seed (data-order digest: {', '.join(digests)}), "
-        "same initial-weight seed, optimizer, learning-rate schedule and budget. The dense twin's SwiGLU width is "
+        (
+            f"**DATA DIFFERED: the training loops recorded DIFFERENT batch digests** ({recorded}); the comparison "
+            "is not paired."
+            if bad
+            else f"Data digests recorded by the training loops (hash of every consumed batch's indices) are equal "
+            f"per seed for the dense twin and every MoE ({recorded or 'no pairs'})."
+        ),
+        "",
+        "Same initial-weight seed, optimizer, learning-rate schedule and budget. The dense twin's SwiGLU width is "
         "chosen so that its forward FLOPs per token equal the MoE decoder's (router and active experts included). "
         "Forward FLOPs: 2 per multiply-add, training = 3x forward.",
         "",
@@ -145,6 +178,14 @@ def matching_lines(matching: list[Row], task: TaskAdapter) -> list[str]:
     return _table(["model", "kind", *(h for h, _ in task.matching_columns)], cells)
 
 
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.4f}"
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "n/a (1 seed)" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
 def _table(headers: list[str], cells: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(row) + " |" for row in [headers, ["---"] * len(headers), *cells]]
 
@@ -160,7 +201,7 @@ def _plot_curves(specs: list[RunSpec], rows: list[Row], out: Path) -> list[str]:
     for s, row in zip(specs, rows):  # rows are in plan order
         ev = [m for m in read_metrics(out / "runs" / s.folder) if "val_loss" in m]
         toks, fpt, tps = [m["tokens_seen"] for m in ev], row["train_flops"] / row["tokens_trained"], row["tokens_per_s"]
-        secs = [m.get("train_seconds", t / (tps or math.nan)) for m, t in zip(ev, toks)]
+        secs = [m.get("train_seconds", t / (tps or math.nan)) for m, t in zip(ev, toks)]  # recorded seconds
         if ev:
             curves[s.name].append(
                 dict(tokens=toks, flops=[fpt * t for t in toks], time=secs, loss=[m["val_loss"] for m in ev])

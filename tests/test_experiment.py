@@ -114,7 +114,10 @@ def test_end_to_end_identical_data_and_resume(tmp_path):
     out = tmp_path / "cmp"
     rows = _run_recipe(out, *TINY)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["task"] == "lm" and summary["verdicts"] == []  # the verdict spot (moekit.experiment.verdict)
+    assert summary["task"] == "lm" and [v["model"] for v in summary["verdicts"]] == ["moe-4x2"]
+    v = summary["verdicts"][0]
+    assert v["metric"] == "final_val_loss" and v["n_seeds"] == 1 and v["verdict"] == "unresolved"
+    assert summary["data_digests"][0]["equal"] is True
     assert [r["name"] for r in summary["runs"]] == ["dense", "moe-4x2"]
     for r in summary["runs"]:
         assert set(r) == set(SUMMARY_FIELDS + LMTask.summary_fields)
