@@ -18,6 +18,7 @@ from moekit.core.accounting import flops_per_token
 from moekit.core.checks import fail, is_int, is_number
 from moekit.core.config import ModelConfig
 from moekit.core.layering import build_dataclass, config_to_dict, merge_tree, parse_override, read_yaml, set_dotted
+from moekit.core.train_config import TrainConfig
 from moekit.experiment.adapter import Row, RunSpec, TaskAdapter
 from moekit.experiment.lm import LMTask
 from moekit.experiment.matching import check_matched, dense_twin, describe, param_matched_twin
@@ -41,6 +42,9 @@ class CompareConfig:
     allow_mismatch: bool = False
     variants: list[str] = field(default_factory=list)  # extra MoE runs: "moe.num_experts=16 moe.top_k=4"
     sweep: str | None = None  # "num_experts=1,4,8,16" (also top_k, capacity_factor, router, ...)
+    # per-model train overrides, so each model family trains at its own best learning rate (fairness):
+    dense_overrides: list[str] = field(default_factory=list)  # e.g. ["train.lr=5.6e-3"], every dense run
+    moe_overrides: list[str] = field(default_factory=list)  # the same for every MoE run
     workers: int = 1  # runs trained at the same time, each in a fresh process
     threads: int | None = None  # torch intra-op threads per run; None = torch's default
     prompt: str = "**ROMEO**\n"  # task lm: the sample prompt
@@ -58,6 +62,8 @@ class CompareConfig:
             fail("CompareConfig", "max_flops_mismatch", self.max_flops_mismatch, "must be a number in [0, 1)")
         if not isinstance(self.variants, list) or not all(isinstance(v, str) for v in self.variants):
             fail("CompareConfig", "variants", self.variants, "must be a list of override strings")
+        for name in ("dense_overrides", "moe_overrides"):
+            train_overrides(getattr(self, name), name)
         if self.sweep is not None:
             parse_sweep(self.sweep)
         if self.sweep and self.variants:
@@ -93,6 +99,33 @@ def load_comparison(path: str | os.PathLike | None = None, overrides: Iterable[s
             f"its dense twin; set {task.decoder_key}.moe (e.g. {task.decoder_key}.moe.num_experts=8)"
         )
     return Comparison(compare, base)
+
+
+# keys a per-model override may not change: they fix the data order (pairing by seed) and the token budget
+FIXED_TRAIN_KEYS = ("seed", "batch_size", "steps")
+
+
+def train_overrides(items: Any, name: str = "dense_overrides") -> list[tuple[str, Any]]:
+    """Parse ``compare.dense_overrides`` / ``moe_overrides``: dotted ``train.*`` overrides (not seed, batch size
+    or steps); returns ``(key under train, value)`` pairs."""
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        fail("CompareConfig", name, items, "must be a list of 'train.KEY=VALUE' strings")
+    out = []
+    for text in items:
+        key, value = parse_override(text)
+        sub = key.removeprefix("train.")
+        if not key.startswith("train.") or sub in FIXED_TRAIN_KEYS:
+            fail("CompareConfig", name, text, f"only train.* keys, except {FIXED_TRAIN_KEYS}, may differ per model")
+        set_dotted(TrainConfig, {}, sub, value, "train.")  # unknown keys fail here, naming the allowed ones
+        out.append((sub, value))
+    return out
+
+
+def with_train_overrides(train: TrainConfig, pairs: list[tuple[str, Any]]) -> TrainConfig:
+    tree = config_to_dict(train)
+    for key, value in pairs:
+        set_dotted(TrainConfig, tree, key, value, "train.")
+    return build_dataclass(TrainConfig, tree, "train.")
 
 
 def parse_sweep(text: str) -> tuple[str, list[Any]]:
@@ -161,7 +194,7 @@ def plan_runs(cmp: Comparison) -> list[RunSpec]:
 
     specs = []
     for name, kind, m, value in models:
-        train = base.train
+        train = with_train_overrides(base.train, train_overrides(getattr(c, f"{kind}_overrides"), f"{kind}_overrides"))
         if c.budget == "flops":  # same tokens per step, so steps scale inversely with FLOPs per token
             steps = max(1, round(train.steps * flops_per_token(moe, seq) / flops_per_token(m, seq)))
             train = dataclasses.replace(train, steps=steps, warmup_steps=min(train.warmup_steps, steps))

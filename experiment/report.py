@@ -122,6 +122,13 @@ def write_report(
         ]
         lines += _table(["model", "metric", "moe - dense", "95% CI", "paired seeds", "verdict"], cells) + [""]
     lines += ["## What was held equal", "", *matching_lines(matching, task)]
+    c = cmp.compare
+    if c.dense_overrides or c.moe_overrides:
+        lines += [
+            "",
+            f"Not equal by design (each model's own tuned settings): dense runs {c.dense_overrides or 'base'}, "
+            f"MoE runs {c.moe_overrides or 'base'}.",
+        ]
     bad = [d for d in digests if not d["equal"]]
     recorded = ", ".join(f"seed {d['seed']} {d['model']}: {d['moe']} vs dense {d['dense']}" for d in digests)
     lines += [

@@ -151,6 +151,8 @@ def run_comparison(
         matching = matching_table(specs, state)
     facts = {m["name"]: m for m in matching}
     say("matching (what the comparison holds equal):\n" + "\n".join(matching_lines(matching, task)))
+    if c.dense_overrides or c.moe_overrides:
+        say(f"per-model train overrides: dense {c.dense_overrides or 'none'}, MoE {c.moe_overrides or 'none'}")
     say(f"{len(specs)} runs: " + ", ".join(s.folder for s in specs), flush=True)
     if dry_run:
         return []

@@ -219,3 +219,19 @@ def test_comparison_runs_on_two_processes(tmp_path):
     assert proc.stdout.count("matching (") == 1, "only rank 0 prints the plan"
     summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
     assert [r["tokens_trained"] for r in summary["runs"]] == [4 * 8 * 64] * 2
+
+
+def test_per_model_train_overrides_apply_to_their_kind_and_are_validated(tmp_path):
+    specs = plan_runs(load("compare.dense_overrides=['train.lr=5.6e-3']", "compare.moe_overrides=['train.lr=2e-3']"))
+    assert {s.kind: s.run.train.lr for s in specs} == {"dense": 5.6e-3, "moe": 2e-3}
+    assert len({(s.run.train.seed, s.run.train.steps, s.run.train.batch_size) for s in specs}) == 1
+    for bad, why in (("model.d_model=8", "only train"), ("train.seed=3", "only train"), ("train.lrr=1", "lrr")):
+        with pytest.raises(ValueError, match=rf"CompareConfig\.moe_overrides|{why}"):
+            load(f"compare.moe_overrides=['{bad}']")
+    # the resume/reuse check covers them: a run folder trained at another lr is refused
+    from moekit.experiment.runner import check_planned
+
+    dense = plan_runs(load("compare.dense_overrides=['train.lr=5.6e-3']"))[0]
+    dense.run.save(tmp_path)
+    with pytest.raises(ValueError, match=r"train\.lr is 0\.0056 there, 0\.003 in the plan"):
+        check_planned(plan_runs(load())[0], tmp_path)
