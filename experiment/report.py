@@ -14,6 +14,7 @@ import yaml
 from moekit.core.files import atomic_write_json, atomic_write_text
 from moekit.core.layering import config_to_dict
 from moekit.experiment.adapter import Row, RunSpec, TaskAdapter, cell, group_rows, mean_spread, pyplot, save_figure
+from moekit.experiment.scaling import plot_scaling, scaling_analysis
 from moekit.experiment.verdict import paired_verdicts, verdict_metrics, verdicts_sentence
 
 if TYPE_CHECKING:
@@ -108,6 +109,9 @@ def write_report(
     runs = [{k: r.get(k) for k in SUMMARY_FIELDS + task.summary_fields} for r in rows]
     verdict_rows, digests = verdicts(rows, task), digest_checks(rows)
     summary = dict(task=task.name, verdicts=verdict_rows, data_digests=digests, runs=runs)
+    scaling_lines = []
+    if cmp.compare.scaling is not None:
+        summary["scaling"], scaling_lines = _scaling(rows, out)
     atomic_write_json(out / "summary.json", summary)
     sweep_key = cmp.compare.sweep.partition("=")[0].strip().removeprefix("moe.") if cmp.compare.sweep else None
     plots = _plot_curves(specs, rows, out) + ([_plot_sweep(rows, out, sweep_key)] if sweep_key else [])
@@ -157,7 +161,7 @@ def write_report(
     cells = [[name, str(len(rs)), *(f(rs) for _, f in cols)] for name, rs in group_rows(rows).items()]
     lines += _table(["model", "seeds", *(h for h, _ in cols)], cells)
     lines += ["", "Spread: the sample standard deviation over seeds (none with one seed).", ""]
-    lines += task.sections(out, specs, rows, matching)
+    lines += scaling_lines + task.sections(out, specs, rows, matching)
     lines += ["## Plots", ""] + [f"![{f}]({f})\n" for f in plots]
     lines += [
         "## Time",
@@ -183,6 +187,28 @@ def matching_lines(matching: list[Row], task: TaskAdapter) -> list[str]:
     """The matching table (markdown; also what the runner prints before training)."""
     cells = [[m["name"], m["kind"], *(f(m) for _, f in task.matching_columns)] for m in matching]
     return _table(["model", "kind", *(h for h, _ in task.matching_columns)], cells)
+
+
+def _scaling(rows: list[Row], out: Path) -> tuple[Row, list[str]]:
+    """The scaling recipe: fit the dense family, price each MoE in dense-equivalent compute (summary.json's
+    ``scaling``), the plot and a multiplier table."""
+    try:
+        analysis = scaling_analysis(rows)
+    except ValueError as e:  # e.g. losses that do not fall with compute: say so instead of failing the report
+        return {"error": str(e)}, ["## Scaling", "", f"No dense fit: {e}", ""]
+    plot_scaling(analysis, out / "scaling.png")
+    fit = analysis["fit"]
+    lines = ["## Scaling: dense-equivalent compute", "", f"Dense fit: {fit['method']} ({fit.get('note') or ''}).", ""]
+    cells = []
+    for m in analysis["multipliers"]:
+        ci = m["multiplier_ci95"]
+        mult = "refused" if m["multiplier"] is None else f"{m['multiplier']:.2f}x"
+        ci_text = "n/a" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+        cells.append([m["model"], mult, ci_text, str(m["n_seeds"]), m["status"], m["reason"] or ""])
+    lines += _table(["model", "multiplier", "95% CI", "seeds", "status", "note"], cells)
+    res = ", ".join(f"{r['residual']:+.4f}" for r in fit["residuals"])
+    lines += ["", f"Dense fit residuals (loss - fit): {res}.", "", "![scaling.png](scaling.png)", ""]
+    return analysis, lines
 
 
 def _num(x: float | None) -> str:

@@ -235,3 +235,37 @@ def test_per_model_train_overrides_apply_to_their_kind_and_are_validated(tmp_pat
     dense.run.save(tmp_path)
     with pytest.raises(ValueError, match=r"train\.lr is 0\.0056 there, 0\.003 in the plan"):
         check_planned(plan_runs(load())[0], tmp_path)
+
+
+def test_scaling_recipe_end_to_end_writes_fit_and_multipliers(tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from moekit.experiment.runner import run_comparison
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    scaling = "compare.scaling={dense_d_model: [16, 32, 64], moe_experts: [2, 4], moe_at: 1}"
+    tiny = ["train.steps=3", "train.eval_every=0", "train.save_every=0", "compare.sample_tokens=0", "model.n_layers=1"]
+    cmp = load(scaling, "compare.seeds=2", *tiny)
+    specs = plan_runs(cmp)
+    assert [s.name for s in specs[::2]] == ["dense-d16", "dense", "dense-d64", "moe-2x2", "moe-4x2"]
+    rows = run_comparison(cmp, tmp_path, verbose=False)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    sc = summary["scaling"]
+    assert "error" not in sc, sc
+    assert sc["fit"]["method"] in ("power_law", "log_linear") and len(sc["fit"]["residuals"]) == 6
+    assert [m["model"] for m in sc["multipliers"]] == ["moe-2x2", "moe-4x2"]
+    assert all({"multiplier", "multiplier_ci95", "n_seeds"} <= set(m) for m in sc["multipliers"])
+    assert (tmp_path / "scaling.png").is_file() and "## Scaling" in (tmp_path / "report.md").read_text()
+    assert len(rows) == 10
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_scaling_config_is_validated():
+    with pytest.raises(ValueError, match=r"ScalingConfig\.dense_d_model"):
+        load("compare.scaling={dense_d_model: [32, 16, 64], moe_experts: [4]}")
+    with pytest.raises(ValueError, match=r"ScalingConfig\.moe_at"):
+        load("compare.scaling={dense_d_model: [16, 32, 64], moe_experts: [4], moe_at: 3}")
+    with pytest.raises(ValueError, match=r"CompareConfig\.scaling"):
+        load("compare.scaling={dense_d_model: [16, 32, 64], moe_experts: [4]}", "compare.budget=flops")
