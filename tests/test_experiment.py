@@ -269,3 +269,26 @@ def test_scaling_config_is_validated():
         load("compare.scaling={dense_d_model: [16, 32, 64], moe_experts: [4], moe_at: 3}")
     with pytest.raises(ValueError, match=r"CompareConfig\.scaling"):
         load("compare.scaling={dense_d_model: [16, 32, 64], moe_experts: [4]}", "compare.budget=flops")
+
+
+@pytest.mark.parametrize("preset", ["scaling-cpu.yaml", "scaling-gpu.yaml"])
+def test_scaling_presets_plan_and_the_gpu_one_starts_on_cpu(preset, tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from moekit.experiment.runner import run_comparison
+
+    path = str(Path(CONFIG).with_name(preset))
+    specs = plan_runs(load_comparison(path, []))
+    assert (
+        len({s.name for s in specs if s.kind == "dense"}) >= 3 and len({s.name for s in specs if s.kind == "moe"}) >= 2
+    )
+    assert len({s.seed for s in specs}) >= 2 and len({s.run.train.steps for s in specs}) == 1  # same tokens
+    if preset == "scaling-gpu.yaml":  # a tiny override really trains 2 steps per run on CPU
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        tiny = ["train.steps=2", "train.eval_every=0", "train.eval_batches=1", "train.batch_size=4"]
+        tiny += ["train.save_every=0", "model.n_layers=1", "compare.seeds=1", "data.seq_len=32", "model.max_seq_len=32"]
+        rows = run_comparison(load_comparison(path, [*tiny, "train.cpu=true"]), tmp_path, verbose=False)
+        assert len(rows) == 6 and all(r["tokens_trained"] == 2 * 4 * 32 for r in rows)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
