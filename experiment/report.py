@@ -87,15 +87,10 @@ def headline(rows: list[Row], task: TaskAdapter | None = None) -> str:
             f"seed: {m_mean:.4f} vs {d_mean:.4f} nats/byte ({diff:+.4f}); one seed cannot separate that from "
             f"seed-to-seed noise (rerun with compare.seeds=3).{extra}"
         )
-    if diff < 0 and all(d < 0 for d in diffs):
-        verdict = "beats"
-    elif diff > 0 and all(d > 0 for d in diffs):
-        verdict = "is worse than"
-    else:  # the seeds disagree on the sign: the difference is within seed-to-seed noise
-        verdict = "is not distinguishable (the seeds disagree on the sign) from"
+    # No verdict word here: the verdict (t-interval over paired seeds) is the sentence before this one.
     return (
-        f"{head} {verdict} its dense twin: validation loss {m_mean:.4f} ± {m_sd:.4f} vs {d_mean:.4f} ± {d_sd:.4f} "
-        f"nats/byte, a difference of {diff:+.4f} ± {diff_sd:.4f} (sd over {len(diffs)} paired seeds), "
+        f"{head} reached validation loss {m_mean:.4f} ± {m_sd:.4f} vs the dense twin's {d_mean:.4f} ± {d_sd:.4f} "
+        f"nats/byte, a paired difference of {diff:+.4f} ± {diff_sd:.4f} (sd over {len(diffs)} paired seeds), "
         f"n={n} seeds.{extra}"
     )
 
