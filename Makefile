@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LINT_PATHS := core moe multimodal experiment recipes tests
 
-.PHONY: venv test lint demo demo-multimodal clean distclean
+.PHONY: venv test lint demo demo-multimodal scaling clean distclean
 
 venv: $(STAMP)
 
@@ -30,6 +30,9 @@ demo: venv
 
 demo-multimodal: venv
 	$(PY) recipes/compare.py --config recipes/configs/mm-cpu.yaml --out runs/demo-multimodal
+
+scaling: venv
+	$(PY) recipes/compare.py --config recipes/configs/scaling-cpu.yaml --out runs/scaling
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

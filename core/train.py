@@ -31,6 +31,7 @@ and sampling.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -120,6 +121,9 @@ class Trainer:
         self.tokens_seen = 0  # real target tokens over all ranks, up to the last sync (_sync_tokens)
         self._pending_tokens = torch.zeros((), dtype=torch.long, device=acc.device)  # this rank's, not yet synced
         self.train_seconds = 0.0
+        # Chained sha256 over every consumed global batch's item indices (hex of the latest link, so a checkpoint
+        # can carry it and a resumed run continues it exactly); None after resuming a checkpoint without one.
+        self.data_digest: str | None = ""
         self.last_metrics: dict[str, Any] = {}
         if latest is not None:
             self._restore(latest)
@@ -207,6 +211,7 @@ class Trainer:
         # (hence accumulation) it would fall out of step with ours.
         acc.step = self.step * self.accum_steps
         self.train_seconds = state.get("train_seconds", 0.0)
+        self.data_digest = state.get("data_digest")
 
     # ------------------------------------------------------------------ public
     @property
@@ -288,6 +293,7 @@ class Trainer:
         state = {
             "tokens_seen": self.tokens_seen,
             "train_seconds": self.train_seconds,
+            "data_digest": self.data_digest,
             "batch_size": self.cfg.batch_size,
             "seed": self.cfg.seed,
         }
@@ -319,6 +325,7 @@ class Trainer:
         """The latest scalar metrics (per-layer lists and sections left out) and the run's totals."""
         out = {k: v for k, v in self.last_metrics.items() if not isinstance(v, (list, dict))}
         out.update(step=self.step, tokens_seen=self.tokens_seen, train_seconds=self.train_seconds)
+        out["data_digest"] = self.data_digest[:16] if self.data_digest else None
         if self.train_seconds > 0:
             out["mean_tokens_per_s"] = self.tokens_seen / self.train_seconds
         return out
@@ -342,7 +349,11 @@ class Trainer:
 
     def _train_step(self, window: LogWindow) -> None:
         acc, rank, world = self.accelerator, self.accelerator.process_index, self.accelerator.num_processes
-        local = self.sampler.shard(self.sampler.indices(self.step), rank, world)  # [batch_size / world]
+        global_idx = self.sampler.indices(self.step)  # [batch_size]
+        if self.data_digest is not None:
+            link = self.data_digest.encode() + global_idx.to(torch.int64).numpy().tobytes()
+            self.data_digest = hashlib.sha256(link).hexdigest()
+        local = self.sampler.shard(global_idx, rank, world)  # [batch_size / world]
         self.model.train()
         for m in range(self.accum_steps):
             mb = local[m * self.micro_batch_size : (m + 1) * self.micro_batch_size]
@@ -422,6 +433,8 @@ class Trainer:
         return keys
 
     def _log(self, metrics: dict[str, Any]) -> None:
+        # elapsed training seconds (eval/save excluded) as of the last train log event, for time axes
+        metrics.setdefault("train_seconds", round(self.train_seconds, 4))
         self.last_metrics.update(metrics)
         if not self.is_main_process:
             return

@@ -46,6 +46,7 @@ class TaskAdapter:
     summary_fields: tuple[str, ...] = ()  # extra row fields copied into summary.json
     matching_columns: tuple[Column, ...] = ()  # matching-table columns after model and kind
     result_columns: tuple[Column, ...] = ()  # results-table columns after the final val loss
+    verdict_fields: tuple[str, ...] = ()  # row metrics with verdicts beyond final val loss and *_acc
     decoder_key: str = "model"  # dotted path of the decoder's ModelConfig in the run config
 
     def load_base(self, path: Any, overrides: list[str]) -> Any:

@@ -38,7 +38,11 @@ class MultimodalTask(TaskAdapter):
     title = "Multimodal: sparse vs dense at matched compute"
     run_config = MultimodalRunConfig
     decoder_key = "model.lm"
-    summary_fields = ("lm_flops_per_token", "flops_per_sample", "val_text_loss", *(f"{t}_acc" for t in CANDIDATES))
+    summary_fields = (
+        "lm_flops_per_token", "flops_per_sample", "val_text_loss",
+        *(f"{t}_acc" for t in CANDIDATES), *(f"{t}_loss" for t in CANDIDATES),
+    )  # fmt: skip
+    verdict_fields = (*(f"{t}_loss" for t in CANDIDATES), "val_text_loss")  # per-task val losses
     matching_columns = (
         ("decoder params total", lambda m: f"{m['lm_params_total']:,}"),
         ("decoder params active", lambda m: f"{m['lm_params_active']:,}"),

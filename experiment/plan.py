@@ -18,6 +18,7 @@ from moekit.core.accounting import flops_per_token
 from moekit.core.checks import fail, is_int, is_number
 from moekit.core.config import ModelConfig
 from moekit.core.layering import build_dataclass, config_to_dict, merge_tree, parse_override, read_yaml, set_dotted
+from moekit.core.train_config import TrainConfig
 from moekit.experiment.adapter import Row, RunSpec, TaskAdapter
 from moekit.experiment.lm import LMTask
 from moekit.experiment.matching import check_matched, dense_twin, describe, param_matched_twin
@@ -27,6 +28,27 @@ from moekit.moe.config import MoEConfig
 # A new task is one adapter file (a TaskAdapter subclass) and one line here.
 TASKS: dict[str, TaskAdapter] = {"lm": LMTask(), "multimodal": MultimodalTask()}
 BUDGETS = ("tokens", "flops")
+
+
+@dataclass
+class ScalingConfig:
+    """``compare.scaling``: a dense family at 3+ widths on the same tokens, plus MoE models (the base MoE's
+    routing, ``moe_experts`` expert counts) at the active compute of dense size ``moe_at``. The dense size
+    ``moe_at`` is the MoEs' FLOP-matched dense twin (named ``dense``); the others are ``dense-d<width>`` with
+    the twin's FFN/d_model ratio."""
+
+    dense_d_model: list[int] = field(default_factory=list)  # ascending widths (n_heads must divide each)
+    moe_experts: list[int] = field(default_factory=list)  # expert counts of the MoE models
+    moe_at: int = 0  # index into dense_d_model: the width whose active FLOPs the MoEs match
+
+    def __post_init__(self) -> None:
+        d, e = self.dense_d_model, self.moe_experts
+        if not isinstance(d, list) or len(d) < 3 or not all(is_int(w) and w > 0 for w in d) or d != sorted(set(d)):
+            fail("ScalingConfig", "dense_d_model", d, "must list 3 or more ascending distinct positive ints")
+        if not isinstance(e, list) or not e or not all(is_int(n) and n >= 1 for n in e):
+            fail("ScalingConfig", "moe_experts", e, "must list one or more expert counts >= 1")
+        if not is_int(self.moe_at) or not 0 <= self.moe_at < len(d):
+            fail("ScalingConfig", "moe_at", self.moe_at, f"must index dense_d_model (0..{len(d) - 1})")
 
 
 @dataclass
@@ -41,6 +63,10 @@ class CompareConfig:
     allow_mismatch: bool = False
     variants: list[str] = field(default_factory=list)  # extra MoE runs: "moe.num_experts=16 moe.top_k=4"
     sweep: str | None = None  # "num_experts=1,4,8,16" (also top_k, capacity_factor, router, ...)
+    # per-model train overrides, so each model family trains at its own best learning rate (fairness):
+    dense_overrides: list[str] = field(default_factory=list)  # e.g. ["train.lr=5.6e-3"], every dense run
+    moe_overrides: list[str] = field(default_factory=list)  # the same for every MoE run
+    scaling: ScalingConfig | None = None  # a scaling recipe instead of twin + variants (see ScalingConfig)
     workers: int = 1  # runs trained at the same time, each in a fresh process
     threads: int | None = None  # torch intra-op threads per run; None = torch's default
     prompt: str = "**ROMEO**\n"  # task lm: the sample prompt
@@ -58,8 +84,12 @@ class CompareConfig:
             fail("CompareConfig", "max_flops_mismatch", self.max_flops_mismatch, "must be a number in [0, 1)")
         if not isinstance(self.variants, list) or not all(isinstance(v, str) for v in self.variants):
             fail("CompareConfig", "variants", self.variants, "must be a list of override strings")
+        for name in ("dense_overrides", "moe_overrides"):
+            train_overrides(getattr(self, name), name)
         if self.sweep is not None:
             parse_sweep(self.sweep)
+        if self.scaling is not None and (self.sweep or self.variants or self.param_matched or self.budget != "tokens"):
+            fail("CompareConfig", "scaling", self.scaling, "excludes sweep, variants, param_matched and budget=flops")
         if self.sweep and self.variants:
             fail("CompareConfig", "sweep", self.sweep, "give either a sweep or variants, not both")
 
@@ -93,6 +123,33 @@ def load_comparison(path: str | os.PathLike | None = None, overrides: Iterable[s
             f"its dense twin; set {task.decoder_key}.moe (e.g. {task.decoder_key}.moe.num_experts=8)"
         )
     return Comparison(compare, base)
+
+
+# keys a per-model override may not change: they fix the data order (pairing by seed) and the token budget
+FIXED_TRAIN_KEYS = ("seed", "batch_size", "steps")
+
+
+def train_overrides(items: Any, name: str = "dense_overrides") -> list[tuple[str, Any]]:
+    """Parse ``compare.dense_overrides`` / ``moe_overrides``: dotted ``train.*`` overrides (not seed, batch size
+    or steps); returns ``(key under train, value)`` pairs."""
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        fail("CompareConfig", name, items, "must be a list of 'train.KEY=VALUE' strings")
+    out = []
+    for text in items:
+        key, value = parse_override(text)
+        sub = key.removeprefix("train.")
+        if not key.startswith("train.") or sub in FIXED_TRAIN_KEYS:
+            fail("CompareConfig", name, text, f"only train.* keys, except {FIXED_TRAIN_KEYS}, may differ per model")
+        set_dotted(TrainConfig, {}, sub, value, "train.")  # unknown keys fail here, naming the allowed ones
+        out.append((sub, value))
+    return out
+
+
+def with_train_overrides(train: TrainConfig, pairs: list[tuple[str, Any]]) -> TrainConfig:
+    tree = config_to_dict(train)
+    for key, value in pairs:
+        set_dotted(TrainConfig, tree, key, value, "train.")
+    return build_dataclass(TrainConfig, tree, "train.")
 
 
 def parse_sweep(text: str) -> tuple[str, list[Any]]:
@@ -138,7 +195,9 @@ def plan_runs(cmp: Comparison) -> list[RunSpec]:
     c, task, base = cmp.compare, cmp.task, cmp.base
     moe, seq = task.decoder(base), task.seq_len(base)
     models: list[tuple[str, str, ModelConfig, Any]] = []
-    if c.sweep:
+    if c.scaling is not None:
+        models = scaling_models(c.scaling, moe, seq)
+    elif c.sweep:
         key, values = parse_sweep(c.sweep)
         models += [(f"moe-{key}={v}", "moe", with_moe(moe, **{key: v}), v) for v in values]
     else:
@@ -149,8 +208,9 @@ def plan_runs(cmp: Comparison) -> list[RunSpec]:
                 fail("CompareConfig", "variants", text, "removes the MoE; variants must stay MoE")
             name = moe_name(m.moe)
             models.append((f"{name}[{text}]" if any(name == n for n, *_ in models) else name, "moe", m, None))
-    twin = dense_twin(moe, seq)
-    models.insert(0, ("dense", "dense", twin, None))
+    twin = next((m for n, _, m, _ in models if n == "dense"), None) or dense_twin(moe, seq)
+    if c.scaling is None:
+        models.insert(0, ("dense", "dense", twin, None))
     if c.param_matched:
         models.append(("dense-param-matched", "dense", param_matched_twin(moe), None))
     if not c.allow_mismatch:
@@ -161,7 +221,7 @@ def plan_runs(cmp: Comparison) -> list[RunSpec]:
 
     specs = []
     for name, kind, m, value in models:
-        train = base.train
+        train = with_train_overrides(base.train, train_overrides(getattr(c, f"{kind}_overrides"), f"{kind}_overrides"))
         if c.budget == "flops":  # same tokens per step, so steps scale inversely with FLOPs per token
             steps = max(1, round(train.steps * flops_per_token(moe, seq) / flops_per_token(m, seq)))
             train = dataclasses.replace(train, steps=steps, warmup_steps=min(train.warmup_steps, steps))
@@ -169,6 +229,28 @@ def plan_runs(cmp: Comparison) -> list[RunSpec]:
             run = dataclasses.replace(task.with_decoder(base, m), train=dataclasses.replace(train, seed=train.seed + s))
             specs.append(RunSpec(task.name, name, kind, train.seed + s, run, value))
     return specs
+
+
+def scaling_models(sc: ScalingConfig, moe: ModelConfig, seq: int) -> list[tuple[str, str, ModelConfig, Any]]:
+    """The scaling recipe's models: MoEs at width ``dense_d_model[moe_at]`` (base routing, active FFN width
+    scaled with d_model), their dense twin ``dense`` there, and dense models at the other widths."""
+    assert moe.moe is not None
+    width = sc.dense_d_model[sc.moe_at]
+    scale = width / moe.d_model
+    moes = []
+    for n in sc.moe_experts:
+        k = min(moe.moe.top_k, n)
+        d_expert = max(1, round(moe.moe.top_k * moe.moe.d_expert * scale / k))
+        m = dataclasses.replace(
+            moe, d_model=width, moe=dataclasses.replace(moe.moe, num_experts=n, top_k=k, d_expert=d_expert)
+        )
+        moes.append((moe_name(m.moe), "moe", m, width))
+    twin = dense_twin(moes[0][2], seq)
+    dense = []
+    for w in sc.dense_d_model:
+        m = twin if w == width else dataclasses.replace(twin, d_model=w, d_ff=max(1, round(twin.d_ff * w / width)))
+        dense.append(("dense" if w == width else f"dense-d{w}", "dense", m, w))
+    return dense + moes
 
 
 def matching_table(specs: list[RunSpec], state: Any = None) -> list[Row]:

@@ -14,6 +14,8 @@ import yaml
 from moekit.core.files import atomic_write_json, atomic_write_text
 from moekit.core.layering import config_to_dict
 from moekit.experiment.adapter import Row, RunSpec, TaskAdapter, cell, group_rows, mean_spread, pyplot, save_figure
+from moekit.experiment.scaling import plot_scaling, scaling_analysis
+from moekit.experiment.verdict import paired_verdicts, verdict_metrics, verdicts_sentence
 
 if TYPE_CHECKING:
     from moekit.experiment.plan import Comparison
@@ -34,11 +36,26 @@ def read_metrics(run_dir: Path) -> list[Row]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def verdicts(rows: list[Row]) -> list[Row]:
-    """Paired-seed verdicts of every MoE model against the dense twin (issue 12: ``model``, ``metric``,
-    ``diff_mean``, ``diff_ci95``, ``n_seeds``, ``verdict``). Computed by ``moekit.experiment.verdict``, which
-    is wired in here at merge; until then the list is empty and the report leads with :func:`headline`."""
-    return []
+def verdicts(rows: list[Row], task: TaskAdapter | None = None) -> list[Row]:
+    """Paired-seed verdicts of every MoE model against the dense twin (``model``, ``metric``, ``diff_mean``,
+    ``diff_ci95``, ``n_seeds``, ``verdict``, ...; ``moekit.experiment.verdict``): final val loss, every per-task
+    accuracy and the task's own extra metrics (``task.verdict_fields``, e.g. per-task val losses)."""
+    if not any(r["name"] == "dense" for r in rows):
+        return []
+    metrics = verdict_metrics(rows)
+    metrics += [m for m in (task.verdict_fields if task is not None else ()) if m not in metrics]
+    return paired_verdicts(rows, metrics)
+
+
+def digest_checks(rows: list[Row]) -> list[Row]:
+    """Per seed and MoE model: is the data digest its training loop recorded equal to the dense twin's?"""
+    dense = {r["seed"]: r.get("data_digest") for r in rows if r["name"] == "dense"}
+    out = []
+    for r in rows:
+        if r["kind"] == "moe" and r["seed"] in dense:
+            d, m = dense[r["seed"]], r.get("data_digest")
+            out.append(dict(model=r["name"], seed=r["seed"], dense=d, moe=m, equal=d is not None and d == m))
+    return out
 
 
 def headline(rows: list[Row], task: TaskAdapter | None = None) -> str:
@@ -70,15 +87,10 @@ def headline(rows: list[Row], task: TaskAdapter | None = None) -> str:
             f"seed: {m_mean:.4f} vs {d_mean:.4f} nats/byte ({diff:+.4f}); one seed cannot separate that from "
             f"seed-to-seed noise (rerun with compare.seeds=3).{extra}"
         )
-    if diff < 0 and all(d < 0 for d in diffs):
-        verdict = "beats"
-    elif diff > 0 and all(d > 0 for d in diffs):
-        verdict = "is worse than"
-    else:  # the seeds disagree on the sign: the difference is within seed-to-seed noise
-        verdict = "is not distinguishable (the seeds disagree on the sign) from"
+    # No verdict word here: the verdict (t-interval over paired seeds) is the sentence before this one.
     return (
-        f"{head} {verdict} its dense twin: validation loss {m_mean:.4f} ± {m_sd:.4f} vs {d_mean:.4f} ± {d_sd:.4f} "
-        f"nats/byte, a difference of {diff:+.4f} ± {diff_sd:.4f} (sd over {len(diffs)} paired seeds), "
+        f"{head} reached validation loss {m_mean:.4f} ± {m_sd:.4f} vs the dense twin's {d_mean:.4f} ± {d_sd:.4f} "
+        f"nats/byte, a paired difference of {diff:+.4f} ± {diff_sd:.4f} (sd over {len(diffs)} paired seeds), "
         f"n={n} seeds.{extra}"
     )
 
@@ -90,18 +102,45 @@ def write_report(
     out, task = Path(out_dir), cmp.task
     out.mkdir(parents=True, exist_ok=True)
     runs = [{k: r.get(k) for k in SUMMARY_FIELDS + task.summary_fields} for r in rows]
-    atomic_write_json(out / "summary.json", dict(task=task.name, verdicts=verdicts(rows), runs=runs))
+    verdict_rows, digests = verdicts(rows, task), digest_checks(rows)
+    summary = dict(task=task.name, verdicts=verdict_rows, data_digests=digests, runs=runs)
+    scaling_lines = []
+    if cmp.compare.scaling is not None:
+        summary["scaling"], scaling_lines = _scaling(rows, out)
+    atomic_write_json(out / "summary.json", summary)
     sweep_key = cmp.compare.sweep.partition("=")[0].strip().removeprefix("moe.") if cmp.compare.sweep else None
     plots = _plot_curves(specs, rows, out) + ([_plot_sweep(rows, out, sweep_key)] if sweep_key else [])
     plots += [_plot_bars(rows, out)] + _plot_routing(specs, out)
 
-    lines = [f"# {task.title}", "", f"**Result.** {headline(rows, task)}", ""]  # verdict sentences go first here
+    first = verdicts_sentence(verdict_rows) or "No verdict: no MoE model paired with the dense twin."
+    lines = [f"# {task.title}", "", f"**Verdict.** {first}", "", f"**Result.** {headline(rows, task)}", ""]
+    if verdict_rows:
+        cells = [
+            [v["model"], v["metric"], _num(v["diff_mean"]), _ci(v["diff_ci95"]), str(v["n_seeds"]), v["verdict"]]
+            for v in verdict_rows
+        ]
+        lines += _table(["model", "metric", "moe - dense", "95% CI", "paired seeds", "verdict"], cells) + [""]
     lines += ["## What was held equal", "", *matching_lines(matching, task)]
-    digests = sorted({str(r.get("data_digest")) for r in rows if r["seed"] == rows[0]["seed"]})
+    c = cmp.compare
+    if c.dense_overrides or c.moe_overrides:
+        lines += [
+            "",
+            f"Not equal by design (each model's own tuned settings): dense runs {c.dense_overrides or 'base'}, "
+            f"MoE runs {c.moe_overrides or 'base'}.",
+        ]
+    bad = [d for d in digests if not d["equal"]]
+    recorded = ", ".join(f"seed {d['seed']} {d['model']}: {d['moe']} vs dense {d['dense']}" for d in digests)
     lines += [
         "",
-        f"Same data in the same order for every model with the same seed (data-order digest: {', '.join(digests)}), "
-        "same initial-weight seed, optimizer, learning-rate schedule and budget. The dense twin's SwiGLU width is "
+        (
+            f"**DATA DIFFERED: the training loops recorded DIFFERENT batch digests** ({recorded}); the comparison "
+            "is not paired."
+            if bad
+            else f"Data digests recorded by the training loops (hash of every consumed batch's indices) are equal "
+            f"per seed for the dense twin and every MoE ({recorded or 'no pairs'})."
+        ),
+        "",
+        "Same initial-weight seed, optimizer, learning-rate schedule and budget. The dense twin's SwiGLU width is "
         "chosen so that its forward FLOPs per token equal the MoE decoder's (router and active experts included). "
         "Forward FLOPs: 2 per multiply-add, training = 3x forward.",
         "",
@@ -117,7 +156,7 @@ def write_report(
     cells = [[name, str(len(rs)), *(f(rs) for _, f in cols)] for name, rs in group_rows(rows).items()]
     lines += _table(["model", "seeds", *(h for h, _ in cols)], cells)
     lines += ["", "Spread: the sample standard deviation over seeds (none with one seed).", ""]
-    lines += task.sections(out, specs, rows, matching)
+    lines += scaling_lines + task.sections(out, specs, rows, matching)
     lines += ["## Plots", ""] + [f"![{f}]({f})\n" for f in plots]
     lines += [
         "## Time",
@@ -145,6 +184,36 @@ def matching_lines(matching: list[Row], task: TaskAdapter) -> list[str]:
     return _table(["model", "kind", *(h for h, _ in task.matching_columns)], cells)
 
 
+def _scaling(rows: list[Row], out: Path) -> tuple[Row, list[str]]:
+    """The scaling recipe: fit the dense family, price each MoE in dense-equivalent compute (summary.json's
+    ``scaling``), the plot and a multiplier table."""
+    try:
+        analysis = scaling_analysis(rows)
+    except ValueError as e:  # e.g. losses that do not fall with compute: say so instead of failing the report
+        return {"error": str(e)}, ["## Scaling", "", f"No dense fit: {e}", ""]
+    plot_scaling(analysis, out / "scaling.png")
+    fit = analysis["fit"]
+    lines = ["## Scaling: dense-equivalent compute", "", f"Dense fit: {fit['method']} ({fit.get('note') or ''}).", ""]
+    cells = []
+    for m in analysis["multipliers"]:
+        ci = m["multiplier_ci95"]
+        mult = "refused" if m["multiplier"] is None else f"{m['multiplier']:.2f}x"
+        ci_text = "n/a" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+        cells.append([m["model"], mult, ci_text, str(m["n_seeds"]), m["status"], m["reason"] or ""])
+    lines += _table(["model", "multiplier", "95% CI", "seeds", "status", "note"], cells)
+    res = ", ".join(f"{r['residual']:+.4f}" for r in fit["residuals"])
+    lines += ["", f"Dense fit residuals (loss - fit): {res}.", "", "![scaling.png](scaling.png)", ""]
+    return analysis, lines
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.4f}"
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "n/a (1 seed)" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
 def _table(headers: list[str], cells: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(row) + " |" for row in [headers, ["---"] * len(headers), *cells]]
 
@@ -160,7 +229,7 @@ def _plot_curves(specs: list[RunSpec], rows: list[Row], out: Path) -> list[str]:
     for s, row in zip(specs, rows):  # rows are in plan order
         ev = [m for m in read_metrics(out / "runs" / s.folder) if "val_loss" in m]
         toks, fpt, tps = [m["tokens_seen"] for m in ev], row["train_flops"] / row["tokens_trained"], row["tokens_per_s"]
-        secs = [m.get("train_seconds", t / (tps or math.nan)) for m, t in zip(ev, toks)]
+        secs = [m.get("train_seconds", t / (tps or math.nan)) for m, t in zip(ev, toks)]  # recorded seconds
         if ev:
             curves[s.name].append(
                 dict(tokens=toks, flops=[fpt * t for t in toks], time=secs, loss=[m["val_loss"] for m in ev])

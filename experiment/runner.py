@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import hashlib
 import json
 import multiprocessing
 import os
@@ -21,13 +20,13 @@ from typing import Any
 
 import torch
 
-from moekit.core.data import StepSampler
 from moekit.core.files import atomic_write_json
 from moekit.core.layering import config_to_dict
 from moekit.core.run_folder import diff_trees, migrate_placement, read_run_config
 from moekit.experiment.adapter import Row, RunSpec
 from moekit.experiment.plan import TASKS, CompareConfig, Comparison, matching_table, plan_runs
-from moekit.experiment.report import headline, matching_lines, write_report
+from moekit.experiment.report import headline, matching_lines, verdicts, write_report
+from moekit.experiment.verdict import verdicts_sentence
 
 RESULT_FILE = "result.json"
 
@@ -58,15 +57,6 @@ def peak_memory(device: torch.device) -> Iterator[list[float]]:
     finally:
         stop.set()
         thread.join()
-
-
-def data_digest(train: Any, num_items: int) -> str:
-    """Hash of every global batch's item indices: equal digests mean identical data order."""
-    sampler = StepSampler(num_items, train.batch_size, train.seed)
-    h = hashlib.sha256()
-    for step in range(train.steps):
-        h.update(sampler.indices(step).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 @contextlib.contextmanager
@@ -123,7 +113,7 @@ def run_one(
         row.update(tokens_trained=summary["tokens_seen"], final_val_loss=summary.get("val_loss"))
         row.update(tokens_per_s=summary.get("mean_tokens_per_s"), peak_mem_mib=round(mib[0], 1))
         row.update(wall_s=round(summary.get("train_seconds", time.perf_counter() - t0), 2))
-        row.update(data_digest=data_digest(spec.run.train, len(trainer.train_data)))
+        row.update(data_digest=summary.get("data_digest"))  # recorded by the training loop as it fetched batches
         row.update(task.results(trainer, summary, spec, facts, compare))
     row["run_wall_s"] = round(time.perf_counter() - t0, 2)  # setup, training, evaluation, sampling
     return finish_run(trainer.accelerator, run_dir, row)
@@ -161,6 +151,8 @@ def run_comparison(
         matching = matching_table(specs, state)
     facts = {m["name"]: m for m in matching}
     say("matching (what the comparison holds equal):\n" + "\n".join(matching_lines(matching, task)))
+    if c.dense_overrides or c.moe_overrides:
+        say(f"per-model train overrides: dense {c.dense_overrides or 'none'}, MoE {c.moe_overrides or 'none'}")
     say(f"{len(specs)} runs: " + ", ".join(s.folder for s in specs), flush=True)
     if dry_run:
         return []
@@ -193,7 +185,8 @@ def run_comparison(
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not distributed or torch.distributed.get_rank() == 0:  # every rank trained; one writes the report
         report = write_report(out, cmp, specs, ordered, matching, timing)
-        print(f"\n{headline(ordered, task)}\nreport: {report}", flush=True)
+        verdict = verdicts_sentence(verdicts(ordered, task), label=None)
+        print(f"\n{headline(ordered, task)}\nreport: {report}\n{verdict}", flush=True)  # the verdict last
     return ordered
 
 

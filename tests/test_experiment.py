@@ -114,7 +114,10 @@ def test_end_to_end_identical_data_and_resume(tmp_path):
     out = tmp_path / "cmp"
     rows = _run_recipe(out, *TINY)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["task"] == "lm" and summary["verdicts"] == []  # the verdict spot (moekit.experiment.verdict)
+    assert summary["task"] == "lm" and [v["model"] for v in summary["verdicts"]] == ["moe-4x2"]
+    v = summary["verdicts"][0]
+    assert v["metric"] == "final_val_loss" and v["n_seeds"] == 1 and v["verdict"] == "unresolved"
+    assert summary["data_digests"][0]["equal"] is True
     assert [r["name"] for r in summary["runs"]] == ["dense", "moe-4x2"]
     for r in summary["runs"]:
         assert set(r) == set(SUMMARY_FIELDS + LMTask.summary_fields)
@@ -187,13 +190,12 @@ def _rows(dense, moe):
     ]
 
 
-def test_headline_states_the_verdict_with_paired_spread():
+def test_headline_states_the_paired_spread_without_a_verdict_word():
     from moekit.experiment.report import headline
 
     text = headline(_rows([2.0, 2.1], [1.9, 2.05]))
-    assert "moe-8x2 model beats its dense twin" in text and "-0.0750 ± 0.0354" in text
-    assert "is worse than" in headline(_rows([2.0, 2.1], [2.1, 2.2]))
-    assert "not distinguishable" in headline(_rows([2.0, 2.1], [1.9, 2.2]))
+    assert "moe-8x2 model reached validation loss" in text and "-0.0750 ± 0.0354" in text
+    assert "beats" not in text  # the verdict word comes from the t-interval (report.verdicts), not the headline
     one = headline(_rows([2.0], [2.1]))  # one seed: the gap, but no verdict
     assert "higher validation loss than its dense twin on a single seed" in one and "(+0.1000)" in one
     assert "worse" not in one and "beats" not in one
@@ -216,3 +218,76 @@ def test_comparison_runs_on_two_processes(tmp_path):
     assert proc.stdout.count("matching (") == 1, "only rank 0 prints the plan"
     summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
     assert [r["tokens_trained"] for r in summary["runs"]] == [4 * 8 * 64] * 2
+
+
+def test_per_model_train_overrides_apply_to_their_kind_and_are_validated(tmp_path):
+    specs = plan_runs(load("compare.dense_overrides=['train.lr=5.6e-3']", "compare.moe_overrides=['train.lr=2e-3']"))
+    assert {s.kind: s.run.train.lr for s in specs} == {"dense": 5.6e-3, "moe": 2e-3}
+    assert len({(s.run.train.seed, s.run.train.steps, s.run.train.batch_size) for s in specs}) == 1
+    for bad, why in (("model.d_model=8", "only train"), ("train.seed=3", "only train"), ("train.lrr=1", "lrr")):
+        with pytest.raises(ValueError, match=rf"CompareConfig\.moe_overrides|{why}"):
+            load(f"compare.moe_overrides=['{bad}']")
+    # the resume/reuse check covers them: a run folder trained at another lr is refused
+    from moekit.experiment.runner import check_planned
+
+    dense = plan_runs(load("compare.dense_overrides=['train.lr=5.6e-3']"))[0]
+    dense.run.save(tmp_path)
+    with pytest.raises(ValueError, match=r"train\.lr is 0\.0056 there, 0\.003 in the plan"):
+        check_planned(plan_runs(load())[0], tmp_path)
+
+
+def test_scaling_recipe_end_to_end_writes_fit_and_multipliers(tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from moekit.experiment.runner import run_comparison
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    scaling = "compare.scaling={dense_d_model: [16, 32, 64], moe_experts: [2, 4], moe_at: 1}"
+    tiny = ["train.steps=3", "train.eval_every=0", "train.save_every=0", "compare.sample_tokens=0", "model.n_layers=1"]
+    cmp = load(scaling, "compare.seeds=2", *tiny)
+    specs = plan_runs(cmp)
+    assert [s.name for s in specs[::2]] == ["dense-d16", "dense", "dense-d64", "moe-2x2", "moe-4x2"]
+    rows = run_comparison(cmp, tmp_path, verbose=False)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    sc = summary["scaling"]
+    assert "error" not in sc, sc
+    assert sc["fit"]["method"] in ("power_law", "log_linear") and len(sc["fit"]["residuals"]) == 6
+    assert [m["model"] for m in sc["multipliers"]] == ["moe-2x2", "moe-4x2"]
+    assert all({"multiplier", "multiplier_ci95", "n_seeds"} <= set(m) for m in sc["multipliers"])
+    assert (tmp_path / "scaling.png").is_file() and "## Scaling" in (tmp_path / "report.md").read_text()
+    assert len(rows) == 10
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_scaling_config_is_validated():
+    with pytest.raises(ValueError, match=r"ScalingConfig\.dense_d_model"):
+        load("compare.scaling={dense_d_model: [32, 16, 64], moe_experts: [4]}")
+    with pytest.raises(ValueError, match=r"ScalingConfig\.moe_at"):
+        load("compare.scaling={dense_d_model: [16, 32, 64], moe_experts: [4], moe_at: 3}")
+    with pytest.raises(ValueError, match=r"CompareConfig\.scaling"):
+        load("compare.scaling={dense_d_model: [16, 32, 64], moe_experts: [4]}", "compare.budget=flops")
+
+
+@pytest.mark.parametrize("preset", ["scaling-cpu.yaml", "scaling-gpu.yaml"])
+def test_scaling_presets_plan_and_the_gpu_one_starts_on_cpu(preset, tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from moekit.experiment.runner import run_comparison
+
+    path = str(Path(CONFIG).with_name(preset))
+    specs = plan_runs(load_comparison(path, []))
+    assert (
+        len({s.name for s in specs if s.kind == "dense"}) >= 3 and len({s.name for s in specs if s.kind == "moe"}) >= 2
+    )
+    assert len({s.seed for s in specs}) >= 2 and len({s.run.train.steps for s in specs}) == 1  # same tokens
+    if preset == "scaling-gpu.yaml":  # a tiny override really trains 2 steps per run on CPU
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        tiny = ["train.steps=2", "train.eval_every=0", "train.eval_batches=1", "train.batch_size=4"]
+        tiny += ["train.save_every=0", "model.n_layers=1", "compare.seeds=1", "data.seq_len=32", "model.max_seq_len=32"]
+        rows = run_comparison(load_comparison(path, [*tiny, "train.cpu=true"]), tmp_path, verbose=False)
+        assert len(rows) == 6 and all(r["tokens_trained"] == 2 * 4 * 32 for r in rows)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()

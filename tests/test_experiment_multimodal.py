@@ -93,8 +93,13 @@ def test_comparison_end_to_end_writes_the_report_and_resumes(cache, tmp_path, mo
     assert rows[0]["routing"] is None and len(rows[1]["routing"]["modality_purity"]) == 2
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["task"] == "multimodal"
+    metrics = {v["metric"] for v in summary["verdicts"] if v["model"] == "moe-4x2"}
+    assert {"final_val_loss", "caption_acc", "transcribe_acc", "compare_acc", "caption_loss"} <= metrics
+    assert all(set(v) >= {"diff_mean", "diff_ci95", "n_seeds", "verdict"} for v in summary["verdicts"])
+    assert summary["data_digests"][0]["equal"] is True
     assert {"caption_acc", "transcribe_acc", "compare_acc", "final_val_loss"} <= set(summary["runs"][0])
     report = (tmp_path / "report.md").read_text()
+    assert report.splitlines()[2].startswith("**Verdict.** moe-4x2 vs the dense twin is unresolved (1 seed)")
     assert "Held-out accuracy" in report and "modality purity" in report and "## Time" in report
     assert (tmp_path / "modality_load_moe-4x2.png").is_file() and (tmp_path / "modality_purity_moe-4x2.png").is_file()
     # a rerun reuses the finished runs instead of training again

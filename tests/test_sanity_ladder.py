@@ -6,9 +6,8 @@ reduce to the dense model where the mathematics says it does.
     float64, and its router gets exactly zero gradient.
 (b) An upcycled MoE (every expert a copy of a briefly trained dense FFN) has the dense loss at step 0 exactly
     (float64) and stays finite, close to the dense run, over a few training steps.
-(c) "The dense twin and the MoE see exactly the same batches, asserted from what the training loops
-    consumed" needs the Trainer to record the consumed batches; that lands with the comparison runner and
-    is tested there.
+(c) The comparison's dense twin and MoE consumed exactly the same batches: asserted from the data digests
+    their training loops recorded (a chained hash of every consumed global batch's indices).
 
 Plain torch loops over ``moekit.core.Transformer`` (no Trainer): fast, and nothing but the model differs.
 The loss is float64 cross-entropy computed here, because ``moekit.core.model.lm_loss`` deliberately runs
@@ -138,6 +137,34 @@ def test_b_upcycled_moe_matches_dense_at_step0_and_stays_finite():
     assert max(abs(a - b) for a, b in zip(moe_losses, dense_losses)) < 0.1
 
 
-@pytest.mark.skip(reason="rung (c) needs the Trainer to record consumed batches: tested with the comparison runner")
-def test_c_dense_twin_and_moe_consume_the_same_batches():
-    raise AssertionError("placeholder")
+def test_c_dense_twin_and_moe_consume_the_same_batches(tmp_path):
+    """From the digests the comparison's training loops recorded (chained sha256 of each consumed global
+    batch's indices), equal for the dense twin and the MoE, and equal to the chain over the planned order."""
+    import hashlib
+    from pathlib import Path
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    from moekit.core.data import StepSampler
+    from moekit.experiment.plan import load_comparison
+    from moekit.experiment.runner import run_comparison
+
+    cfg = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "compare-debug.yaml"
+    tiny = ["train.steps=3", "train.eval_every=0", "train.save_every=0", "compare.sample_tokens=0"]
+    AcceleratorState._reset_state(reset_partial_state=True)  # Accelerate's process-wide singletons
+    GradientState._reset_state()
+    rows = run_comparison(load_comparison(cfg, tiny), tmp_path, verbose=False)
+    assert [r["kind"] for r in rows] == ["dense", "moe"]
+    digests = {r["data_digest"] for r in rows}
+    assert len(digests) == 1 and None not in digests
+    # the same chain over what the plan says each step consumes
+    from moekit.core.data import PackedSequences, load_corpus, tokenize_splits
+    from moekit.core.tokenizer import ByteTokenizer
+
+    n_items = len(PackedSequences(tokenize_splits(load_corpus("shakespeare"), ByteTokenizer()).train, 64))
+    sampler, link = StepSampler(n_items, 8, 0), ""
+    for step in range(3):
+        link = hashlib.sha256(link.encode() + sampler.indices(step).to(torch.int64).numpy().tobytes()).hexdigest()
+    assert digests == {link[:16]}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
