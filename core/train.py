@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -452,8 +453,10 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if self.step > 0 and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+            kept = [json.dumps(e) for e in _read_events(path) if e["step"] <= self.step]
         path.write_text("".join(line + "\n" for line in kept))
+        for line in kept:  # a resumed (e.g. finished) run reports its last metrics, not nan
+            self.last_metrics.update(json.loads(line))
 
     def _eval_shard(self) -> list[Tensor]:
         """This rank's micro-batches of a fixed, evenly spaced set of val windows (same count on every rank)."""
@@ -470,6 +473,24 @@ class Trainer:
 
     def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
+
+
+def _read_events(path: Path) -> list[dict[str, Any]]:
+    """The events of a metrics file. A torn last line (a crash mid-append) is dropped with a warning: the
+    resumed run redoes that step. Any other unreadable line is an error naming the file and line."""
+    lines = path.read_text().splitlines()
+    events = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                logging.getLogger(__name__).warning("%s: dropped a torn last line (%s)", path, e)
+                break
+            raise ValueError(f"{path}: line {i + 1} is not a JSON event ({e}); fix or remove that line") from None
+    return events
 
 
 def _fsdp_full_model(accelerator: Accelerator, model: nn.Module) -> nn.Module | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moekit.core.checks import fail, is_int
+from moekit.core.checks import fail, is_finite_number, is_int
 from moekit.core.optim import DECAY_SCHEDULES
 
 MIXED_PRECISIONS = ("no", "bf16")
@@ -64,12 +64,15 @@ class TrainConfig:
             value = getattr(self, name)
             if value is None and name == "grad_clip":
                 continue
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and ok(value)):
-                fail("TrainConfig", name, value, f"must be a number {rule}")
+            # is_finite_number: inf/nan pass every comparison above (or fail it silently) and diverge at step 1
+            if not (is_finite_number(value) and ok(value)):
+                fail("TrainConfig", name, value, f"must be a finite number {rule}")
             setattr(self, name, float(value))
         self.betas = tuple(self.betas)
-        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+        if len(self.betas) != 2 or not all(is_finite_number(b) and 0 <= b < 1 for b in self.betas):
             fail("TrainConfig", "betas", self.betas, "must be two numbers in [0, 1)")
+        if self.warmup_steps > self.steps:
+            fail("TrainConfig", "warmup_steps", self.warmup_steps, f"must be <= steps={self.steps}")
         for name, choices in (
             ("decay", DECAY_SCHEDULES),
             ("mixed_precision", MIXED_PRECISIONS),

@@ -153,7 +153,9 @@ def test_parallel_section_is_validated():
 
 def _old_run_tree() -> dict:
     """A run folder's config.yaml as versions before ParallelConfig wrote it (resolved; placement in model.moe)."""
-    tree = load_run_config(None, ["model.d_model=64", "model.moe.num_experts=4", "train.steps=3"]).to_dict()
+    tree = load_run_config(
+        None, ["model.d_model=64", "model.moe.num_experts=4", "train.steps=3", "train.warmup_steps=1"]
+    ).to_dict()
     del tree["parallel"]
     tree["model"]["moe"].update(dispatch="sorted", expert_parallel_size=2, extra={})
     return tree
