@@ -71,8 +71,6 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         if len(self.betas) != 2 or not all(is_finite_number(b) and 0 <= b < 1 for b in self.betas):
             fail("TrainConfig", "betas", self.betas, "must be two numbers in [0, 1)")
-        if self.warmup_steps > self.steps:
-            fail("TrainConfig", "warmup_steps", self.warmup_steps, f"must be <= steps={self.steps}")
         for name, choices in (
             ("decay", DECAY_SCHEDULES),
             ("mixed_precision", MIXED_PRECISIONS),

@@ -49,7 +49,6 @@ def _trainer(run_dir, data, resume=False, **kw) -> Trainer:
         (dict(adam_eps=math.nan), "TrainConfig.adam_eps=nan"),
         (dict(weight_decay=math.inf), "TrainConfig.weight_decay=inf"),
         (dict(betas=(0.9, math.nan)), "TrainConfig.betas"),
-        (dict(steps=10, warmup_steps=11), "TrainConfig.warmup_steps=11 is invalid: must be <= steps=10"),
     ],
 )
 def test_absurd_hyperparameters_are_refused_at_config_time(kw, named):
