@@ -14,6 +14,7 @@ from moekit.core.data import (
 )
 from moekit.core.extension import TrainContext, TrainerExtension
 from moekit.core.generate import filter_logits, generate, sample_text
+from moekit.core.guard import TrainingDiverged
 from moekit.core.hf import (
     config_from_hf,
     config_to_hf,
@@ -51,6 +52,7 @@ __all__ = [
     "RMSNorm",
     "SwiGLU",
     "Transformer",
+    "TrainingDiverged",
     "apply_rope",
     "count_params",
     "filter_logits",
