@@ -6,6 +6,7 @@ Shapes: B batch, T new tokens, S key/value length (cache + new), D d_model, V vo
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,10 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        # Drawn before any submodule consumes the global RNG: a dense and a MoE model built after the same
+        # torch.manual_seed then start from the same weights in every parameter they share (embeddings,
+        # attention, norms, head), so a paired comparison differs in the FFN alone.
+        self._init_seed = int(torch.randint(0, 2**62, (), device="cpu"))
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -147,14 +152,20 @@ class Transformer(nn.Module):
         # Residual-output projections shrink with depth (GPT-2) so the residual stream's variance stays put.
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
+            # One generator per parameter name: a parameter's initial value does not depend on which
+            # other modules exist (see _init_seed).
+            gen = None
+            if not p.is_meta:
+                seed = (self._init_seed + zlib.crc32(name.encode()) * 0x9E3779B97F4A7C15) % 2**63
+                gen = torch.Generator(device=p.device).manual_seed(seed)
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "ffn.w_down.weight")):
-                nn.init.normal_(p, 0.0, out_std)
+                nn.init.normal_(p, 0.0, out_std, generator=gen)
             elif ".ffn." in name and not name.endswith(("w_gate.weight", "w_up.weight")):
                 continue  # MoE layers initialise their own router/experts
             else:
-                nn.init.normal_(p, 0.0, std)
+                nn.init.normal_(p, 0.0, std, generator=gen)
 
     @property
     def moe_layers(self) -> list[nn.Module]:

@@ -229,3 +229,22 @@ def test_config_round_trips(tmp_path):
     assert cfg.ffn_kinds() == ["dense", "moe"]
     with pytest.raises(ValueError, match="unknown fields"):
         ModelConfig.from_dict({"d_modle": 3})
+
+
+def test_dense_and_moe_with_one_seed_share_every_common_initial_weight():
+    # The comparison pairs a dense twin and a MoE by seed; building the FFN (dense Linear vs experts)
+    # consumes the global RNG differently, which must not change the shared parameters' initial values.
+    from moekit.moe.config import MoEConfig
+
+    torch.manual_seed(7)
+    dense = Transformer(tiny(d_ff=64)).state_dict()
+    torch.manual_seed(7)
+    moe = Transformer(tiny(moe=MoEConfig(num_experts=4, top_k=2, d_expert=32))).state_dict()
+    shared = [k for k in dense if k in moe]
+    assert {k.split(".")[0] for k in shared} >= {"embed", "layers", "norm", "lm_head"}
+    assert any(".attn." in k for k in shared)
+    for k in shared:
+        assert torch.equal(dense[k], moe[k]), k
+    torch.manual_seed(8)
+    other = Transformer(tiny(d_ff=64)).state_dict()
+    assert not torch.equal(other["embed.weight"], dense["embed.weight"]), "the seed must still matter"

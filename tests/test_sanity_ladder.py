@@ -95,10 +95,12 @@ def test_a_one_expert_top1_trains_like_dense():
         router_grads.extend(blk.ffn.router.weight.grad.clone() for blk in model.layers)
 
     data = batches(STEPS, seed=1)
+    init = {n: p.detach().clone() for n, p in dense.named_parameters()}
     dense_losses = train(dense, data)
     moe_losses = train(moe, data, after_backward=record_router_grads)
 
-    assert dense_losses[-1] < dense_losses[0] - 0.1  # it really trained, so the weights really moved
+    moved = max((p.detach() - init[n]).abs().max().item() for n, p in dense.named_parameters())
+    assert moved > 1e-2  # it really trained (6 AdamW steps at lr 1e-2), so the weights really moved
     assert moe_losses == pytest.approx(dense_losses, rel=0, abs=1e-10)
     # Softmax over one expert is the constant 1: the router gets no gradient at all (exactly zero).
     assert len(router_grads) == 2 * STEPS and all(torch.count_nonzero(g) == 0 for g in router_grads)
