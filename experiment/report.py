@@ -24,7 +24,7 @@ METRICS_FILE = "metrics.jsonl"
 # every row field summary.json keeps, whatever the task (the adapter adds its own summary_fields)
 SUMMARY_FIELDS = tuple(
     "name kind seed params_total params_active flops_per_token tokens_trained train_flops final_val_loss "
-    "tokens_per_s peak_mem_mib wall_s data_digest".split()
+    "tokens_per_s peak_mem_mib wall_s data_digest status divergence".split()
 )
 PALETTE = ["#444444", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
 
@@ -48,25 +48,37 @@ def verdicts(rows: list[Row], task: TaskAdapter | None = None) -> list[Row]:
 
 
 def digest_checks(rows: list[Row]) -> list[Row]:
-    """Per seed and MoE model: is the data digest its training loop recorded equal to the dense twin's?"""
-    dense = {r["seed"]: r.get("data_digest") for r in rows if r["name"] == "dense"}
+    """Per seed and MoE model: is the data digest its training loop recorded equal to the dense twin's?
+    ``equal`` is None where either run diverged (its loop stopped early: nothing to compare)."""
+    dense = {r["seed"]: r for r in rows if r["name"] == "dense"}
     out = []
     for r in rows:
         if r["kind"] == "moe" and r["seed"] in dense:
-            d, m = dense[r["seed"]], r.get("data_digest")
-            out.append(dict(model=r["name"], seed=r["seed"], dense=d, moe=m, equal=d is not None and d == m))
+            d, m = dense[r["seed"]].get("data_digest"), r.get("data_digest")
+            equal = None if diverged(r) or diverged(dense[r["seed"]]) else d is not None and d == m
+            out.append(dict(model=r["name"], seed=r["seed"], dense=d, moe=m, equal=equal))
     return out
+
+
+def diverged(row: Row) -> bool:
+    return row.get("status") == "diverged"
+
+
+def divergence_text(row: Row) -> str:
+    d = row["divergence"]
+    return f"{row['name']}-seed{row['seed']} diverged at step {d['step']}: {d['reason']}"
 
 
 def headline(rows: list[Row], task: TaskAdapter | None = None) -> str:
     """One sentence: the best MoE vs the FLOP-matched dense twin, the measured difference and spread, then the
-    task's own sentence (e.g. held-out accuracy)."""
+    task's own sentence (e.g. held-out accuracy). Diverged runs are left out (the verdicts say so)."""
+    rows = [r for r in rows if not diverged(r)]
     groups = group_rows(rows)
     if "dense" not in groups:
-        return "No dense baseline was trained."
+        return "No dense baseline finished training."
     moe_names = [n for n, rs in groups.items() if rs[0]["kind"] == "moe"]
     if not moe_names:
-        return "No MoE run was trained."
+        return "No MoE run finished training."
     d_mean, d_sd = mean_spread([r["final_val_loss"] for r in groups["dense"]])
     best = min(moe_names, key=lambda n: mean_spread([r["final_val_loss"] for r in groups[n]])[0])
     m_mean, m_sd = mean_spread([r["final_val_loss"] for r in groups[best]])
@@ -120,6 +132,9 @@ def write_report(
             for v in verdict_rows
         ]
         lines += _table(["model", "metric", "moe - dense", "95% CI", "paired seeds", "verdict"], cells) + [""]
+    lost = [f"- {divergence_text(r)}" for r in rows if diverged(r)]
+    if lost:
+        lines += ["**Diverged runs** (no final metrics; the verdicts skip their seeds):", "", *lost, ""]
     lines += ["## What was held equal", "", *matching_lines(matching, task)]
     c = cmp.compare
     if c.dense_overrides or c.moe_overrides:
@@ -128,7 +143,7 @@ def write_report(
             f"Not equal by design (each model's own tuned settings): dense runs {c.dense_overrides or 'base'}, "
             f"MoE runs {c.moe_overrides or 'base'}.",
         ]
-    bad = [d for d in digests if not d["equal"]]
+    bad = [d for d in digests if d["equal"] is False]
     recorded = ", ".join(f"seed {d['seed']} {d['model']}: {d['moe']} vs dense {d['dense']}" for d in digests)
     lines += [
         "",
@@ -149,11 +164,11 @@ def write_report(
     ]
     cols = [("final val loss", lambda rs: cell(rs, "final_val_loss")), *task.result_columns]
     cols += [
-        ("tokens trained", lambda rs: f"{rs[0]['tokens_trained']:,}"),
-        ("train FLOPs", lambda rs: f"{rs[0]['train_flops']:.3g}"),
+        ("tokens trained", lambda rs: _first(rs, "tokens_trained", ",")),
+        ("train FLOPs", lambda rs: _first(rs, "train_flops", ".3g")),
         *((h, lambda rs, k=k: f"{mean_spread([r[k] for r in rs])[0]:,.0f}") for h, k in _MEANS),
     ]
-    cells = [[name, str(len(rs)), *(f(rs) for _, f in cols)] for name, rs in group_rows(rows).items()]
+    cells = [[name, _seeds(rs), *(f(rs) for _, f in cols)] for name, rs in group_rows(rows).items()]
     lines += _table(["model", "seeds", *(h for h, _ in cols)], cells)
     lines += ["", "Spread: the sample standard deviation over seeds (none with one seed).", ""]
     lines += scaling_lines + task.sections(out, specs, rows, matching)
@@ -167,9 +182,10 @@ def write_report(
         "",
     ]
     cells = [
-        [f"{r['name']}-seed{r['seed']}", f"{r['wall_s']:.0f}", f"{r.get('run_wall_s', math.nan):.0f}"] for r in rows
+        [f"{r['name']}-seed{r['seed']}", f"{r['wall_s']:.0f}", f"{r.get('run_wall_s', math.nan):.0f}", _status(r)]
+        for r in rows
     ]
-    lines += _table(["run", "train s", "setup + train + eval s"], cells)
+    lines += _table(["run", "train s", "setup + train + eval s", "status"], cells)
     config = yaml.safe_dump({**config_to_dict(cmp.base), "compare": config_to_dict(cmp.compare)}, sort_keys=False)
     lines += ["", "## Configuration", "", "```yaml", config.rstrip(), "```"]
     return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
@@ -206,6 +222,20 @@ def _scaling(rows: list[Row], out: Path) -> tuple[Row, list[str]]:
     return analysis, lines
 
 
+def _first(rs: list[Row], key: str, spec: str) -> str:
+    """The first seed's value (equal over seeds by design); a diverged run has none."""
+    return next((f"{r[key]:{spec}}" for r in rs if r.get(key) is not None), "n/a")
+
+
+def _seeds(rs: list[Row]) -> str:
+    lost = sum(map(diverged, rs))
+    return f"{len(rs)} ({lost} diverged)" if lost else str(len(rs))
+
+
+def _status(r: Row) -> str:
+    return f"diverged at step {r['divergence']['step']}" if diverged(r) else "finished"
+
+
 def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.4f}"
 
@@ -228,7 +258,8 @@ def _plot_curves(specs: list[RunSpec], rows: list[Row], out: Path) -> list[str]:
     curves: dict[str, list[dict[str, list[float]]]] = defaultdict(list)
     for s, row in zip(specs, rows):  # rows are in plan order
         ev = [m for m in read_metrics(out / "runs" / s.folder) if "val_loss" in m]
-        toks, fpt, tps = [m["tokens_seen"] for m in ev], row["train_flops"] / row["tokens_trained"], row["tokens_per_s"]
+        toks, tps = [m["tokens_seen"] for m in ev], row["tokens_per_s"]
+        fpt = row["train_flops"] / row["tokens_trained"] if row.get("train_flops") else math.nan  # nan: diverged
         secs = [m.get("train_seconds", t / (tps or math.nan)) for m, t in zip(ev, toks)]  # recorded seconds
         if ev:
             curves[s.name].append(

@@ -21,11 +21,12 @@ from typing import Any
 import torch
 
 from moekit.core.files import atomic_write_json
+from moekit.core.guard import TrainingDiverged
 from moekit.core.layering import config_to_dict
 from moekit.core.run_folder import diff_trees, migrate_placement, read_run_config
 from moekit.experiment.adapter import Row, RunSpec
 from moekit.experiment.plan import TASKS, CompareConfig, Comparison, matching_table, plan_runs
-from moekit.experiment.report import headline, matching_lines, verdicts, write_report
+from moekit.experiment.report import divergence_text, headline, matching_lines, verdicts, write_report
 from moekit.experiment.verdict import verdicts_sentence
 
 RESULT_FILE = "result.json"
@@ -107,14 +108,24 @@ def run_one(
     with num_threads(compare.threads):
         trainer = task.build_trainer(spec.run, run_dir, resume=resume, expect_processes=expect_processes, state=state)
         with peak_memory(trainer.accelerator.device) as mib:
-            summary = trainer.train()
+            try:
+                summary, diverged = trainer.train(), None
+            except TrainingDiverged as e:  # a result of the comparison: a plain row, also out of a worker process
+                summary, diverged = {}, e
         row = {"name": spec.name, "kind": spec.kind, "seed": spec.seed, **facts, "sweep_value": spec.sweep_value}
         del row["steps"]
-        row.update(tokens_trained=summary["tokens_seen"], final_val_loss=summary.get("val_loss"))
+        row.update(status="finished" if diverged is None else "diverged", divergence=None)
+        row.update(tokens_trained=summary.get("tokens_seen"), final_val_loss=summary.get("val_loss"))
         row.update(tokens_per_s=summary.get("mean_tokens_per_s"), peak_mem_mib=round(mib[0], 1))
         row.update(wall_s=round(summary.get("train_seconds", time.perf_counter() - t0), 2))
         row.update(data_digest=summary.get("data_digest"))  # recorded by the training loop as it fetched batches
-        row.update(task.results(trainer, summary, spec, facts, compare))
+        if diverged is None:
+            row.update(task.results(trainer, summary, spec, facts, compare))
+        else:
+            ckpt = diverged.last_good_checkpoint
+            row.update(train_flops=None, divergence=dict(step=diverged.step, reason=diverged.reason))
+            row["divergence"]["last_good_checkpoint"] = None if ckpt is None else str(ckpt)
+            print(f"[compare] {spec.folder}: {diverged}", flush=True)
     row["run_wall_s"] = round(time.perf_counter() - t0, 2)  # setup, training, evaluation, sampling
     return finish_run(trainer.accelerator, run_dir, row)
 
@@ -186,7 +197,8 @@ def run_comparison(
     if not distributed or torch.distributed.get_rank() == 0:  # every rank trained; one writes the report
         report = write_report(out, cmp, specs, ordered, matching, timing)
         verdict = verdicts_sentence(verdicts(ordered, task), label=None)
-        print(f"\n{headline(ordered, task)}\nreport: {report}\n{verdict}", flush=True)  # the verdict last
+        diverged = "".join(f"{divergence_text(r)}\n" for r in ordered if r.get("divergence"))
+        print(f"\n{diverged}{headline(ordered, task)}\nreport: {report}\n{verdict}", flush=True)  # the verdict last
     return ordered
 
 

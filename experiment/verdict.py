@@ -237,8 +237,8 @@ def paired_verdicts(
     for model in models:
         runs = _by_seed(rows, model)
         for metric in metrics:
-            if not any(metric in r for r in runs.values()):
-                continue
+            if not any(metric in r or r.get("status") == "diverged" for r in runs.values()):
+                continue  # no run of this model has the metric (a diverged run has none: its verdict says so)
             verdicts.append(_one_verdict(model, metric, runs, dense))
     return verdicts
 
@@ -318,7 +318,7 @@ def verdict_sentence(v: Mapping[str, Any], *, label: str | None = None, unit: st
     u = f" {unit}" if unit else ""
     excl = "".join(f"; seed {e['seed']} excluded ({e['reason']})" for e in v.get("excluded", ()))
     if mean is None:
-        return f"{model} vs the dense twin on {label}: unresolved, no paired seed ({v['reason']})."
+        return f"{model} vs the dense twin on {label}: unresolved, {v['reason']}."
     if ci is None:
         d = _decimals([mean])
         return (
