@@ -3,7 +3,8 @@
 Runs train side by side in ``compare.workers`` fresh spawned processes (``compare.threads`` torch threads
 each): on a small shared CPU two single-threaded processes beat one two-threaded one by a wide margin. Under a
 launcher (``expect_processes`` > 1) all ranks train the runs one after another, together. A finished run
-(``result.json``) is reused and an interrupted one resumes, only if its ``config.yaml`` is the plan's."""
+(``result.json``) is reused and an interrupted one resumes, only if its ``config.yaml`` is the plan's. A run
+that diverges (``TrainingDiverged``) is a result, not a crash: its row says ``status: diverged``."""
 
 from __future__ import annotations
 
@@ -64,8 +65,7 @@ def peak_memory(device: torch.device) -> Iterator[list[float]]:
 def num_threads(n: int | None) -> Iterator[None]:
     """torch intra-op threads set to ``n`` inside the block (None: unchanged), restored afterwards."""
     old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
+    torch.set_num_threads(n or old)
     try:
         yield
     finally:
@@ -82,8 +82,7 @@ def check_planned(spec: RunSpec, run_dir: Path) -> None:
         return
     diffs = [d for d in diff_trees(saved, config_to_dict(spec.run)) if not d[0].startswith("parallel.")]
     if diffs:
-        key, old, new = diffs[0]
-        more = f" (and {len(diffs) - 1} more field(s))" if len(diffs) > 1 else ""
+        (key, old, new), more = diffs[0], f" (and {len(diffs) - 1} more field(s))" if len(diffs) > 1 else ""
         raise ValueError(
             f"{run_dir} was trained with a different config than this comparison plans for it: {key} is {old!r} "
             f"there, {new!r} in the plan{more}; use a new output folder (or delete that run) instead of mixing "
@@ -110,7 +109,7 @@ def run_one(
         with peak_memory(trainer.accelerator.device) as mib:
             try:
                 summary, diverged = trainer.train(), None
-            except TrainingDiverged as e:  # a result of the comparison: a plain row, also out of a worker process
+            except TrainingDiverged as e:  # caught here, in the worker: the parent gets a plain row
                 summary, diverged = {}, e
         row = {"name": spec.name, "kind": spec.kind, "seed": spec.seed, **facts, "sweep_value": spec.sweep_value}
         del row["steps"]
@@ -127,15 +126,10 @@ def run_one(
             row["divergence"]["last_good_checkpoint"] = None if ckpt is None else str(ckpt)
             print(f"[compare] {spec.folder}: {diverged}", flush=True)
     row["run_wall_s"] = round(time.perf_counter() - t0, 2)  # setup, training, evaluation, sampling
-    return finish_run(trainer.accelerator, run_dir, row)
-
-
-def finish_run(acc: Any, run_dir: Path, row: Row) -> Row:
-    """Mark a run done (the main process writes ``result.json``), finish its trackers and wait for every rank.
-    Not ``Trainer.close()``: under a launcher the next run reuses the process group (the caller destroys it)."""
+    acc = trainer.accelerator
     if acc.is_main_process:
         atomic_write_json(run_dir / RESULT_FILE, row)
-    for tracker in acc.trackers:
+    for tracker in acc.trackers:  # not Trainer.close(): under a launcher the next run reuses the process group
         tracker.finish()
     acc.wait_for_everyone()
     return row
@@ -148,11 +142,9 @@ def run_comparison(
     verbose: bool = True,
     expect_processes: int | None = None,
 ) -> list[Row]:
-    """Plan, print the matching, train (or reuse) every run under ``out_dir/runs``, write the report.
-
-    Returns the rows in plan order (empty for ``dry_run``). ``verbose=False`` silences the plan (ranks other
-    than 0 under a launcher, before any process group exists); ``expect_processes``: the launcher's world size.
-    """
+    """Plan, print the matching, train (or reuse) every run under ``out_dir/runs``, write the report; returns
+    the rows in plan order (none for ``dry_run``). ``verbose=False`` silences the plan (ranks other than 0
+    under a launcher, before any process group exists); ``expect_processes``: the launcher's world size."""
     say = print if verbose else (lambda *a, **k: None)
     out, c, task = Path(out_dir), cmp.compare, cmp.task
     t0, load0 = time.perf_counter(), _loadavg()
@@ -168,15 +160,12 @@ def run_comparison(
     if dry_run:
         return []
     rows: dict[str, Row] = {}
-    todo = []
     for spec in specs:
-        run_dir = out / "runs" / spec.folder
-        check_planned(spec, run_dir)
-        if (run_dir / RESULT_FILE).is_file():
-            rows[spec.folder] = json.loads((run_dir / RESULT_FILE).read_text())
-            say(f"[compare] {spec.folder}: finished earlier, reusing {run_dir / RESULT_FILE}", flush=True)
-        else:
-            todo.append(spec)
+        check_planned(spec, out / "runs" / spec.folder)
+        if (done := out / "runs" / spec.folder / RESULT_FILE).is_file():
+            rows[spec.folder] = json.loads(done.read_text())
+            say(f"[compare] {spec.folder}: finished earlier, reusing {done}", flush=True)
+    todo = [s for s in specs if s.folder not in rows]
     launched = expect_processes is not None and expect_processes > 1
     if c.workers > 1 and len(todo) > 1 and launched:  # every rank would spawn workers claiming its rank
         say(f"[compare] {expect_processes} processes launched: runs train one after another (workers ignored)")
@@ -196,8 +185,8 @@ def run_comparison(
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not distributed or torch.distributed.get_rank() == 0:  # every rank trained; one writes the report
         report = write_report(out, cmp, specs, ordered, matching, timing)
-        verdict = verdicts_sentence(verdicts(ordered, task), label=None)
         diverged = "".join(f"{divergence_text(r)}\n" for r in ordered if r.get("divergence"))
+        verdict = verdicts_sentence(verdicts(ordered, task))
         print(f"\n{diverged}{headline(ordered, task)}\nreport: {report}\n{verdict}", flush=True)  # the verdict last
     return ordered
 
