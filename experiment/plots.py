@@ -34,25 +34,31 @@ def _color(name: str, names: Any) -> str:
 
 def _finish(fig: Any, ax: Any, out: Path, fname: str) -> str:
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # no curves (every run diverged before its first eval): no legend
+        ax.legend()
     fig.tight_layout()
     return save_figure(fig, out, fname)
 
 
-def plot_curves(specs: list[RunSpec], rows: list[Row], out: Path) -> list[str]:
-    """Validation loss against training tokens, training FLOPs and the training seconds each metrics event
-    recorded (``train_seconds``), every run."""
-    plt = pyplot()
+def loss_curves(specs: list[RunSpec], rows: list[Row], out: Path) -> dict[str, list[dict[str, list[float]]]]:
+    """Per model, per seed: validation loss at each eval event against training tokens, training FLOPs and
+    the training seconds the event recorded (``train_seconds``; older run folders: tokens / mean tokens/s)."""
     curves: dict[str, list[dict[str, list[float]]]] = defaultdict(list)
     for s, row in zip(specs, rows):  # rows are in plan order
         ev = [m for m in read_metrics(out / "runs" / s.folder) if "val_loss" in m]
         fpt = row["train_flops"] / row["tokens_trained"] if row.get("train_flops") else math.nan  # nan: diverged
         toks, tps = [m["tokens_seen"] for m in ev], row["tokens_per_s"]
-        secs = [m.get("train_seconds", t / (tps or math.nan)) for m, t in zip(ev, toks)]  # recorded seconds
+        secs = [m.get("train_seconds", t / (tps or math.nan)) for m, t in zip(ev, toks)]
         if ev:
             curves[s.name].append(
                 dict(tokens=toks, flops=[fpt * t for t in toks], time=secs, loss=[m["val_loss"] for m in ev])
             )
+    return dict(curves)
+
+
+def plot_curves(specs: list[RunSpec], rows: list[Row], out: Path) -> list[str]:
+    """Validation loss against training tokens, training FLOPs and training seconds, every run."""
+    plt, curves = pyplot(), loss_curves(specs, rows, out)
     files = []
     for key, label in (("tokens", "training tokens"), ("flops", "training FLOPs"), ("time", "training seconds")):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
