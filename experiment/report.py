@@ -4,6 +4,7 @@ their metrics.jsonl. The task adapter adds its columns, headline sentence and se
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -136,7 +137,7 @@ def write_report(
         "",
     ]
     cols = [("final val loss", lambda rs: cell(rs, "final_val_loss")), *task.result_columns]
-    cols += [("tokens trained", lambda rs: _first(rs, "tokens_trained", ",")), ("train FLOPs", _flops_cell)]
+    cols += [("tokens trained", _first("tokens_trained", ",")), ("train FLOPs", _first("train_flops", ".3g"))]
     cols += [(h, lambda rs, k=k: f"{mean_spread([r[k] for r in rs])[0]:,.0f}") for h, k in _MEANS]
     cells = [[name, _seeds(rs), *(f(rs) for _, f in cols)] for name, rs in group_rows(rows).items()]
     lines += md_table(["model", "seeds", *(h for h, _ in cols)], cells)
@@ -151,12 +152,7 @@ def write_report(
         f"{timing['loadavg_start']} at the start, {timing['loadavg_end']} at the end).",
         "",
     ]
-    cells = [
-        [f"{r['name']}-seed{r['seed']}", f"{r['wall_s']:.0f}", f"{r.get('run_wall_s', math.nan):.0f}"] for r in rows
-    ]
-    lines += md_table(
-        ["run", "train s", "setup + train + eval s", "status"], [[*c, _status(r)] for c, r in zip(cells, rows)]
-    )
+    lines += md_table(["run", "train s", "setup + train + eval s", "status"], [_time_cells(r) for r in rows])
     config = yaml.safe_dump({**config_to_dict(cmp.base), "compare": config_to_dict(c)}, sort_keys=False)
     lines += ["", "## Configuration", "", "```yaml", config.rstrip(), "```"]
     return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
@@ -174,13 +170,9 @@ def _verdict_cells(v: Row) -> list[str]:
     return [v["model"], v["metric"], mean, ci, str(v["n_seeds"]), v["verdict"]]
 
 
-def _first(rs: list[Row], key: str, spec: str) -> str:
-    """The first seed's value (equal over seeds by design); a diverged run has none."""
-    return next((f"{r[key]:{spec}}" for r in rs if r.get(key) is not None), "n/a")
-
-
-def _flops_cell(rs: list[Row]) -> str:
-    return _first(rs, "train_flops", ".3g")
+def _first(key: str, spec: str) -> Callable[[list[Row]], str]:
+    """A results cell: the first seed's value (equal over seeds by design; a diverged run has none)."""
+    return lambda rs: next((f"{r[key]:{spec}}" for r in rs if r.get(key) is not None), "n/a")
 
 
 def _seeds(rs: list[Row]) -> str:
@@ -188,5 +180,6 @@ def _seeds(rs: list[Row]) -> str:
     return f"{len(rs)} ({lost} diverged)" if lost else str(len(rs))
 
 
-def _status(r: Row) -> str:
-    return f"diverged at step {r['divergence']['step']}" if diverged(r) else "finished"
+def _time_cells(r: Row) -> list[str]:
+    status = f"diverged at step {r['divergence']['step']}" if diverged(r) else "finished"
+    return [f"{r['name']}-seed{r['seed']}", f"{r['wall_s']:.0f}", f"{r.get('run_wall_s', math.nan):.0f}", status]

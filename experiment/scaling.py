@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from moekit.core.checks import fail, is_int
+from moekit.core.checks import fail, is_finite_number, is_int
 from moekit.core.config import ModelConfig
 from moekit.core.files import atomic_write_bytes
 from moekit.experiment.adapter import Row, md_table
@@ -305,16 +305,12 @@ def dense_equivalent(
         raise ValueError(f"dense_equivalent max_extrapolation={max_extrapolation!r} is invalid: must be >= 1")
     out: dict[str, Any] = {"moe_flops": moe_flops, "moe_loss": moe_loss, "dense_equiv_flops": None}
     out.update(multiplier=None, status="refused", reason="")
-    if not (isinstance(moe_loss, (int, float)) and math.isfinite(moe_loss)) or not (
-        isinstance(moe_flops, (int, float)) and math.isfinite(moe_flops) and moe_flops > 0
-    ):
+    if not (is_finite_number(moe_loss) and is_finite_number(moe_flops) and moe_flops > 0):
         out["reason"] = f"needs a finite loss and flops > 0; got loss={moe_loss!r}, flops={moe_flops!r}"
         return out
     c_eq = fit.flops_for_loss(moe_loss)
     if c_eq is None:
-        floor = (
-            f"the fitted irreducible loss E={fit.E:.4g}" if fit.method == "power_law" else "what the dense fit reaches"
-        )
+        floor = f"the fitted irreducible loss E={fit.E:.4g}" if fit.method == "power_law" else "the dense fit"
         out["reason"] = f"loss {moe_loss:.4g} is below {floor}: no dense model size reaches it"
         return out
     c_min, c_max = fit.sizes[0], fit.sizes[-1]
@@ -335,8 +331,7 @@ def dense_equivalent(
 
 
 def _usable(row: Mapping[str, Any], metric: str, flops_key: str) -> bool:
-    vals = (row.get(metric), row.get(flops_key))
-    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals)
+    ok = is_finite_number(row.get(metric)) and is_finite_number(row.get(flops_key))
     return ok and row.get("status") != "diverged"
 
 

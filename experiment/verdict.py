@@ -23,6 +23,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from moekit.core.checks import is_finite_number
+
 __all__ = [
     "VERDICTS",
     "higher_is_better",
@@ -49,29 +51,21 @@ _LABELS: dict[str, tuple[str, str]] = {
 # ---- Student t distribution ------------------------------------------------------------------------
 
 
+def _nonzero(v: float) -> float:
+    return v if abs(v) > 1e-300 else 1e-300  # Lentz's guard against a zero denominator
+
+
 def _betacf(a: float, b: float, x: float) -> float:
     """Continued fraction of the incomplete beta function (modified Lentz), converges for x < (a+1)/(a+b+2)."""
-    tiny = 1e-300
     qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
+    c, d = 1.0, 1.0 / _nonzero(1.0 - qab * x / qap)
     h = d
     for m in range(1, 400):
         m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-16:
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d, c = 1.0 / _nonzero(1.0 + aa * d), _nonzero(1.0 + aa / c)
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-16:
             break
     return h
 
@@ -170,10 +164,6 @@ def seed_order(seed: Any) -> tuple[int, Any]:
     return (1, repr(seed))
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _by_seed(rows: Iterable[Mapping[str, Any]], name: str) -> dict[Any, Mapping[str, Any]]:
     out: dict[Any, Mapping[str, Any]] = {}
     for r in rows:
@@ -193,7 +183,7 @@ def _bad(row: Mapping[str, Any], metric: str) -> str | None:
         return "diverged"
     if metric not in row or row[metric] is None:
         return f"has no {metric}"
-    if not _finite(row[metric]):
+    if not is_finite_number(row[metric]):
         return f"{metric}={row[metric]!r} is not finite"
     return None
 

@@ -236,13 +236,9 @@ def test_per_model_train_overrides_apply_to_their_kind_and_are_validated(tmp_pat
         check_planned(plan_runs(load())[0], tmp_path)
 
 
-def test_scaling_recipe_end_to_end_writes_fit_and_multipliers(tmp_path):
-    from accelerate.state import AcceleratorState, GradientState
-
+def test_scaling_recipe_end_to_end_writes_fit_and_multipliers(tmp_path, fresh_accelerate):
     from moekit.experiment.runner import run_comparison
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
     scaling = "compare.scaling={dense_d_model: [16, 32, 64], moe_experts: [2, 4], moe_at: 1}"
     tiny = ["train.steps=3", "train.eval_every=0", "train.save_every=0", "compare.sample_tokens=0", "model.n_layers=1"]
     cmp = load(scaling, "compare.seeds=2", *tiny)
@@ -257,8 +253,6 @@ def test_scaling_recipe_end_to_end_writes_fit_and_multipliers(tmp_path):
     assert all({"multiplier", "multiplier_ci95", "n_seeds"} <= set(m) for m in sc["multipliers"])
     assert (tmp_path / "scaling.png").is_file() and "## Scaling" in (tmp_path / "report.md").read_text()
     assert len(rows) == 10
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def test_scaling_config_is_validated():
@@ -271,9 +265,7 @@ def test_scaling_config_is_validated():
 
 
 @pytest.mark.parametrize("preset", ["scaling-cpu.yaml", "scaling-gpu.yaml"])
-def test_scaling_presets_plan_and_the_gpu_one_starts_on_cpu(preset, tmp_path):
-    from accelerate.state import AcceleratorState, GradientState
-
+def test_scaling_presets_plan_and_the_gpu_one_starts_on_cpu(preset, tmp_path, fresh_accelerate):
     from moekit.experiment.runner import run_comparison
 
     path = str(Path(CONFIG).with_name(preset))
@@ -283,11 +275,7 @@ def test_scaling_presets_plan_and_the_gpu_one_starts_on_cpu(preset, tmp_path):
     )
     assert len({s.seed for s in specs}) >= 2 and len({s.run.train.steps for s in specs}) == 1  # same tokens
     if preset == "scaling-gpu.yaml":  # a tiny override really trains 2 steps per run on CPU
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
         tiny = ["train.steps=2", "train.eval_every=0", "train.eval_batches=1", "train.batch_size=4"]
         tiny += ["train.save_every=0", "model.n_layers=1", "compare.seeds=1", "data.seq_len=32", "model.max_seq_len=32"]
         rows = run_comparison(load_comparison(path, [*tiny, "train.cpu=true"]), tmp_path, verbose=False)
         assert len(rows) == 6 and all(r["tokens_trained"] == 2 * 4 * 32 for r in rows)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
