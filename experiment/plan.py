@@ -122,11 +122,12 @@ def train_overrides(items: Any, name: str = "dense_overrides") -> list[tuple[str
     return out
 
 
-def with_train_overrides(train: TrainConfig, pairs: list[tuple[str, Any]]) -> TrainConfig:
-    tree = config_to_dict(train)
+def overridden(config: Any, pairs: Iterable[tuple[str, Any]], prefix: str = "") -> Any:
+    """A copy of the config dataclass ``config`` with dotted ``(key, value)`` overrides, validated."""
+    tree = config_to_dict(config)
     for key, value in pairs:
-        set_dotted(TrainConfig, tree, key, value, "train.")
-    return build_dataclass(TrainConfig, tree, "train.")
+        set_dotted(type(config), tree, key, value, prefix)
+    return build_dataclass(type(config), tree, prefix)
 
 
 def parse_sweep(text: str) -> tuple[str, list[Any]]:
@@ -157,10 +158,8 @@ def with_moe(model: ModelConfig, **changes: Any) -> ModelConfig:
 
 def apply_overrides(model: ModelConfig, text: str) -> ModelConfig:
     """A variant: space-separated dotted overrides of the decoder config (``moe.top_k=4 d_model=96``)."""
-    tree = config_to_dict(model)
-    for key, value in map(parse_override, text.split()):
-        set_dotted(ModelConfig, tree, key.removeprefix("model.").removeprefix("lm."), value)
-    return ModelConfig.from_dict(tree)
+    pairs = [(k.removeprefix("model.").removeprefix("lm."), v) for k, v in map(parse_override, text.split())]
+    return overridden(model, pairs)
 
 
 def plan_runs(cmp: Comparison) -> list[RunSpec]:
@@ -194,7 +193,7 @@ def plan_runs(cmp: Comparison) -> list[RunSpec]:
 
     specs = []
     for name, kind, m, value in models:
-        train = with_train_overrides(base.train, train_overrides(getattr(c, f"{kind}_overrides"), f"{kind}_overrides"))
+        train = overridden(base.train, train_overrides(getattr(c, f"{kind}_overrides"), f"{kind}_overrides"), "train.")
         if c.budget == "flops":  # same tokens per step, so steps scale inversely with FLOPs per token
             steps = max(1, round(train.steps * flops_per_token(moe, seq) / flops_per_token(m, seq)))
             train = dataclasses.replace(train, steps=steps, warmup_steps=min(train.warmup_steps, steps))

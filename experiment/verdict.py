@@ -180,7 +180,8 @@ def _by_seed(rows: Iterable[Mapping[str, Any]], name: str) -> dict[Any, Mapping[
 def _bad(row: Mapping[str, Any], metric: str) -> str | None:
     """Why ``row`` cannot enter a pair for ``metric``, or None."""
     if row.get("status") == "diverged":
-        return "diverged"
+        step = (row.get("divergence") or {}).get("step")
+        return "diverged" if step is None else f"diverged at step {step}"
     if metric not in row or row[metric] is None:
         return f"has no {metric}"
     if not is_finite_number(row[metric]):

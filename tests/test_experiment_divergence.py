@@ -51,7 +51,10 @@ def test_a_diverged_run_is_recorded_and_its_seed_skipped(tmp_path, monkeypatch, 
     monkeypatch.setattr(TASKS["lm"], "build_trainer", _diverge_after(3, "moe-4x2-seed0"))
     _main(tmp_path, "compare.seeds=2")
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("moe-4x2 vs the dense twin is unresolved (1 seed)") and "seed 0 excluded" in last
+    assert (
+        last.startswith("moe-4x2 vs the dense twin is unresolved (1 seed)")
+        and "seed 0 excluded (moe-4x2 diverged at step 3)" in last
+    )
 
     result = json.loads((tmp_path / "runs" / "moe-4x2-seed0" / "result.json").read_text())
     assert result["status"] == "diverged" and result["final_val_loss"] is None
@@ -65,7 +68,7 @@ def test_a_diverged_run_is_recorded_and_its_seed_skipped(tmp_path, monkeypatch, 
     }
     (v,) = summary["verdicts"]
     assert v["n_seeds"] == 1 and v["seeds"] == [1] and v["verdict"] == "unresolved"
-    assert v["excluded"] == [{"seed": 0, "reason": "moe-4x2 diverged"}]
+    assert v["excluded"] == [{"seed": 0, "reason": "moe-4x2 diverged at step 3"}]
     assert [d["equal"] for d in summary["data_digests"]] == [None, True]  # a stopped loop: nothing to compare
     report = (tmp_path / "report.md").read_text()
     assert "**Diverged runs**" in report and "moe-4x2-seed0 diverged at step 3: loss is nan" in report
@@ -110,7 +113,7 @@ def test_divergence_crosses_the_worker_process_boundary(tmp_path, monkeypatch, c
     assert rows[1]["divergence"] == dict(step=5, reason="grad norm is inf", last_good_checkpoint=None)
     out = capsys.readouterr().out.strip().splitlines()
     assert "moe-4x2-seed0 diverged at step 5: grad norm is inf" in out
-    no_pair = "unresolved, no paired seed; seed 0 excluded (moe-4x2 diverged)."
+    no_pair = "unresolved, no paired seed; seed 0 excluded (moe-4x2 diverged at step 5)."
     assert out[-1] == f"moe-4x2 vs the dense twin on val loss: {no_pair}"
     summary = json.loads((tmp_path / "summary.json").read_text())
     (v,) = summary["verdicts"]
