@@ -1,9 +1,10 @@
-"""Shared fixtures: fresh Accelerate singletons, and the multimodal tests' environment (data extras, one
-thread, a speech cache per module)."""
+"""Shared fixtures: fresh Accelerate singletons, the comparison CLI as a function, and the multimodal tests'
+environment (data extras, one thread, a speech cache per module)."""
 
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,3 +42,14 @@ def mm_env(mm_cache, fresh_accelerate):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def compare_cli():
+    """``main(argv)`` of recipes/compare.py (a script, not a module of the package)."""
+    spec = importlib.util.spec_from_file_location(
+        "compare_recipe", Path(__file__).parents[1] / "recipes" / "compare.py"
+    )
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    return recipe.main

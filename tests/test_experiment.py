@@ -93,26 +93,17 @@ def test_task_registry_and_the_compare_task_switch():
         load("compare.sed=2")
 
 
-def _recipe():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("compare_recipe", RECIPE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _run_recipe(out, *extra):
-    return _recipe().main(["--config", CONFIG, "--out", str(out), *extra])
+def _run_recipe(main, out, *extra):
+    return main(["--config", CONFIG, "--out", str(out), *extra])
 
 
 TINY = ("train.steps=6", "train.eval_every=3", "train.save_every=3", "compare.sample_tokens=8")
 
 
 @pytest.mark.slow
-def test_end_to_end_identical_data_and_resume(tmp_path):
+def test_end_to_end_identical_data_and_resume(tmp_path, compare_cli):
     out = tmp_path / "cmp"
-    rows = _run_recipe(out, *TINY)
+    rows = _run_recipe(compare_cli, out, *TINY)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == "lm" and [v["model"] for v in summary["verdicts"]] == ["moe-4x2"]
     v = summary["verdicts"][0]
@@ -145,19 +136,19 @@ def test_end_to_end_identical_data_and_resume(tmp_path):
     for c in ckpts[1:]:
         shutil.rmtree(c)
     (moe_dir / "ckpt" / "latest").write_text(ckpts[0].name)
-    rows2 = _run_recipe(out, *TINY)
+    rows2 = _run_recipe(compare_cli, out, *TINY)
     assert (out / "runs" / "dense-seed0" / "result.json").stat().st_mtime == dense_mtime, "dense was redone"
     assert rows2[1]["final_val_loss"] == pytest.approx(rows[1]["final_val_loss"], abs=1e-6)
     # A changed config is refused (finished and interrupted runs alike), naming the first differing field.
     with pytest.raises(ValueError, match=r"different config.*train\.lr is 0\.003 there, 0\.001 in the plan"):
-        _run_recipe(out, *TINY, "train.lr=1e-3")
+        _run_recipe(compare_cli, out, *TINY, "train.lr=1e-3")
     (moe_dir / "result.json").unlink()
     with pytest.raises(ValueError, match=r"dense-seed0 was trained with a different config.*model\.d_model"):
-        _run_recipe(out, *TINY, "model.d_model=32")
+        _run_recipe(compare_cli, out, *TINY, "model.d_model=32")
 
 
 @pytest.mark.slow
-def test_two_runs_side_by_side_in_worker_processes(tmp_path, monkeypatch):
+def test_two_runs_side_by_side_in_worker_processes(tmp_path, monkeypatch, compare_cli):
     import moekit.experiment.runner as runner
 
     pools = []
@@ -172,14 +163,15 @@ def test_two_runs_side_by_side_in_worker_processes(tmp_path, monkeypatch):
     monkeypatch.setattr(TASKS["lm"], "build_trainer", lambda *a, **k: pytest.fail("trained in the parent"))
     out = tmp_path / "cmp"
     tiny = ("train.steps=2", "train.eval_every=0", "train.save_every=0", "train.log_every=1")
-    rows = _run_recipe(out, *tiny, "compare.workers=2", "compare.threads=1", "compare.sample_tokens=4")
+    tiny += ("compare.workers=2", "compare.threads=1", "compare.sample_tokens=4")
+    rows = _run_recipe(compare_cli, out, *tiny)
     assert pools == [(2, "spawn", 1)], "both runs at once, one fresh spawned process each"
     assert [r["name"] for r in rows] == ["dense", "moe-4x2"]
     assert rows[0]["data_digest"] == rows[1]["data_digest"] and all(r["tokens_trained"] == 2 * 8 * 64 for r in rows)
     end = {f: (out / "runs" / f / "result.json").stat().st_mtime for f in ("dense-seed0", "moe-4x2-seed0")}
     # a rerun reuses both results instead of training again
     monkeypatch.setattr(runner, "run_one", lambda *a, **k: pytest.fail("retrained"))
-    assert _run_recipe(out, *tiny, "compare.workers=2", "compare.threads=1", "compare.sample_tokens=4") == rows
+    assert _run_recipe(compare_cli, out, *tiny) == rows
     assert end == {f: (out / "runs" / f / "result.json").stat().st_mtime for f in end}
 
 

@@ -13,18 +13,12 @@ import moekit.experiment.runner as runner
 from moekit.core.guard import TrainingDiverged
 from moekit.experiment.plan import TASKS
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-CONFIG = RECIPES / "configs" / "compare-debug.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "compare-debug.yaml"
 TINY = ["train.steps=4", "train.eval_every=2", "train.save_every=2", "compare.sample_tokens=4", "compare.threads=1"]
 
 
-def _main(out, *extra):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("compare_recipe", RECIPES / "compare.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    return recipe.main(["--config", str(CONFIG), "--out", str(out), *TINY, *extra])
+def _main(main, out, *extra):
+    return main(["--config", str(CONFIG), "--out", str(out), *TINY, *extra])
 
 
 def _diverge_after(steps, folder):
@@ -47,9 +41,9 @@ def _diverge_after(steps, folder):
 
 
 @pytest.mark.slow
-def test_a_diverged_run_is_recorded_and_its_seed_skipped(tmp_path, monkeypatch, capsys, fresh_accelerate):
+def test_a_diverged_run_is_recorded_and_its_seed_skipped(tmp_path, monkeypatch, capsys, fresh_accelerate, compare_cli):
     monkeypatch.setattr(TASKS["lm"], "build_trainer", _diverge_after(3, "moe-4x2-seed0"))
-    _main(tmp_path, "compare.seeds=2")
+    _main(compare_cli, tmp_path, "compare.seeds=2")
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert (
         last.startswith("moe-4x2 vs the dense twin is unresolved (1 seed)")
@@ -77,7 +71,7 @@ def test_a_diverged_run_is_recorded_and_its_seed_skipped(tmp_path, monkeypatch, 
 
     # a rerun reuses the diverged result (same config: it would diverge again) and writes the same verdict
     monkeypatch.setattr(runner, "run_one", lambda *a, **k: pytest.fail("retrained"))
-    _main(tmp_path, "compare.seeds=2")
+    _main(compare_cli, tmp_path, "compare.seeds=2")
     assert capsys.readouterr().out.strip().splitlines()[-1] == last
 
 
@@ -99,7 +93,7 @@ class _FakeTrainer:
         return None
 
 
-def test_divergence_crosses_the_worker_process_boundary(tmp_path, monkeypatch, capsys):
+def test_divergence_crosses_the_worker_process_boundary(tmp_path, monkeypatch, capsys, compare_cli):
     # fork (not the runner's spawn) so that the workers inherit the stubbed trainer; the rows still travel back
     # pickled, which a TrainingDiverged escaping a worker could not (its constructor takes three arguments)
     class ForkPool(runner.concurrent.futures.ProcessPoolExecutor):
@@ -108,7 +102,7 @@ def test_divergence_crosses_the_worker_process_boundary(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(runner.concurrent.futures, "ProcessPoolExecutor", ForkPool)
     monkeypatch.setattr(TASKS["lm"], "build_trainer", lambda run, run_dir, **kw: _FakeTrainer(run_dir))
-    rows = _main(tmp_path, "compare.workers=2")
+    rows = _main(compare_cli, tmp_path, "compare.workers=2")
     assert [(r["name"], r["status"]) for r in rows] == [("dense", "finished"), ("moe-4x2", "diverged")]
     assert rows[1]["divergence"] == dict(step=5, reason="grad norm is inf", last_good_checkpoint=None)
     out = capsys.readouterr().out.strip().splitlines()

@@ -4,7 +4,6 @@ else identical, the recipe end to end (held-out accuracy, per-modality routing i
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
@@ -50,20 +49,13 @@ def test_the_shared_planner_sweeps_and_budgets_the_multimodal_decoder(mm_cache):
     assert all(s.run.model.image == specs[0].run.model.image for s in specs)
 
 
-def _recipe():
-    spec = importlib.util.spec_from_file_location("compare_recipe", RECIPES / "compare.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    return recipe
-
-
-def test_comparison_end_to_end_writes_the_report_and_resumes(mm_cache, tmp_path, monkeypatch):
+def test_comparison_end_to_end_writes_the_report_and_resumes(mm_cache, tmp_path, monkeypatch, compare_cli):
     import moekit.experiment.runner as runner
 
     # through the comparison recipe, which picks the multimodal task from mm-debug.yaml's compare.task
     overrides = [f"data.cache_root={mm_cache}", "train.steps=2", "train.log_every=1", "train.eval_every=0"]
     overrides += ["eval.samples_per_task=2", "compare.threads=1"]
-    rows = _recipe().main(["--config", str(MM_DEBUG), "--out", str(tmp_path), *overrides])
+    rows = compare_cli(["--config", str(MM_DEBUG), "--out", str(tmp_path), *overrides])
     assert [r["name"] for r in rows] == ["dense", "moe-4x2"]
     assert rows[0]["data_digest"] == rows[1]["data_digest"]
     assert rows[0]["flops_per_sample"]["image"] == rows[1]["flops_per_sample"]["image"] > 0  # same encoders
