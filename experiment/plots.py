@@ -84,7 +84,7 @@ def _plot_routing(specs: list[RunSpec], out: Path) -> list[str]:
         for li, ax in enumerate(axes[0]):
             load = np.array([m["moe_layers"][li]["tokens_per_expert"] for m in logs], dtype=float)  # [steps, E]
             frac = load / np.maximum(load.sum(1, keepdims=True), 1)
-            extent = (steps[0], steps[-1], -0.5, frac.shape[1] - 0.5)
+            extent = (steps[0] - 0.5, steps[-1] + 0.5, -0.5, frac.shape[1] - 0.5)  # one log step: still a cell
             im = ax.imshow(frac.T, aspect="auto", origin="lower", cmap="viridis", extent=extent)
             ax.set(title=f"MoE layer {li}", xlabel="step", ylabel="expert")
             ax.yaxis.get_major_locator().set_params(integer=True)

@@ -15,7 +15,7 @@ from moekit.core.layering import config_to_dict
 from moekit.experiment.adapter import Row, RunSpec, TaskAdapter, best_moe, cell, group_rows, md_table, mean_spread
 from moekit.experiment.plots import report_plots
 from moekit.experiment.scaling import scaling_section
-from moekit.experiment.verdict import paired_verdicts, verdict_metrics, verdicts_sentence
+from moekit.experiment.verdict import comparison_verdicts, verdict_cells, verdicts_sentence
 
 if TYPE_CHECKING:
     from moekit.experiment.plan import Comparison
@@ -35,15 +35,6 @@ def diverged(row: Row) -> bool:
 def divergence_text(row: Row) -> str:
     d = row["divergence"]
     return f"{row['name']}-seed{row['seed']} diverged at step {d['step']}: {d['reason']}"
-
-
-def verdicts(rows: list[Row], task: TaskAdapter | None = None) -> list[Row]:
-    """Paired-seed verdicts of every MoE model against the dense twin (``moekit.experiment.verdict``): final
-    val loss, every per-task accuracy and the task's ``verdict_fields`` (e.g. per-task val losses)."""
-    if not any(r["name"] == "dense" for r in rows):
-        return []
-    metrics = verdict_metrics(rows)
-    return paired_verdicts(rows, metrics + [m for m in getattr(task, "verdict_fields", ()) if m not in metrics])
 
 
 def digest_checks(rows: list[Row]) -> list[Row]:
@@ -98,7 +89,7 @@ def write_report(
     out, task, c = Path(out_dir), cmp.task, cmp.compare
     out.mkdir(parents=True, exist_ok=True)
     runs = [{k: r.get(k) for k in SUMMARY_FIELDS + task.summary_fields} for r in rows]
-    verdict_rows, digests = verdicts(rows, task), digest_checks(rows)
+    verdict_rows, digests = comparison_verdicts(rows, task.verdict_fields), digest_checks(rows)
     summary = dict(task=task.name, verdicts=verdict_rows, data_digests=digests, runs=runs)
     scaling_lines = []
     if c.scaling is not None:
@@ -111,7 +102,7 @@ def write_report(
     lines = [f"# {task.title}", "", f"**Verdict.** {first}", "", f"**Result.** {headline(rows, task)}", ""]
     if verdict_rows:
         heads = ["model", "metric", "moe - dense", "95% CI", "paired seeds", "verdict"]
-        lines += md_table(heads, [_verdict_cells(v) for v in verdict_rows]) + [""]
+        lines += md_table(heads, [verdict_cells(v) for v in verdict_rows]) + [""]
     if lost := [f"- {divergence_text(r)}" for r in rows if diverged(r)]:
         lines += ["**Diverged runs** (no final metrics; the verdicts skip their seeds):", "", *lost, ""]
     lines += ["## What was held equal", "", *matching_lines(matching, task), ""]
@@ -162,12 +153,6 @@ def matching_lines(matching: list[Row], task: TaskAdapter) -> list[str]:
     """The matching table (markdown; also what the runner prints before training)."""
     cells = [[m["name"], m["kind"], *(f(m) for _, f in task.matching_columns)] for m in matching]
     return md_table(["model", "kind", *(h for h, _ in task.matching_columns)], cells)
-
-
-def _verdict_cells(v: Row) -> list[str]:
-    ci = "n/a (1 seed)" if v["diff_ci95"] is None else "[{:+.4f}, {:+.4f}]".format(*v["diff_ci95"])
-    mean = "n/a" if v["diff_mean"] is None else f"{v['diff_mean']:+.4f}"
-    return [v["model"], v["metric"], mean, ci, str(v["n_seeds"]), v["verdict"]]
 
 
 def _first(key: str, spec: str) -> Callable[[list[Row]], str]:

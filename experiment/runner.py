@@ -27,8 +27,8 @@ from moekit.core.layering import config_to_dict
 from moekit.core.run_folder import diff_trees, migrate_placement, read_run_config
 from moekit.experiment.adapter import Row, RunSpec
 from moekit.experiment.plan import TASKS, CompareConfig, Comparison, matching_table, plan_runs
-from moekit.experiment.report import divergence_text, headline, matching_lines, verdicts, write_report
-from moekit.experiment.verdict import verdicts_sentence
+from moekit.experiment.report import divergence_text, headline, matching_lines, write_report
+from moekit.experiment.verdict import comparison_verdicts, verdicts_sentence
 
 RESULT_FILE = "result.json"
 
@@ -186,7 +186,7 @@ def run_comparison(
     if not distributed or torch.distributed.get_rank() == 0:  # every rank trained; one writes the report
         report = write_report(out, cmp, specs, ordered, matching, timing)
         diverged = "".join(f"{divergence_text(r)}\n" for r in ordered if r.get("divergence"))
-        verdict = verdicts_sentence(verdicts(ordered, task))
+        verdict = verdicts_sentence(comparison_verdicts(ordered, task.verdict_fields))
         print(f"\n{diverged}{headline(ordered, task)}\nreport: {report}\n{verdict}", flush=True)  # the verdict last
     return ordered
 

@@ -27,12 +27,14 @@ from moekit.core.checks import is_finite_number
 
 __all__ = [
     "VERDICTS",
+    "comparison_verdicts",
     "higher_is_better",
     "paired_verdicts",
     "seed_order",
     "student_t_cdf",
     "student_t_quantile",
     "t_interval",
+    "verdict_cells",
     "verdict_metrics",
     "verdict_sentence",
     "verdicts_sentence",
@@ -279,6 +281,15 @@ def _one_verdict(
     }
 
 
+def comparison_verdicts(rows: Sequence[Mapping[str, Any]], extra_metrics: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """A comparison's verdicts: :func:`paired_verdicts` on :func:`verdict_metrics` plus the task's own
+    ``extra_metrics`` (e.g. per-task val losses); none without a dense twin."""
+    if not any(r["name"] == "dense" for r in rows):
+        return []
+    metrics = verdict_metrics(rows)
+    return paired_verdicts(rows, metrics + [m for m in extra_metrics if m not in metrics])
+
+
 # ---- text ---------------------------------------------------------------------------------------
 
 
@@ -324,6 +335,13 @@ def verdict_sentence(v: Mapping[str, Any], *, label: str | None = None, unit: st
     }[v["verdict"]]
     stats = f"{label} {mean:+.{d}f}{u} (95% CI {ci[0]:+.{d}f} to {ci[1]:+.{d}f}, {n} paired seeds)"
     return f"{head}: {stats}{excl}."
+
+
+def verdict_cells(v: Mapping[str, Any]) -> list[str]:
+    """A verdict as report-table cells: model, metric, moe - dense, 95% CI, paired seeds, verdict."""
+    ci = "n/a (1 seed)" if v["diff_ci95"] is None else "[{:+.4f}, {:+.4f}]".format(*v["diff_ci95"])
+    mean = "n/a" if v["diff_mean"] is None else f"{v['diff_mean']:+.4f}"
+    return [v["model"], v["metric"], mean, ci, str(v["n_seeds"]), v["verdict"]]
 
 
 def verdicts_sentence(

@@ -187,7 +187,7 @@ def test_headline_states_the_paired_spread_without_a_verdict_word():
 
     text = headline(_rows([2.0, 2.1], [1.9, 2.05]))
     assert "moe-8x2 model reached validation loss" in text and "-0.0750 ± 0.0354" in text
-    assert "beats" not in text  # the verdict word comes from the t-interval (report.verdicts), not the headline
+    assert "beats" not in text  # the verdict word comes from the t-interval (comparison_verdicts), not the headline
     one = headline(_rows([2.0], [2.1]))  # one seed: the gap, but no verdict
     assert "higher validation loss than its dense twin on a single seed" in one and "(+0.1000)" in one
     assert "worse" not in one and "beats" not in one

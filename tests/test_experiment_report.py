@@ -11,8 +11,9 @@ import pytest
 
 from moekit.experiment.plan import TASKS, load_comparison, matching_table, plan_runs
 from moekit.experiment.plots import loss_curves
-from moekit.experiment.report import verdicts, write_report
+from moekit.experiment.report import write_report
 from moekit.experiment.runner import check_planned
+from moekit.experiment.verdict import comparison_verdicts
 from moekit.multimodal.train import CANDIDATES
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "compare-debug.yaml")
@@ -94,7 +95,7 @@ def test_a_run_folder_with_another_config_in_any_section_is_refused_naming_the_f
 
 def test_the_multimodal_task_gets_the_lm_verdict_structure_per_task():
     pairs = [("dense", "dense", 0.0), ("moe-4x2", "moe", 0.05)]
-    lm = verdicts(
+    lm = comparison_verdicts(
         [dict(name=n, kind=k, seed=s, final_val_loss=1.0 + s / 10 - gain) for n, k, gain in pairs for s in range(3)]
     )
     rows = []
@@ -104,7 +105,7 @@ def test_the_multimodal_task_gets_the_lm_verdict_structure_per_task():
             row.update({f"{t}_acc": 0.5 + gain + s / 100 for t in CANDIDATES})
             row.update({f"{t}_loss": 1.0 - gain + s / 50 for t in CANDIDATES})
             rows.append(row)
-    mm = verdicts(rows, TASKS["multimodal"])
+    mm = comparison_verdicts(rows, TASKS["multimodal"].verdict_fields)
     metrics = {v["metric"] for v in mm}
     assert {f"{t}_{m}" for t in CANDIDATES for m in ("acc", "loss")} | {"final_val_loss", "val_text_loss"} == metrics
     assert all(set(v) == set(lm[0]) for v in mm)  # the same structure as the LM's verdicts
