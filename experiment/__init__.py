@@ -1,9 +1,10 @@
 """moekit.experiment: sparse vs dense at matched compute, for every task, on one layer.
 
 ``plan.py`` (CompareConfig, the planner, the TASKS registry), ``runner.py`` (training side by side, resume,
-result files), ``report.py`` (summary.json, report.md, plots), ``matching.py`` (dense twins), ``verdict.py``
-(paired-seed verdicts with t-intervals), ``scaling.py`` (dense-equivalent compute multipliers). A task is one
-``TaskAdapter`` file: ``lm.py`` (Shakespeare) and ``multimodal.py`` (digit tasks through one decoder).
+result files), ``report.py`` (summary.json, report.md) and ``plots.py``, ``matching.py`` (dense twins),
+``verdict.py`` (paired-seed verdicts with t-intervals), ``scaling.py`` (the scaling recipe: planning, fit,
+dense-equivalent compute multipliers). A task is one ``TaskAdapter`` file: ``lm.py`` (Shakespeare) and
+``multimodal.py`` (digit tasks through one decoder).
 """
 
 from moekit.experiment.adapter import RunSpec, TaskAdapter

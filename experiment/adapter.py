@@ -1,7 +1,6 @@
 """The task adapter: all that the task-agnostic planner, runner and report writer know about a task. A task
-is one :class:`TaskAdapter` subclass in its own file, registered by name in ``moekit.experiment.plan.TASKS``:
-its run config, where the decoder's ``ModelConfig`` sits in it (what the dense twin replaces), its Trainer,
-its facts and result fields, its report sections."""
+is one :class:`TaskAdapter` subclass in its own file, registered by name in ``moekit.experiment.plan.TASKS``.
+Also the small helpers the report and the adapters share."""
 
 from __future__ import annotations
 
@@ -47,14 +46,13 @@ class TaskAdapter:
     matching_columns: tuple[Column, ...] = ()  # matching-table columns after model and kind
     result_columns: tuple[Column, ...] = ()  # results-table columns after the final val loss
     verdict_fields: tuple[str, ...] = ()  # row metrics with verdicts beyond final val loss and *_acc
-    decoder_key: str = "model"  # dotted path of the decoder's ModelConfig in the run config
+    decoder_key: str = "model"  # dotted path of the decoder's ModelConfig (what the dense twin replaces)
 
     def load_base(self, path: Any, overrides: list[str]) -> Any:
         """The MoE base run config from a comparison YAML (its ``compare`` section is read separately)."""
         return load_config(self.run_config, path, overrides, ignore=("compare",))
 
     def decoder(self, run: Any) -> ModelConfig:
-        """The decoder config that the dense twin replaces."""
         for part in self.decoder_key.split("."):
             run = getattr(run, part)
         return run
@@ -72,7 +70,7 @@ class TaskAdapter:
         return None
 
     def facts(self, run: Any, state: Any) -> Row:
-        """Matching facts of one model: params_total, params_active, flops_per_token and task-specific ones."""
+        """Matching facts of one model: params_total, params_active, flops_per_token, steps and the task's own."""
         raise NotImplementedError
 
     def build_trainer(self, run: Any, run_dir: Path, *, resume: bool, expect_processes: int | None, state: Any):
@@ -92,7 +90,6 @@ class TaskAdapter:
         return []
 
 
-# ---------------------------------------------------------------- helpers shared by the report and adapters
 def mean_spread(values: list[float | None]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value); None and NaN are skipped."""
     vals = [v for v in values if v is not None and not math.isnan(v)]
@@ -108,19 +105,20 @@ def group_rows(rows: list[Row]) -> dict[str, list[Row]]:
     return dict(groups)
 
 
+def best_moe(groups: dict[str, list[Row]]) -> str | None:
+    """The MoE model with the lowest mean final val loss (None without one)."""
+    moe = [n for n, rs in groups.items() if rs[0]["kind"] == "moe"]
+    return min(moe, key=lambda n: mean_spread([r["final_val_loss"] for r in groups[n]])[0], default=None)
+
+
 def cell(rs: list[Row], key: str, spec: str = ".4f") -> str:
     """``mean ± sd`` of ``key`` over a model's rows (the mean alone for one row, 'n/a' when absent)."""
     m, sd = mean_spread([r.get(key) for r in rs])
     return "n/a" if math.isnan(m) else f"{m:{spec}}" + (f" ± {sd:{spec}}" if len(rs) > 1 else "")
 
 
-def save_figure(fig: Any, out: Path, fname: str) -> str:
-    """Write ``fig`` to ``out/fname`` as every report PNG is written, close it, return ``fname``."""
-    import matplotlib.pyplot as plt
-
-    fig.savefig(out / fname, dpi=110)
-    plt.close(fig)
-    return fname
+def md_table(headers: list[str], cells: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(row) + " |" for row in [headers, ["---"] * len(headers), *cells]]
 
 
 def pyplot() -> Any:
@@ -130,3 +128,10 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig: Any, out: Path, fname: str) -> str:
+    """Write ``fig`` to ``out/fname`` as every report PNG is written, close it, return ``fname``."""
+    fig.savefig(out / fname, dpi=110)
+    pyplot().close(fig)
+    return fname

@@ -1,8 +1,7 @@
 """The multimodal task of the comparison: image, audio and text tasks through one decoder, whose ``model.lm``
-is the part the dense twin replaces. The image and audio encoders and projectors are identical in every
-model, so matching the decoder's active FLOPs per token matches the totals; the report states both,
-measured on the training mixture (decoder on real tokens, each image, each clip at its own length), and adds
-held-out accuracy per task and per-modality expert load and purity."""
+the dense twin replaces. The encoders and projectors are identical in every model, so matching the decoder's
+active FLOPs per token matches the totals (the report states both, measured on the training mixture); the
+report adds held-out accuracy per task and per-modality expert load and purity."""
 
 from __future__ import annotations
 
@@ -10,10 +9,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from moekit.core.accounting import flops_per_token
-from moekit.experiment.adapter import Row, RunSpec, TaskAdapter, cell, group_rows, mean_spread, pyplot, save_figure
+from moekit.experiment.adapter import Row, RunSpec, TaskAdapter, best_moe, cell, group_rows, pyplot, save_figure
 from moekit.moe.modality import load_fractions
 from moekit.multimodal.train import (
     CANDIDATES,
@@ -66,8 +66,8 @@ class MultimodalTask(TaskAdapter):
         return load_run_tasks(run)
 
     def facts(self, run: MultimodalRunConfig, state: Any) -> Row:
-        """Parameters (decoder total/active, encoders + projectors) and forward FLOPs: the decoder's active
-        FLOPs per token at ``max_seq_len`` (what is matched) and the mixture's FLOPs per sample and per token."""
+        """Parameters and forward FLOPs: the decoder's per token at ``max_seq_len`` (what is matched), the
+        training mixture's per sample and per token."""
         model = TrainableMultimodalLM(run.model)
         rep = model.report()
         collate = SampleCollate(model, run.data.pad_to_multiple_of)
@@ -101,10 +101,8 @@ class MultimodalTask(TaskAdapter):
 
     def headline(self, rows: list[Row]) -> str:
         groups = group_rows(rows)
-        moe = [n for n, rs in groups.items() if rs[0]["kind"] == "moe"]
-        if "dense" not in groups or not moe:
+        if "dense" not in groups or (best := best_moe(groups)) is None:
             return ""
-        best = min(moe, key=lambda n: mean_spread([r["final_val_loss"] for r in groups[n]])[0])
         tasks = [t for t in CANDIDATES if any(f"{t}_acc" in r for r in rows)]
         chance = ", ".join(f"{t} {100 * CHANCE[t]:.0f}%" for t in tasks)
         accs = {n: ", ".join(f"{t} {cell(groups[n], f'{t}_acc', '.1%')}" for t in tasks) for n in (best, "dense")}
@@ -161,23 +159,19 @@ def _plot_modality_routing(rows: list[Row], out: Path) -> list[str]:
         fig, axes = plt.subplots(
             1, n_layers, figsize=(2.2 + 0.45 * n_exp * n_layers, 2.8), squeeze=False, layout="constrained"
         )
-        for li in range(n_layers):
-            ax = axes[0, li]
+        for li, ax in enumerate(axes[0]):
             im = ax.imshow(load_fractions(by_group[li]).numpy(), aspect="auto", cmap="magma", vmin=0, vmax=1)
             ax.set_title(f"MoE layer {li} (purity {routing['mean_modality_purity'][li]:.2f})", fontsize=9)
-            ax.set_xlabel("expert")
+            ax.set(xlabel="expert", xticks=range(n_exp))
             ax.set_yticks(range(n_groups), labels if li == 0 else [""] * n_groups)
-            ax.set_xticks(range(n_exp))
         fig.colorbar(im, ax=axes.ravel().tolist(), label="share of the modality's assignments")
         fig.suptitle(f"{name}: expert load per modality on held-out data (uniform = {1 / n_exp:.3f})")
         files.append(save_figure(fig, out, f"modality_load_{name}.png"))
 
-        purity = torch.tensor(routing["modality_purity"])  # [L, E]
+        purity = np.array(routing["modality_purity"])  # [L, E]
         fig, ax = plt.subplots(figsize=(1.5 + 0.55 * n_exp, 1.2 + 0.45 * n_layers), layout="constrained")
-        im = ax.imshow(purity.numpy(), aspect="auto", cmap="viridis", vmin=1 / max(n_groups, 1), vmax=1)
-        for (li, e), v in zip(
-            torch.cartesian_prod(torch.arange(n_layers), torch.arange(n_exp)).tolist(), purity.flatten()
-        ):
+        im = ax.imshow(purity, aspect="auto", cmap="viridis", vmin=1 / max(n_groups, 1), vmax=1)
+        for (li, e), v in np.ndenumerate(purity):
             ax.text(e, li, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.75 else "k")
         ax.set(xlabel="expert", ylabel="MoE layer", xticks=range(n_exp), yticks=range(n_layers))
         fig.colorbar(im, ax=ax, label="modality purity")

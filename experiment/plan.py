@@ -1,8 +1,8 @@
 """The comparison's config and planner, for every task (``TASKS``: name -> adapter). From one MoE base run
 config: the dense twin at the same active FLOPs per token, the MoE model, MoE variants or a sweep over one MoE
-field at fixed active compute, optionally a dense model with the MoE's total parameters, each at
-``compare.seeds`` seeds. All but the decoder (and, for a FLOP budget, the steps) is the base run's: same data
-order (``StepSampler`` seeded by ``train.seed``), init seed, optimizer, schedule."""
+field at fixed active compute (or the scaling recipe's family), optionally a dense model with the MoE's total
+parameters, each at ``compare.seeds`` seeds. All but the decoder (and, for a FLOP budget, the steps) is the
+base run's: same data order (``StepSampler`` seeded by ``train.seed``), init seed, optimizer, schedule."""
 
 from __future__ import annotations
 
@@ -21,34 +21,16 @@ from moekit.core.layering import build_dataclass, config_to_dict, merge_tree, pa
 from moekit.core.train_config import TrainConfig
 from moekit.experiment.adapter import Row, RunSpec, TaskAdapter
 from moekit.experiment.lm import LMTask
-from moekit.experiment.matching import check_matched, dense_twin, describe, param_matched_twin
+from moekit.experiment.matching import check_matched, dense_twin, describe, moe_name, param_matched_twin
 from moekit.experiment.multimodal import MultimodalTask
+from moekit.experiment.scaling import ScalingConfig, scaling_models
 from moekit.moe.config import MoEConfig
 
 # A new task is one adapter file (a TaskAdapter subclass) and one line here.
 TASKS: dict[str, TaskAdapter] = {"lm": LMTask(), "multimodal": MultimodalTask()}
 BUDGETS = ("tokens", "flops")
-
-
-@dataclass
-class ScalingConfig:
-    """``compare.scaling``: a dense family at 3+ widths on the same tokens, plus MoE models (the base MoE's
-    routing, ``moe_experts`` expert counts) at the active compute of dense size ``moe_at``. The dense size
-    ``moe_at`` is the MoEs' FLOP-matched dense twin (named ``dense``); the others are ``dense-d<width>`` with
-    the twin's FFN/d_model ratio."""
-
-    dense_d_model: list[int] = field(default_factory=list)  # ascending widths (n_heads must divide each)
-    moe_experts: list[int] = field(default_factory=list)  # expert counts of the MoE models
-    moe_at: int = 0  # index into dense_d_model: the width whose active FLOPs the MoEs match
-
-    def __post_init__(self) -> None:
-        d, e = self.dense_d_model, self.moe_experts
-        if not isinstance(d, list) or len(d) < 3 or not all(is_int(w) and w > 0 for w in d) or d != sorted(set(d)):
-            fail("ScalingConfig", "dense_d_model", d, "must list 3 or more ascending distinct positive ints")
-        if not isinstance(e, list) or not e or not all(is_int(n) and n >= 1 for n in e):
-            fail("ScalingConfig", "moe_experts", e, "must list one or more expert counts >= 1")
-        if not is_int(self.moe_at) or not 0 <= self.moe_at < len(d):
-            fail("ScalingConfig", "moe_at", self.moe_at, f"must index dense_d_model (0..{len(d) - 1})")
+# keys a per-model override may not change: they fix the data order (pairing by seed) and the token budget
+FIXED_TRAIN_KEYS = ("seed", "batch_size", "steps")
 
 
 @dataclass
@@ -125,13 +107,8 @@ def load_comparison(path: str | os.PathLike | None = None, overrides: Iterable[s
     return Comparison(compare, base)
 
 
-# keys a per-model override may not change: they fix the data order (pairing by seed) and the token budget
-FIXED_TRAIN_KEYS = ("seed", "batch_size", "steps")
-
-
 def train_overrides(items: Any, name: str = "dense_overrides") -> list[tuple[str, Any]]:
-    """Parse ``compare.dense_overrides`` / ``moe_overrides``: dotted ``train.*`` overrides (not seed, batch size
-    or steps); returns ``(key under train, value)`` pairs."""
+    """``compare.dense_overrides`` / ``moe_overrides`` as ``(key under train, value)`` pairs."""
     if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
         fail("CompareConfig", name, items, "must be a list of 'train.KEY=VALUE' strings")
     out = []
@@ -145,11 +122,12 @@ def train_overrides(items: Any, name: str = "dense_overrides") -> list[tuple[str
     return out
 
 
-def with_train_overrides(train: TrainConfig, pairs: list[tuple[str, Any]]) -> TrainConfig:
-    tree = config_to_dict(train)
+def overridden(config: Any, pairs: Iterable[tuple[str, Any]], prefix: str = "") -> Any:
+    """A copy of the config dataclass ``config`` with dotted ``(key, value)`` overrides, validated."""
+    tree = config_to_dict(config)
     for key, value in pairs:
-        set_dotted(TrainConfig, tree, key, value, "train.")
-    return build_dataclass(TrainConfig, tree, "train.")
+        set_dotted(type(config), tree, key, value, prefix)
+    return build_dataclass(type(config), tree, prefix)
 
 
 def parse_sweep(text: str) -> tuple[str, list[Any]]:
@@ -159,10 +137,6 @@ def parse_sweep(text: str) -> tuple[str, list[Any]]:
     if not sep or key not in allowed or not values.strip():
         fail("CompareConfig", "sweep", text, f"must look like 'num_experts=1,4,8' with a key from {allowed}")
     return key, [yaml.safe_load(v) for v in values.split(",")]
-
-
-def moe_name(moe: MoEConfig) -> str:
-    return f"moe-{moe.num_experts}x{moe.top_k}" + (f"+{moe.num_shared_experts}s" if moe.num_shared_experts else "")
 
 
 def with_moe(model: ModelConfig, **changes: Any) -> ModelConfig:
@@ -184,17 +158,15 @@ def with_moe(model: ModelConfig, **changes: Any) -> ModelConfig:
 
 def apply_overrides(model: ModelConfig, text: str) -> ModelConfig:
     """A variant: space-separated dotted overrides of the decoder config (``moe.top_k=4 d_model=96``)."""
-    tree = config_to_dict(model)
-    for key, value in map(parse_override, text.split()):
-        set_dotted(ModelConfig, tree, key.removeprefix("model.").removeprefix("lm."), value)
-    return ModelConfig.from_dict(tree)
+    pairs = [(k.removeprefix("model.").removeprefix("lm."), v) for k, v in map(parse_override, text.split())]
+    return overridden(model, pairs)
 
 
 def plan_runs(cmp: Comparison) -> list[RunSpec]:
     """Every (model, seed) run of the comparison, dense twin first; checks the compute matching."""
     c, task, base = cmp.compare, cmp.task, cmp.base
     moe, seq = task.decoder(base), task.seq_len(base)
-    models: list[tuple[str, str, ModelConfig, Any]] = []
+    models: list[tuple[str, str, ModelConfig, Any]] = []  # (name, kind, decoder, sweep value)
     if c.scaling is not None:
         models = scaling_models(c.scaling, moe, seq)
     elif c.sweep:
@@ -221,7 +193,7 @@ def plan_runs(cmp: Comparison) -> list[RunSpec]:
 
     specs = []
     for name, kind, m, value in models:
-        train = with_train_overrides(base.train, train_overrides(getattr(c, f"{kind}_overrides"), f"{kind}_overrides"))
+        train = overridden(base.train, train_overrides(getattr(c, f"{kind}_overrides"), f"{kind}_overrides"), "train.")
         if c.budget == "flops":  # same tokens per step, so steps scale inversely with FLOPs per token
             steps = max(1, round(train.steps * flops_per_token(moe, seq) / flops_per_token(m, seq)))
             train = dataclasses.replace(train, steps=steps, warmup_steps=min(train.warmup_steps, steps))
@@ -229,28 +201,6 @@ def plan_runs(cmp: Comparison) -> list[RunSpec]:
             run = dataclasses.replace(task.with_decoder(base, m), train=dataclasses.replace(train, seed=train.seed + s))
             specs.append(RunSpec(task.name, name, kind, train.seed + s, run, value))
     return specs
-
-
-def scaling_models(sc: ScalingConfig, moe: ModelConfig, seq: int) -> list[tuple[str, str, ModelConfig, Any]]:
-    """The scaling recipe's models: MoEs at width ``dense_d_model[moe_at]`` (base routing, active FFN width
-    scaled with d_model), their dense twin ``dense`` there, and dense models at the other widths."""
-    assert moe.moe is not None
-    width = sc.dense_d_model[sc.moe_at]
-    scale = width / moe.d_model
-    moes = []
-    for n in sc.moe_experts:
-        k = min(moe.moe.top_k, n)
-        d_expert = max(1, round(moe.moe.top_k * moe.moe.d_expert * scale / k))
-        m = dataclasses.replace(
-            moe, d_model=width, moe=dataclasses.replace(moe.moe, num_experts=n, top_k=k, d_expert=d_expert)
-        )
-        moes.append((moe_name(m.moe), "moe", m, width))
-    twin = dense_twin(moes[0][2], seq)
-    dense = []
-    for w in sc.dense_d_model:
-        m = twin if w == width else dataclasses.replace(twin, d_model=w, d_ff=max(1, round(twin.d_ff * w / width)))
-        dense.append(("dense" if w == width else f"dense-d{w}", "dense", m, w))
-    return dense + moes
 
 
 def matching_table(specs: list[RunSpec], state: Any = None) -> list[Row]:

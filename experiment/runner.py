@@ -3,7 +3,8 @@
 Runs train side by side in ``compare.workers`` fresh spawned processes (``compare.threads`` torch threads
 each): on a small shared CPU two single-threaded processes beat one two-threaded one by a wide margin. Under a
 launcher (``expect_processes`` > 1) all ranks train the runs one after another, together. A finished run
-(``result.json``) is reused and an interrupted one resumes, only if its ``config.yaml`` is the plan's."""
+(``result.json``) is reused and an interrupted one resumes, only if its ``config.yaml`` is the plan's. A run
+that diverges (``TrainingDiverged``) is a result, not a crash: its row says ``status: diverged``."""
 
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ from typing import Any
 import torch
 
 from moekit.core.files import atomic_write_json
+from moekit.core.guard import TrainingDiverged
 from moekit.core.layering import config_to_dict
 from moekit.core.run_folder import diff_trees, migrate_placement, read_run_config
 from moekit.experiment.adapter import Row, RunSpec
 from moekit.experiment.plan import TASKS, CompareConfig, Comparison, matching_table, plan_runs
-from moekit.experiment.report import headline, matching_lines, verdicts, write_report
-from moekit.experiment.verdict import verdicts_sentence
+from moekit.experiment.report import divergence_text, headline, matching_lines, write_report
+from moekit.experiment.verdict import comparison_verdicts, verdicts_sentence
 
 RESULT_FILE = "result.json"
 
@@ -63,8 +65,7 @@ def peak_memory(device: torch.device) -> Iterator[list[float]]:
 def num_threads(n: int | None) -> Iterator[None]:
     """torch intra-op threads set to ``n`` inside the block (None: unchanged), restored afterwards."""
     old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
+    torch.set_num_threads(n or old)
     try:
         yield
     finally:
@@ -81,8 +82,7 @@ def check_planned(spec: RunSpec, run_dir: Path) -> None:
         return
     diffs = [d for d in diff_trees(saved, config_to_dict(spec.run)) if not d[0].startswith("parallel.")]
     if diffs:
-        key, old, new = diffs[0]
-        more = f" (and {len(diffs) - 1} more field(s))" if len(diffs) > 1 else ""
+        (key, old, new), more = diffs[0], f" (and {len(diffs) - 1} more field(s))" if len(diffs) > 1 else ""
         raise ValueError(
             f"{run_dir} was trained with a different config than this comparison plans for it: {key} is {old!r} "
             f"there, {new!r} in the plan{more}; use a new output folder (or delete that run) instead of mixing "
@@ -107,24 +107,29 @@ def run_one(
     with num_threads(compare.threads):
         trainer = task.build_trainer(spec.run, run_dir, resume=resume, expect_processes=expect_processes, state=state)
         with peak_memory(trainer.accelerator.device) as mib:
-            summary = trainer.train()
+            try:
+                summary, diverged = trainer.train(), None
+            except TrainingDiverged as e:  # caught here, in the worker: the parent gets a plain row
+                summary, diverged = {}, e
         row = {"name": spec.name, "kind": spec.kind, "seed": spec.seed, **facts, "sweep_value": spec.sweep_value}
         del row["steps"]
-        row.update(tokens_trained=summary["tokens_seen"], final_val_loss=summary.get("val_loss"))
+        row.update(status="finished" if diverged is None else "diverged", divergence=None)
+        row.update(tokens_trained=summary.get("tokens_seen"), final_val_loss=summary.get("val_loss"))
         row.update(tokens_per_s=summary.get("mean_tokens_per_s"), peak_mem_mib=round(mib[0], 1))
         row.update(wall_s=round(summary.get("train_seconds", time.perf_counter() - t0), 2))
         row.update(data_digest=summary.get("data_digest"))  # recorded by the training loop as it fetched batches
-        row.update(task.results(trainer, summary, spec, facts, compare))
+        if diverged is None:
+            row.update(task.results(trainer, summary, spec, facts, compare))
+        else:
+            ckpt = diverged.last_good_checkpoint
+            row.update(train_flops=None, divergence=dict(step=diverged.step, reason=diverged.reason))
+            row["divergence"]["last_good_checkpoint"] = None if ckpt is None else str(ckpt)
+            print(f"[compare] {spec.folder}: {diverged}", flush=True)
     row["run_wall_s"] = round(time.perf_counter() - t0, 2)  # setup, training, evaluation, sampling
-    return finish_run(trainer.accelerator, run_dir, row)
-
-
-def finish_run(acc: Any, run_dir: Path, row: Row) -> Row:
-    """Mark a run done (the main process writes ``result.json``), finish its trackers and wait for every rank.
-    Not ``Trainer.close()``: under a launcher the next run reuses the process group (the caller destroys it)."""
+    acc = trainer.accelerator
     if acc.is_main_process:
         atomic_write_json(run_dir / RESULT_FILE, row)
-    for tracker in acc.trackers:
+    for tracker in acc.trackers:  # not Trainer.close(): under a launcher the next run reuses the process group
         tracker.finish()
     acc.wait_for_everyone()
     return row
@@ -137,11 +142,9 @@ def run_comparison(
     verbose: bool = True,
     expect_processes: int | None = None,
 ) -> list[Row]:
-    """Plan, print the matching, train (or reuse) every run under ``out_dir/runs``, write the report.
-
-    Returns the rows in plan order (empty for ``dry_run``). ``verbose=False`` silences the plan (ranks other
-    than 0 under a launcher, before any process group exists); ``expect_processes``: the launcher's world size.
-    """
+    """Plan, print the matching, train (or reuse) every run under ``out_dir/runs``, write the report; returns
+    the rows in plan order (none for ``dry_run``). ``verbose=False`` silences the plan (ranks other than 0
+    under a launcher, before any process group exists); ``expect_processes``: the launcher's world size."""
     say = print if verbose else (lambda *a, **k: None)
     out, c, task = Path(out_dir), cmp.compare, cmp.task
     t0, load0 = time.perf_counter(), _loadavg()
@@ -157,15 +160,12 @@ def run_comparison(
     if dry_run:
         return []
     rows: dict[str, Row] = {}
-    todo = []
     for spec in specs:
-        run_dir = out / "runs" / spec.folder
-        check_planned(spec, run_dir)
-        if (run_dir / RESULT_FILE).is_file():
-            rows[spec.folder] = json.loads((run_dir / RESULT_FILE).read_text())
-            say(f"[compare] {spec.folder}: finished earlier, reusing {run_dir / RESULT_FILE}", flush=True)
-        else:
-            todo.append(spec)
+        check_planned(spec, out / "runs" / spec.folder)
+        if (done := out / "runs" / spec.folder / RESULT_FILE).is_file():
+            rows[spec.folder] = json.loads(done.read_text())
+            say(f"[compare] {spec.folder}: finished earlier, reusing {done}", flush=True)
+    todo = [s for s in specs if s.folder not in rows]
     launched = expect_processes is not None and expect_processes > 1
     if c.workers > 1 and len(todo) > 1 and launched:  # every rank would spawn workers claiming its rank
         say(f"[compare] {expect_processes} processes launched: runs train one after another (workers ignored)")
@@ -185,8 +185,9 @@ def run_comparison(
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not distributed or torch.distributed.get_rank() == 0:  # every rank trained; one writes the report
         report = write_report(out, cmp, specs, ordered, matching, timing)
-        verdict = verdicts_sentence(verdicts(ordered, task), label=None)
-        print(f"\n{headline(ordered, task)}\nreport: {report}\n{verdict}", flush=True)  # the verdict last
+        diverged = "".join(f"{divergence_text(r)}\n" for r in ordered if r.get("divergence"))
+        verdict = verdicts_sentence(comparison_verdicts(ordered, task.verdict_fields))
+        print(f"\n{diverged}{headline(ordered, task)}\nreport: {report}\n{verdict}", flush=True)  # the verdict last
     return ordered
 
 

@@ -1,37 +1,34 @@
-"""Dense-equivalent compute: price a MoE model in the training FLOPs a dense model would need for its loss.
+"""The scaling recipe: plan a dense family and MoEs at one of its sizes (:class:`ScalingConfig`), then price
+each MoE in dense-equivalent compute: the training FLOPs a dense model would need for its loss.
 
 Shapes are plain lists: ``C`` training FLOPs (active FLOPs for a MoE), ``L`` final validation loss.
 
 1. Fit the dense family's loss against training FLOPs (:func:`fit_dense`):
 
-   - ``power_law``: the saturating law ``L(C) = E + A * C^-alpha``. For a fixed irreducible loss ``E`` the law
-     is linear in log space, ``log(L - E) = log A - alpha log C``, so ``E`` is profiled: a grid over
-     ``E in [0, min L)`` (spaced in ``log(min L - E)``), golden-section refinement around the best grid point,
-     each step a linear least-squares fit in log space scored by the squared error in loss space; then a
-     damped Gauss-Newton (Levenberg-Marquardt) polish of ``(E, log A, alpha)`` in loss space. Needs 3 or more
-     distinct sizes and a loss that falls with compute (``alpha > 0``); with exactly 3 sizes the 3 parameters
-     interpolate the size means, so the residuals show seed noise only.
-   - ``log_linear``: straight lines in ``log C`` between neighbouring dense sizes (their mean loss over
-     seeds), the end segments extended for extrapolation. ``method='auto'`` falls back to it, saying why,
-     when the power law is ill-posed.
+   - ``power_law``: ``L(C) = E + A * C^-alpha``. For a fixed ``E`` the law is linear in log space, so ``E`` is
+     profiled (a grid over ``E in [0, min L)`` spaced in ``log(min L - E)``, golden-section refinement, each
+     step a log-space least-squares fit scored in loss space), then Levenberg-Marquardt polishes
+     ``(E, log A, alpha)`` in loss space. Needs 3+ distinct sizes and ``alpha > 0``; with exactly 3 sizes the
+     law interpolates the size means, so the residuals show seed noise only.
+   - ``log_linear``: straight lines in ``log C`` between neighbouring sizes' mean losses, end segments
+     extended. ``method='auto'`` falls back to it, saying why, when the power law is ill-posed.
 
-2. Invert it (:meth:`DenseFit.flops_for_loss`) at each MoE seed's loss; the **multiplier** is
-   ``C_dense_equiv(L_moe) / C_moe``. A MoE loss outside the dense family's range needs extrapolation: it is
-   flagged, and refused (multiplier ``None``, with the reason) beyond ``max_extrapolation`` times the
-   largest or smallest dense size, or below the fitted irreducible loss ``E``.
+2. Invert it at each MoE seed's loss; the **multiplier** is ``C_dense_equiv(L_moe) / C_moe``. Outside the
+   dense range it is flagged as extrapolated, and refused (``None``, with the reason) beyond
+   ``max_extrapolation`` times the end sizes or below the fitted ``E``.
 
-3. Confidence interval over seeds (:func:`scaling_analysis`): when every dense size has a run with the
-   MoE's seed, the dense curve is refitted on that seed's runs alone (same data order and init seed as the
-   MoE run: a paired estimate that carries the dense model's seed noise too); otherwise every seed is placed
-   on the fit over all dense runs. The per-seed multipliers give a Student t-interval of ``log(multiplier)``
-   (ratios are compared on a log scale), reported back as ``exp``; the point estimate is their geometric mean.
+3. Over seeds: when every dense size has a run with the MoE's seed, that seed's dense runs are refitted alone
+   (paired: it carries the dense seed noise too), else every seed uses the fit over all dense runs. The
+   multiplier's 95% CI is a t-interval of ``log(multiplier)``, reported as ``exp``; the point estimate is
+   the geometric mean.
 
-Everything returned by :func:`scaling_analysis` is plain JSON (``None`` for missing numbers); the plot
-(:func:`plot_scaling`) is drawn from that same dict, so a report can redraw it from ``summary.json``.
+:func:`scaling_analysis` returns plain JSON (``None`` for missing numbers); :func:`plot_scaling` draws from
+that same dict, so a report can redraw it from ``summary.json``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -41,12 +38,17 @@ from typing import Any
 
 import numpy as np
 
+from moekit.core.checks import fail, is_finite_number, is_int
+from moekit.core.config import ModelConfig
 from moekit.core.files import atomic_write_bytes
+from moekit.experiment.adapter import Row, md_table
+from moekit.experiment.matching import dense_twin, moe_name
 from moekit.experiment.verdict import seed_order, t_interval
 
 __all__ = [
     "FIT_METHODS",
     "DenseFit",
+    "ScalingConfig",
     "dense_equivalent",
     "fit_dense",
     "plot_scaling",
@@ -55,6 +57,48 @@ __all__ = [
 
 FIT_METHODS = ("auto", "power_law", "log_linear")
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+@dataclass
+class ScalingConfig:
+    """``compare.scaling``: a dense family at 3+ widths on the same tokens, plus MoE models (the base MoE's
+    routing, ``moe_experts`` expert counts) at the active compute of dense size ``moe_at``. The dense size
+    ``moe_at`` is the MoEs' FLOP-matched dense twin (named ``dense``); the others are ``dense-d<width>`` with
+    the twin's FFN/d_model ratio."""
+
+    dense_d_model: list[int] = field(default_factory=list)  # ascending widths (n_heads must divide each)
+    moe_experts: list[int] = field(default_factory=list)  # expert counts of the MoE models
+    moe_at: int = 0  # index into dense_d_model: the width whose active FLOPs the MoEs match
+
+    def __post_init__(self) -> None:
+        d, e = self.dense_d_model, self.moe_experts
+        if not isinstance(d, list) or len(d) < 3 or not all(is_int(w) and w > 0 for w in d) or d != sorted(set(d)):
+            fail("ScalingConfig", "dense_d_model", d, "must list 3 or more ascending distinct positive ints")
+        if not isinstance(e, list) or not e or not all(is_int(n) and n >= 1 for n in e):
+            fail("ScalingConfig", "moe_experts", e, "must list one or more expert counts >= 1")
+        if not is_int(self.moe_at) or not 0 <= self.moe_at < len(d):
+            fail("ScalingConfig", "moe_at", self.moe_at, f"must index dense_d_model (0..{len(d) - 1})")
+
+
+def scaling_models(sc: ScalingConfig, moe: ModelConfig, seq: int) -> list[tuple[str, str, ModelConfig, Any]]:
+    """The planner's ``(name, kind, decoder, d_model)`` models: MoEs at width ``dense_d_model[moe_at]`` (base
+    routing, active FFN width scaled with d_model), their dense twin ``dense`` there, the dense family."""
+    assert moe.moe is not None
+    width = sc.dense_d_model[sc.moe_at]
+    moes = []
+    for n in sc.moe_experts:
+        k = min(moe.moe.top_k, n)
+        d_expert = max(1, round(moe.moe.top_k * moe.moe.d_expert * (width / moe.d_model) / k))
+        m = dataclasses.replace(
+            moe, d_model=width, moe=dataclasses.replace(moe.moe, num_experts=n, top_k=k, d_expert=d_expert)
+        )
+        moes.append((moe_name(m.moe), "moe", m, width))
+    twin = dense_twin(moes[0][2], seq)
+    dense = []
+    for w in sc.dense_d_model:
+        m = twin if w == width else dataclasses.replace(twin, d_model=w, d_ff=max(1, round(twin.d_ff * w / width)))
+        dense.append(("dense" if w == width else f"dense-d{w}", "dense", m, w))
+    return dense + moes
 
 
 @dataclass
@@ -78,7 +122,6 @@ class DenseFit:
                 for c, y in self.points
             ]
 
-    # ---- evaluation ------------------------------------------------------------------------------
     def loss_at(self, flops: float) -> float:
         """The fitted dense loss at ``flops`` (log-linear: the end segments extended beyond the sizes)."""
         if self.method == "power_law":
@@ -115,7 +158,6 @@ class DenseFit:
     def rmse(self) -> float:
         return math.sqrt(sum(r["residual"] ** 2 for r in self.residuals) / len(self.residuals))
 
-    # ---- serialisation ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         params = {"E": self.E, "A": self.A, "alpha": self.alpha} if self.method == "power_law" else None
         return {
@@ -132,21 +174,9 @@ class DenseFit:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DenseFit:
-        p = d.get("params") or {}
-        return cls(
-            method=d["method"],
-            sizes=list(d["sizes"]),
-            size_loss=list(d["size_loss"]),
-            points=[(float(c), float(y)) for c, y in d["points"]],
-            E=p.get("E"),
-            A=p.get("A"),
-            alpha=p.get("alpha"),
-            note=d.get("note", ""),
-            residuals=[dict(r) for r in d.get("residuals", ())],
-        )
-
-
-# ---- fitting -----------------------------------------------------------------------------------------
+        params = d.get("params") or {}
+        points = [(float(c), float(y)) for c, y in d["points"]]
+        return cls(d["method"], list(d["sizes"]), list(d["size_loss"]), points, **params, note=d.get("note", ""))
 
 
 def _log_fit(x: np.ndarray, y: np.ndarray, e: float) -> tuple[float, float, float]:
@@ -224,9 +254,7 @@ def fit_dense(flops: Sequence[float], losses: Sequence[float], *, method: str = 
     if method not in FIT_METHODS:
         raise ValueError(f"fit_dense method={method!r} is invalid: allowed values are {', '.join(FIT_METHODS)}")
     if len(flops) != len(losses) or not flops:
-        raise ValueError(
-            f"fit_dense needs equally long, non-empty flops and losses; got {len(flops)} and {len(losses)}"
-        )
+        raise ValueError(f"fit_dense needs equally long, non-empty flops and losses; got {len(flops)}, {len(losses)}")
     points = [(float(c), float(y)) for c, y in zip(flops, losses)]
     for c, y in points:
         if not (math.isfinite(c) and c > 0 and math.isfinite(y) and y > 0):
@@ -251,16 +279,12 @@ def fit_dense(flops: Sequence[float], losses: Sequence[float], *, method: str = 
             if not all(math.isfinite(v) for v in (e, a, alpha)) or alpha <= 0:
                 why_not = f"the power-law fit is ill-posed (alpha={alpha:.3g}: the loss does not fall with compute)"
             else:
-                note = (
-                    "3 sizes for 3 parameters: the law can pass through every size mean, so the residuals "
-                    "show seed noise, not how well a power law describes the family"
-                    if len(sizes) == 3
-                    else ""
-                )
-                if not monotone:
-                    note = "; ".join(
-                        x for x in (note, "the size means do not fall monotonically: noise rivals compute") if x
-                    )
+                notes = [
+                    "3 sizes for 3 parameters: the law can pass through every size mean, so the residuals show "
+                    "seed noise, not how well a power law describes the family"
+                ] * (len(sizes) == 3)
+                notes += ["the size means do not fall monotonically: noise rivals compute"] * (not monotone)
+                note = "; ".join(notes)
                 big_a = math.exp(a + alpha * x0)  # back from centred log C: A * C^-alpha = exp(a - alpha (ln C - x0))
                 return DenseFit("power_law", sizes, size_loss, points, E=e, A=big_a, alpha=alpha, note=note)
         if method == "power_law":
@@ -269,9 +293,6 @@ def fit_dense(flops: Sequence[float], losses: Sequence[float], *, method: str = 
     if not monotone:
         note += "; the size means do not fall monotonically, the inverse takes the first crossing"
     return DenseFit("log_linear", sizes, size_loss, points, note=note)
-
-
-# ---- placing MoE points ------------------------------------------------------------------------------
 
 
 def dense_equivalent(
@@ -284,16 +305,12 @@ def dense_equivalent(
         raise ValueError(f"dense_equivalent max_extrapolation={max_extrapolation!r} is invalid: must be >= 1")
     out: dict[str, Any] = {"moe_flops": moe_flops, "moe_loss": moe_loss, "dense_equiv_flops": None}
     out.update(multiplier=None, status="refused", reason="")
-    if not (isinstance(moe_loss, (int, float)) and math.isfinite(moe_loss)) or not (
-        isinstance(moe_flops, (int, float)) and math.isfinite(moe_flops) and moe_flops > 0
-    ):
+    if not (is_finite_number(moe_loss) and is_finite_number(moe_flops) and moe_flops > 0):
         out["reason"] = f"needs a finite loss and flops > 0; got loss={moe_loss!r}, flops={moe_flops!r}"
         return out
     c_eq = fit.flops_for_loss(moe_loss)
     if c_eq is None:
-        floor = (
-            f"the fitted irreducible loss E={fit.E:.4g}" if fit.method == "power_law" else "what the dense fit reaches"
-        )
+        floor = f"the fitted irreducible loss E={fit.E:.4g}" if fit.method == "power_law" else "the dense fit"
         out["reason"] = f"loss {moe_loss:.4g} is below {floor}: no dense model size reaches it"
         return out
     c_min, c_max = fit.sizes[0], fit.sizes[-1]
@@ -314,8 +331,7 @@ def dense_equivalent(
 
 
 def _usable(row: Mapping[str, Any], metric: str, flops_key: str) -> bool:
-    vals = (row.get(metric), row.get(flops_key))
-    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals)
+    ok = is_finite_number(row.get(metric)) and is_finite_number(row.get(flops_key))
     return ok and row.get("status") != "diverged"
 
 
@@ -353,6 +369,10 @@ def scaling_analysis(
     for r in rows:
         if r.get("kind") == "moe" and _usable(r, metric, flops_key):
             models.setdefault(r["name"], []).append(r)
+
+    def place(fit: DenseFit, seed: Any, flops: float, loss: float) -> dict[str, Any]:
+        return {"seed": seed, **dense_equivalent(fit, flops, loss, max_extrapolation=max_extrapolation)}
+
     out = []
     for name, runs in models.items():
         per_seed, unpaired = [], ""
@@ -366,27 +386,14 @@ def scaling_analysis(
                     fit = fit_dense([d[flops_key] for d in same], [d[metric] for d in same], method=central.method)
                 except ValueError as e:  # e.g. one seed's losses do not fall with compute
                     unpaired = f"seed {r.get('seed')!r}'s dense runs do not fit alone ({e})"
-            entry = dense_equivalent(fit, float(r[flops_key]), float(r[metric]), max_extrapolation=max_extrapolation)
-            per_seed.append({"seed": r.get("seed"), **entry})
+            per_seed.append(place(fit, r.get("seed"), float(r[flops_key]), float(r[metric])))
         if unpaired:  # mixing the two kinds of estimate in one interval would be meaningless
-            per_seed = [
-                {
-                    "seed": p["seed"],
-                    **dense_equivalent(central, p["moe_flops"], p["moe_loss"], max_extrapolation=max_extrapolation),
-                }
-                for p in per_seed
-            ]
+            per_seed = [place(central, p["seed"], p["moe_flops"], p["moe_loss"]) for p in per_seed]
         m = _summarise(name, per_seed, "central_fit" if unpaired else "paired_refit")
         if unpaired:
             m["reason"] = "; ".join(x for x in (m["reason"], f"central fit for every seed: {unpaired}") if x)
         out.append(m)
-    return {
-        "metric": metric,
-        "flops_key": flops_key,
-        "fit": central.to_dict(),
-        "excluded": excluded,
-        "multipliers": out,
-    }
+    return dict(metric=metric, flops_key=flops_key, fit=central.to_dict(), excluded=excluded, multipliers=out)
 
 
 def _summarise(name: str, per_seed: list[dict[str, Any]], ci_method: str) -> dict[str, Any]:
@@ -417,9 +424,6 @@ def _summarise(name: str, per_seed: list[dict[str, Any]], ci_method: str) -> dic
         "moe_loss": math.fsum(p["moe_loss"] for p in per_seed) / len(per_seed),
         "per_seed": per_seed,
     }
-
-
-# ---- plot --------------------------------------------------------------------------------------------
 
 
 def _multiplier_text(m: Mapping[str, Any]) -> str:
@@ -475,3 +479,24 @@ def plot_scaling(analysis: Mapping[str, Any], path: str | Path, *, title: str | 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def scaling_section(rows: list[Row], out: Path) -> tuple[Row, list[str]]:
+    """The report's part: fit the dense family, price each MoE (summary.json's ``scaling``), the plot and a
+    multiplier table; a failed fit (e.g. losses that do not fall with compute) is said, not raised."""
+    try:
+        analysis = scaling_analysis(rows)
+    except ValueError as e:
+        return {"error": str(e)}, ["## Scaling", "", f"No dense fit: {e}", ""]
+    plot_scaling(analysis, out / "scaling.png")
+    fit = analysis["fit"]
+    lines = ["## Scaling: dense-equivalent compute", "", f"Dense fit: {fit['method']} ({fit.get('note') or ''}).", ""]
+    cells = []
+    for m in analysis["multipliers"]:
+        mult, ci = m["multiplier"], m["multiplier_ci95"]
+        ci_text = "n/a" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+        row = [m["model"], "refused" if mult is None else f"{mult:.2f}x", ci_text, str(m["n_seeds"]), m["status"]]
+        cells.append([*row, m["reason"] or ""])
+    lines += md_table(["model", "multiplier", "95% CI", "seeds", "status", "note"], cells)
+    res = ", ".join(f"{r['residual']:+.4f}" for r in fit["residuals"])
+    return analysis, [*lines, "", f"Dense fit residuals (loss - fit): {res}.", "", "![scaling.png](scaling.png)", ""]

@@ -23,14 +23,18 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from moekit.core.checks import is_finite_number
+
 __all__ = [
     "VERDICTS",
+    "comparison_verdicts",
     "higher_is_better",
     "paired_verdicts",
     "seed_order",
     "student_t_cdf",
     "student_t_quantile",
     "t_interval",
+    "verdict_cells",
     "verdict_metrics",
     "verdict_sentence",
     "verdicts_sentence",
@@ -49,29 +53,21 @@ _LABELS: dict[str, tuple[str, str]] = {
 # ---- Student t distribution ------------------------------------------------------------------------
 
 
+def _nonzero(v: float) -> float:
+    return v if abs(v) > 1e-300 else 1e-300  # Lentz's guard against a zero denominator
+
+
 def _betacf(a: float, b: float, x: float) -> float:
     """Continued fraction of the incomplete beta function (modified Lentz), converges for x < (a+1)/(a+b+2)."""
-    tiny = 1e-300
     qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
+    c, d = 1.0, 1.0 / _nonzero(1.0 - qab * x / qap)
     h = d
     for m in range(1, 400):
         m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-16:
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d, c = 1.0 / _nonzero(1.0 + aa * d), _nonzero(1.0 + aa / c)
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-16:
             break
     return h
 
@@ -170,10 +166,6 @@ def seed_order(seed: Any) -> tuple[int, Any]:
     return (1, repr(seed))
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _by_seed(rows: Iterable[Mapping[str, Any]], name: str) -> dict[Any, Mapping[str, Any]]:
     out: dict[Any, Mapping[str, Any]] = {}
     for r in rows:
@@ -190,10 +182,11 @@ def _by_seed(rows: Iterable[Mapping[str, Any]], name: str) -> dict[Any, Mapping[
 def _bad(row: Mapping[str, Any], metric: str) -> str | None:
     """Why ``row`` cannot enter a pair for ``metric``, or None."""
     if row.get("status") == "diverged":
-        return "diverged"
+        step = (row.get("divergence") or {}).get("step")
+        return "diverged" if step is None else f"diverged at step {step}"
     if metric not in row or row[metric] is None:
         return f"has no {metric}"
-    if not _finite(row[metric]):
+    if not is_finite_number(row[metric]):
         return f"{metric}={row[metric]!r} is not finite"
     return None
 
@@ -237,8 +230,8 @@ def paired_verdicts(
     for model in models:
         runs = _by_seed(rows, model)
         for metric in metrics:
-            if not any(metric in r for r in runs.values()):
-                continue
+            if not any(metric in r or r.get("status") == "diverged" for r in runs.values()):
+                continue  # no run of this model has the metric (a diverged run has none: its verdict says so)
             verdicts.append(_one_verdict(model, metric, runs, dense))
     return verdicts
 
@@ -288,6 +281,15 @@ def _one_verdict(
     }
 
 
+def comparison_verdicts(rows: Sequence[Mapping[str, Any]], extra_metrics: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """A comparison's verdicts: :func:`paired_verdicts` on :func:`verdict_metrics` plus the task's own
+    ``extra_metrics`` (e.g. per-task val losses); none without a dense twin."""
+    if not any(r["name"] == "dense" for r in rows):
+        return []
+    metrics = verdict_metrics(rows)
+    return paired_verdicts(rows, metrics + [m for m in extra_metrics if m not in metrics])
+
+
 # ---- text ---------------------------------------------------------------------------------------
 
 
@@ -318,7 +320,7 @@ def verdict_sentence(v: Mapping[str, Any], *, label: str | None = None, unit: st
     u = f" {unit}" if unit else ""
     excl = "".join(f"; seed {e['seed']} excluded ({e['reason']})" for e in v.get("excluded", ()))
     if mean is None:
-        return f"{model} vs the dense twin on {label}: unresolved, no paired seed ({v['reason']})."
+        return f"{model} vs the dense twin on {label}: unresolved, {v['reason']}."
     if ci is None:
         d = _decimals([mean])
         return (
@@ -333,6 +335,13 @@ def verdict_sentence(v: Mapping[str, Any], *, label: str | None = None, unit: st
     }[v["verdict"]]
     stats = f"{label} {mean:+.{d}f}{u} (95% CI {ci[0]:+.{d}f} to {ci[1]:+.{d}f}, {n} paired seeds)"
     return f"{head}: {stats}{excl}."
+
+
+def verdict_cells(v: Mapping[str, Any]) -> list[str]:
+    """A verdict as report-table cells: model, metric, moe - dense, 95% CI, paired seeds, verdict."""
+    ci = "n/a (1 seed)" if v["diff_ci95"] is None else "[{:+.4f}, {:+.4f}]".format(*v["diff_ci95"])
+    mean = "n/a" if v["diff_mean"] is None else f"{v['diff_mean']:+.4f}"
+    return [v["model"], v["metric"], mean, ci, str(v["n_seeds"]), v["verdict"]]
 
 
 def verdicts_sentence(

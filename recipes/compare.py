@@ -13,8 +13,11 @@ section; dotted overrides follow (`model.moe.num_experts=16 compare.budget=flops
 matching (params, FLOPs per token) is printed before any training, and a comparison whose active FLOPs
 differ by more than `compare.max_flops_mismatch` is refused unless `--allow-mismatch`. Rerunning the same
 command resumes: finished runs are reused, an interrupted run continues from its last checkpoint, and a run
-folder trained with another config is refused. Outputs in OUT: report.md, summary.json, PNG plots,
-runs/<model>-seed<k>/ (each a full training run folder).
+folder trained with another config is refused. A run that diverges (`TrainingDiverged`) does not stop the
+comparison: it is recorded (status `diverged`, step, reason) in its result.json, summary.json and the report,
+the verdicts skip its seed and say so, and the command exits 0 after writing the report, its last line the
+verdict as always (a rerun reuses the diverged result; retry in a new OUT). Outputs in OUT: report.md,
+summary.json, PNG plots, runs/<model>-seed<k>/ (each a full training run folder).
 
 `compare.task` picks the task adapter (moekit.experiment.plan.TASKS): `lm` (default; Shakespeare) or
 `multimodal` (image, audio and text tasks through one decoder: encoders identical in both models, the

@@ -93,26 +93,17 @@ def test_task_registry_and_the_compare_task_switch():
         load("compare.sed=2")
 
 
-def _recipe():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("compare_recipe", RECIPE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _run_recipe(out, *extra):
-    return _recipe().main(["--config", CONFIG, "--out", str(out), *extra])
+def _run_recipe(main, out, *extra):
+    return main(["--config", CONFIG, "--out", str(out), *extra])
 
 
 TINY = ("train.steps=6", "train.eval_every=3", "train.save_every=3", "compare.sample_tokens=8")
 
 
 @pytest.mark.slow
-def test_end_to_end_identical_data_and_resume(tmp_path):
+def test_end_to_end_identical_data_and_resume(tmp_path, compare_cli):
     out = tmp_path / "cmp"
-    rows = _run_recipe(out, *TINY)
+    rows = _run_recipe(compare_cli, out, *TINY)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == "lm" and [v["model"] for v in summary["verdicts"]] == ["moe-4x2"]
     v = summary["verdicts"][0]
@@ -145,19 +136,19 @@ def test_end_to_end_identical_data_and_resume(tmp_path):
     for c in ckpts[1:]:
         shutil.rmtree(c)
     (moe_dir / "ckpt" / "latest").write_text(ckpts[0].name)
-    rows2 = _run_recipe(out, *TINY)
+    rows2 = _run_recipe(compare_cli, out, *TINY)
     assert (out / "runs" / "dense-seed0" / "result.json").stat().st_mtime == dense_mtime, "dense was redone"
     assert rows2[1]["final_val_loss"] == pytest.approx(rows[1]["final_val_loss"], abs=1e-6)
     # A changed config is refused (finished and interrupted runs alike), naming the first differing field.
     with pytest.raises(ValueError, match=r"different config.*train\.lr is 0\.003 there, 0\.001 in the plan"):
-        _run_recipe(out, *TINY, "train.lr=1e-3")
+        _run_recipe(compare_cli, out, *TINY, "train.lr=1e-3")
     (moe_dir / "result.json").unlink()
     with pytest.raises(ValueError, match=r"dense-seed0 was trained with a different config.*model\.d_model"):
-        _run_recipe(out, *TINY, "model.d_model=32")
+        _run_recipe(compare_cli, out, *TINY, "model.d_model=32")
 
 
 @pytest.mark.slow
-def test_two_runs_side_by_side_in_worker_processes(tmp_path, monkeypatch):
+def test_two_runs_side_by_side_in_worker_processes(tmp_path, monkeypatch, compare_cli):
     import moekit.experiment.runner as runner
 
     pools = []
@@ -172,14 +163,15 @@ def test_two_runs_side_by_side_in_worker_processes(tmp_path, monkeypatch):
     monkeypatch.setattr(TASKS["lm"], "build_trainer", lambda *a, **k: pytest.fail("trained in the parent"))
     out = tmp_path / "cmp"
     tiny = ("train.steps=2", "train.eval_every=0", "train.save_every=0", "train.log_every=1")
-    rows = _run_recipe(out, *tiny, "compare.workers=2", "compare.threads=1", "compare.sample_tokens=4")
+    tiny += ("compare.workers=2", "compare.threads=1", "compare.sample_tokens=4")
+    rows = _run_recipe(compare_cli, out, *tiny)
     assert pools == [(2, "spawn", 1)], "both runs at once, one fresh spawned process each"
     assert [r["name"] for r in rows] == ["dense", "moe-4x2"]
     assert rows[0]["data_digest"] == rows[1]["data_digest"] and all(r["tokens_trained"] == 2 * 8 * 64 for r in rows)
     end = {f: (out / "runs" / f / "result.json").stat().st_mtime for f in ("dense-seed0", "moe-4x2-seed0")}
     # a rerun reuses both results instead of training again
     monkeypatch.setattr(runner, "run_one", lambda *a, **k: pytest.fail("retrained"))
-    assert _run_recipe(out, *tiny, "compare.workers=2", "compare.threads=1", "compare.sample_tokens=4") == rows
+    assert _run_recipe(compare_cli, out, *tiny) == rows
     assert end == {f: (out / "runs" / f / "result.json").stat().st_mtime for f in end}
 
 
@@ -195,7 +187,7 @@ def test_headline_states_the_paired_spread_without_a_verdict_word():
 
     text = headline(_rows([2.0, 2.1], [1.9, 2.05]))
     assert "moe-8x2 model reached validation loss" in text and "-0.0750 ± 0.0354" in text
-    assert "beats" not in text  # the verdict word comes from the t-interval (report.verdicts), not the headline
+    assert "beats" not in text  # the verdict word comes from the t-interval (comparison_verdicts), not the headline
     one = headline(_rows([2.0], [2.1]))  # one seed: the gap, but no verdict
     assert "higher validation loss than its dense twin on a single seed" in one and "(+0.1000)" in one
     assert "worse" not in one and "beats" not in one
@@ -236,13 +228,9 @@ def test_per_model_train_overrides_apply_to_their_kind_and_are_validated(tmp_pat
         check_planned(plan_runs(load())[0], tmp_path)
 
 
-def test_scaling_recipe_end_to_end_writes_fit_and_multipliers(tmp_path):
-    from accelerate.state import AcceleratorState, GradientState
-
+def test_scaling_recipe_end_to_end_writes_fit_and_multipliers(tmp_path, fresh_accelerate):
     from moekit.experiment.runner import run_comparison
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
     scaling = "compare.scaling={dense_d_model: [16, 32, 64], moe_experts: [2, 4], moe_at: 1}"
     tiny = ["train.steps=3", "train.eval_every=0", "train.save_every=0", "compare.sample_tokens=0", "model.n_layers=1"]
     cmp = load(scaling, "compare.seeds=2", *tiny)
@@ -257,8 +245,6 @@ def test_scaling_recipe_end_to_end_writes_fit_and_multipliers(tmp_path):
     assert all({"multiplier", "multiplier_ci95", "n_seeds"} <= set(m) for m in sc["multipliers"])
     assert (tmp_path / "scaling.png").is_file() and "## Scaling" in (tmp_path / "report.md").read_text()
     assert len(rows) == 10
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def test_scaling_config_is_validated():
@@ -271,9 +257,7 @@ def test_scaling_config_is_validated():
 
 
 @pytest.mark.parametrize("preset", ["scaling-cpu.yaml", "scaling-gpu.yaml"])
-def test_scaling_presets_plan_and_the_gpu_one_starts_on_cpu(preset, tmp_path):
-    from accelerate.state import AcceleratorState, GradientState
-
+def test_scaling_presets_plan_and_the_gpu_one_starts_on_cpu(preset, tmp_path, fresh_accelerate):
     from moekit.experiment.runner import run_comparison
 
     path = str(Path(CONFIG).with_name(preset))
@@ -283,11 +267,7 @@ def test_scaling_presets_plan_and_the_gpu_one_starts_on_cpu(preset, tmp_path):
     )
     assert len({s.seed for s in specs}) >= 2 and len({s.run.train.steps for s in specs}) == 1  # same tokens
     if preset == "scaling-gpu.yaml":  # a tiny override really trains 2 steps per run on CPU
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
         tiny = ["train.steps=2", "train.eval_every=0", "train.eval_batches=1", "train.batch_size=4"]
         tiny += ["train.save_every=0", "model.n_layers=1", "compare.seeds=1", "data.seq_len=32", "model.max_seq_len=32"]
         rows = run_comparison(load_comparison(path, [*tiny, "train.cpu=true"]), tmp_path, verbose=False)
         assert len(rows) == 6 and all(r["tokens_trained"] == 2 * 4 * 32 for r in rows)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()

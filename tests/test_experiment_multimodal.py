@@ -4,49 +4,25 @@ else identical, the recipe end to end (held-out accuracy, per-modality routing i
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-import torch
-from accelerate.state import AcceleratorState, GradientState
 
 from moekit.core.accounting import flops_per_token
 from moekit.experiment.plan import load_comparison, plan_runs
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 MM_DEBUG = RECIPES / "configs" / "mm-debug.yaml"
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("espeakng_loader") is None or importlib.util.find_spec("mlxtend") is None,
-    reason="needs the data extras (espeakng-loader, mlxtend)",
-)
+pytestmark = pytest.mark.usefixtures("mm_env")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_state_one_thread():
-    """Accelerate keeps process-wide singletons; and tiny ops run far faster on one thread on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
+def _cmp(mm_cache: str, *overrides: str):
+    return load_comparison(MM_DEBUG, [f"data.cache_root={mm_cache}", *overrides])
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("speech"))
-
-
-def _cmp(cache: str, *overrides: str):
-    return load_comparison(MM_DEBUG, [f"data.cache_root={cache}", *overrides])
-
-
-def test_comparison_plan_matches_decoder_flops_and_keeps_everything_else(cache):
-    specs = plan_runs(_cmp(cache, "compare.seeds=2", "compare.variants=['moe.modality_experts=[1,1,1]']"))
+def test_comparison_plan_matches_decoder_flops_and_keeps_everything_else(mm_cache):
+    specs = plan_runs(_cmp(mm_cache, "compare.seeds=2", "compare.variants=['moe.modality_experts=[1,1,1]']"))
     assert [s.folder for s in specs] == [
         "dense-seed0", "dense-seed1", "moe-4x2-seed0", "moe-4x2-seed1", "moe-4x2[moe.modality_experts=[1,1,1]]-seed0",
         "moe-4x2[moe.modality_experts=[1,1,1]]-seed1",
@@ -60,33 +36,26 @@ def test_comparison_plan_matches_decoder_flops_and_keeps_everything_else(cache):
         assert same == ref  # encoders, tasks, data, eval identical
         assert dataclasses.replace(s.run.train, seed=0) == dataclasses.replace(specs[0].run.train, seed=0)
     with pytest.raises(ValueError, match="flops_per_token"):
-        plan_runs(_cmp(cache, "compare.variants=['moe.top_k=4']"))
+        plan_runs(_cmp(mm_cache, "compare.variants=['moe.top_k=4']"))
     with pytest.raises(ValueError, match=r"model\.lm\.moe"):
-        _cmp(cache, "model.lm.moe=null")
+        _cmp(mm_cache, "model.lm.moe=null")
 
 
-def test_the_shared_planner_sweeps_and_budgets_the_multimodal_decoder(cache):
-    specs = plan_runs(_cmp(cache, "compare.sweep=top_k=1,2", "compare.param_matched=true", "compare.budget=flops"))
+def test_the_shared_planner_sweeps_and_budgets_the_multimodal_decoder(mm_cache):
+    specs = plan_runs(_cmp(mm_cache, "compare.sweep=top_k=1,2", "compare.param_matched=true", "compare.budget=flops"))
     assert [s.name for s in specs] == ["dense", "moe-top_k=1", "moe-top_k=2", "dense-param-matched"]
     assert [s.run.model.lm.moe.d_expert for s in specs[1:3]] == [64, 32]  # top_k * d_expert held fixed
     assert specs[-1].run.model.lm.moe is None and specs[-1].run.train.steps < specs[0].run.train.steps
     assert all(s.run.model.image == specs[0].run.model.image for s in specs)
 
 
-def _recipe():
-    spec = importlib.util.spec_from_file_location("compare_recipe", RECIPES / "compare.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    return recipe
-
-
-def test_comparison_end_to_end_writes_the_report_and_resumes(cache, tmp_path, monkeypatch):
+def test_comparison_end_to_end_writes_the_report_and_resumes(mm_cache, tmp_path, monkeypatch, compare_cli):
     import moekit.experiment.runner as runner
 
     # through the comparison recipe, which picks the multimodal task from mm-debug.yaml's compare.task
-    overrides = [f"data.cache_root={cache}", "train.steps=2", "train.log_every=1", "train.eval_every=0"]
+    overrides = [f"data.cache_root={mm_cache}", "train.steps=2", "train.log_every=1", "train.eval_every=0"]
     overrides += ["eval.samples_per_task=2", "compare.threads=1"]
-    rows = _recipe().main(["--config", str(MM_DEBUG), "--out", str(tmp_path), *overrides])
+    rows = compare_cli(["--config", str(MM_DEBUG), "--out", str(tmp_path), *overrides])
     assert [r["name"] for r in rows] == ["dense", "moe-4x2"]
     assert rows[0]["data_digest"] == rows[1]["data_digest"]
     assert rows[0]["flops_per_sample"]["image"] == rows[1]["flops_per_sample"]["image"] > 0  # same encoders
@@ -104,4 +73,4 @@ def test_comparison_end_to_end_writes_the_report_and_resumes(cache, tmp_path, mo
     assert (tmp_path / "modality_load_moe-4x2.png").is_file() and (tmp_path / "modality_purity_moe-4x2.png").is_file()
     # a rerun reuses the finished runs instead of training again
     monkeypatch.setattr(runner, "run_one", lambda *a, **k: pytest.fail("retrained"))
-    assert runner.run_comparison(_cmp(cache, *overrides), tmp_path) == rows
+    assert runner.run_comparison(_cmp(mm_cache, *overrides), tmp_path) == rows

@@ -4,14 +4,12 @@ held-out task evaluation, determinism and exact resume."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState, GradientState
 
 import moekit.multimodal.train as mmtrain
 from moekit.core.layering import load_config
@@ -30,38 +28,17 @@ from moekit.multimodal.train import (
 )
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("espeakng_loader") is None or importlib.util.find_spec("mlxtend") is None,
-    reason="needs the data extras (espeakng-loader, mlxtend)",
-)
+pytestmark = pytest.mark.usefixtures("mm_env")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_state_one_thread():
-    """Accelerate keeps process-wide singletons; and tiny ops run far faster on one thread on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("speech"))
-
-
-def _cfg(cache: str, *overrides: str) -> MultimodalRunConfig:
+def _cfg(mm_cache: str, *overrides: str) -> MultimodalRunConfig:
     # as recipes/train_multimodal.py reads it: the preset's compare section is the comparison recipe's
-    return load_mm_run_config(RECIPES / "configs" / "mm-debug.yaml", [f"data.cache_root={cache}", *overrides])
+    return load_mm_run_config(RECIPES / "configs" / "mm-debug.yaml", [f"data.cache_root={mm_cache}", *overrides])
 
 
 @pytest.fixture(scope="module")
-def tasks(cache) -> DigitTasks:
-    return load_run_tasks(_cfg(cache))
+def tasks(mm_cache) -> DigitTasks:
+    return load_run_tasks(_cfg(mm_cache))
 
 
 def _events(run_dir: Path) -> list[dict]:
@@ -75,8 +52,8 @@ def _train(cfg, run_dir, tasks, resume=False, max_steps=None) -> dict:
     return summary
 
 
-def test_debug_preset_trains_end_to_end_with_per_modality_routing(cache, tasks, tmp_path):
-    cfg = _cfg(cache)
+def test_debug_preset_trains_end_to_end_with_per_modality_routing(mm_cache, tasks, tmp_path):
+    cfg = _cfg(mm_cache)
     summary = _train(cfg, tmp_path, tasks)
     events = _events(tmp_path)
     train_events = [e for e in events if "train_loss" in e]
@@ -108,8 +85,8 @@ def test_debug_preset_trains_end_to_end_with_per_modality_routing(cache, tasks, 
     assert torch.isfinite(model(**batch).loss)
 
 
-def test_training_is_deterministic_and_resumes_exactly(cache, tasks, tmp_path):
-    cfg = _cfg(cache, "eval.samples_per_task=2")
+def test_training_is_deterministic_and_resumes_exactly(mm_cache, tasks, tmp_path):
+    cfg = _cfg(mm_cache, "eval.samples_per_task=2")
     _train(cfg, tmp_path / "a", tasks)
     _train(cfg, tmp_path / "b", tasks, max_steps=2)  # interrupted after the step-2 checkpoint ...
     _train(cfg, tmp_path / "b", tasks, resume=True)  # ... and resumed
@@ -121,8 +98,8 @@ def test_training_is_deterministic_and_resumes_exactly(cache, tasks, tmp_path):
     assert strip(a) == strip(b)  # bitwise: losses, routing telemetry, accuracies
 
 
-def test_task_eval_keys_and_gold_loss_match_the_model_loss(cache, tasks):
-    cfg = _cfg(cache, "eval.samples_per_task=5", "eval.batch_size=7")  # chunks cut through the candidates
+def test_task_eval_keys_and_gold_loss_match_the_model_loss(mm_cache, tasks):
+    cfg = _cfg(mm_cache, "eval.samples_per_task=5", "eval.batch_size=7")  # chunks cut through the candidates
     torch.manual_seed(0)
     model = TrainableMultimodalLM(cfg.model).eval()
     collate = SampleCollate(model)
@@ -143,8 +120,8 @@ def test_task_eval_keys_and_gold_loss_match_the_model_loss(cache, tasks):
 
 
 @pytest.mark.parametrize("pick", [0, -1])
-def test_accuracy_counts_the_top_ranked_candidate(cache, tasks, monkeypatch, pick):
-    cfg = _cfg(cache, "eval.samples_per_task=12", "eval.batch_size=30")
+def test_accuracy_counts_the_top_ranked_candidate(mm_cache, tasks, monkeypatch, pick):
+    cfg = _cfg(mm_cache, "eval.samples_per_task=12", "eval.batch_size=30")
 
     def fake_scores(model, batch):  # rows are sample-major, candidate-minor: favour candidate `pick`
         rows = batch["input_ids"].shape[0]

@@ -1,0 +1,55 @@
+"""Shared fixtures: fresh Accelerate singletons, the comparison CLI as a function, and the multimodal tests'
+environment (data extras, one thread, a speech cache per module)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+
+
+def reset_accelerate() -> None:
+    """Accelerate keeps process-wide singletons: a test that builds a Trainer after another must reset them."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate():
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def mm_cache(tmp_path_factory) -> str:
+    """The multimodal tests' speech cache, one per module; skips without the data extras (module-scoped
+    fixtures built from it, such as loaded tasks, come first, so the skip must be here)."""
+    for module in ("espeakng_loader", "mlxtend"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"needs the data extras ({module})")
+    return str(tmp_path_factory.mktemp("speech"))
+
+
+@pytest.fixture
+def mm_env(mm_cache, fresh_accelerate):
+    """Module-wide for the multimodal tests (``pytestmark = pytest.mark.usefixtures("mm_env")``): the extras
+    check, fresh Accelerate state and one torch thread (tiny ops run far faster so on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def compare_cli():
+    """``main(argv)`` of recipes/compare.py (a script, not a module of the package)."""
+    spec = importlib.util.spec_from_file_location(
+        "compare_recipe", Path(__file__).parents[1] / "recipes" / "compare.py"
+    )
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    return recipe.main

@@ -1,0 +1,113 @@
+"""The report tells the truth, checked on synthetic runs: the time axis is the training seconds the metrics
+events recorded, unequal recorded data digests are flagged per seed, a run folder whose config differs from
+the plan in any section is refused naming the field, and the multimodal task gets the LM's verdict structure
+for every task's accuracy and val loss."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from moekit.experiment.plan import TASKS, load_comparison, matching_table, plan_runs
+from moekit.experiment.plots import loss_curves
+from moekit.experiment.report import write_report
+from moekit.experiment.runner import check_planned
+from moekit.experiment.verdict import comparison_verdicts
+from moekit.multimodal.train import CANDIDATES
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "compare-debug.yaml")
+TIMING = dict(wall_s=1.0, loadavg_start=None, loadavg_end=None, workers=1, threads=1, cpus=2)
+
+
+def _row(spec, loss, digest):
+    return dict(
+        name=spec.name, kind=spec.kind, seed=spec.seed, flops_per_token=1000, tokens_trained=512, train_flops=1.5e6,
+        final_val_loss=loss, tokens_per_s=100.0, peak_mem_mib=1.0, wall_s=5.0, data_digest=digest, status="finished",
+        divergence=None, sweep_value=None, sample="",
+    )  # fmt: skip
+
+
+def _metrics(out, spec, events):
+    run = out / "runs" / spec.folder
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+
+
+def test_the_time_axis_is_the_recorded_training_seconds(tmp_path):
+    specs = plan_runs(load_comparison(CONFIG, []))
+    # uneven recorded seconds (a slow start), which tokens / mean tokens-per-second would flatten into a line
+    recorded = {"dense": [3.0, 4.0, 4.5], "moe-4x2": [7.25, 9.5, 20.0]}
+    for s in specs:
+        events = [
+            dict(step=k, tokens_seen=100 * k, val_loss=3 - k / 10, train_seconds=t)
+            for k, t in enumerate(recorded[s.name], 1)
+        ]
+        _metrics(tmp_path, s, [dict(step=1, tokens_seen=100, train_loss=3.0, train_seconds=0.1), *events])
+    rows = [_row(s, 2.0, "d") for s in specs]
+    curves = loss_curves(specs, rows, tmp_path)
+    assert {n: c[0]["time"] for n, c in curves.items()} == recorded
+    assert curves["dense"][0]["tokens"] == [100, 200, 300] and curves["dense"][0]["loss"] == pytest.approx(
+        [2.9, 2.8, 2.7]
+    )
+    assert curves["dense"][0]["flops"] == pytest.approx([1.5e6 / 512 * t for t in (100, 200, 300)])
+    # a run folder written before events carried seconds: tokens / mean tokens per second, said so
+    (tmp_path / "runs" / specs[0].folder / "metrics.jsonl").write_text(
+        json.dumps(dict(step=1, tokens_seen=300, val_loss=2.0))
+    )
+    assert loss_curves(specs, rows, tmp_path)["dense"][0]["time"] == [3.0]
+
+
+@pytest.mark.parametrize("moe_digests", [("a0", "b1"), ("a0", "XX")])
+def test_unequal_recorded_digests_are_flagged_per_seed(tmp_path, moe_digests):
+    cmp = load_comparison(CONFIG, ["compare.seeds=2"])
+    specs = plan_runs(cmp)
+    digests = {"dense": ("a0", "b1"), "moe-4x2": moe_digests}
+    rows = [_row(s, 2.0 - 0.01 * (s.kind == "moe"), digests[s.name][s.seed]) for s in specs]
+    write_report(tmp_path, cmp, specs, rows, matching_table(specs), TIMING)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    equal = moe_digests == digests["dense"]
+    assert [(d["seed"], d["equal"]) for d in summary["data_digests"]] == [(0, True), (1, equal)]
+    report = (tmp_path / "report.md").read_text()
+    assert ("DATA DIFFERED" in report) is not equal
+    if not equal:
+        assert "seed 1 moe-4x2: XX vs dense b1" in report
+
+
+def test_a_run_folder_with_another_config_in_any_section_is_refused_naming_the_field(tmp_path):
+    spec = plan_runs(load_comparison(CONFIG, []))[1]  # the MoE run
+    for i, (override, field) in enumerate(
+        [
+            ("data.seq_len=32", "data.seq_len"),
+            ("model.moe.top_k=1", "model.moe.top_k"),
+            ("train.warmup_steps=1", "train.warmup_steps"),
+        ]
+    ):
+        other = plan_runs(load_comparison(CONFIG, [override, "compare.allow_mismatch=true"]))[1]
+        other.run.save(tmp_path / str(i))
+        with pytest.raises(ValueError, match=rf"different config.*: {re.escape(field)} is "):
+            check_planned(spec, tmp_path / str(i))
+    placed = plan_runs(load_comparison(CONFIG, ["parallel.dispatch=reference"]))[1]
+    placed.run.save(tmp_path / "placed")
+    check_planned(spec, tmp_path / "placed")  # placement is not what the comparison holds equal
+    check_planned(spec, tmp_path / "empty")  # nothing trained there yet
+
+
+def test_the_multimodal_task_gets_the_lm_verdict_structure_per_task():
+    pairs = [("dense", "dense", 0.0), ("moe-4x2", "moe", 0.05)]
+    lm = comparison_verdicts(
+        [dict(name=n, kind=k, seed=s, final_val_loss=1.0 + s / 10 - gain) for n, k, gain in pairs for s in range(3)]
+    )
+    rows = []
+    for name, kind, gain in pairs:
+        for s in range(3):
+            row = dict(name=name, kind=kind, seed=s, final_val_loss=2.0 - gain + s / 10, val_text_loss=2.5 - gain)
+            row.update({f"{t}_acc": 0.5 + gain + s / 100 for t in CANDIDATES})
+            row.update({f"{t}_loss": 1.0 - gain + s / 50 for t in CANDIDATES})
+            rows.append(row)
+    mm = comparison_verdicts(rows, TASKS["multimodal"].verdict_fields)
+    metrics = {v["metric"] for v in mm}
+    assert {f"{t}_{m}" for t in CANDIDATES for m in ("acc", "loss")} | {"final_val_loss", "val_text_loss"} == metrics
+    assert all(set(v) == set(lm[0]) for v in mm)  # the same structure as the LM's verdicts
+    assert all(v["verdict"] == "moe_better" and v["n_seeds"] == 3 for v in mm)
+    assert {v["metric"]: v["higher_is_better"] for v in mm} == {m: m.endswith("_acc") for m in metrics}
