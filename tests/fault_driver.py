@@ -1,6 +1,7 @@
 """Run a training recipe in this process with one fault injected, for tests/test_fault_injection.py.
 
     python tests/fault_driver.py FAULT STEP THREADS RECIPE [recipe args...]
+    torchrun --nproc_per_node 2 tests/fault_driver.py FAULT STEP THREADS RECIPE [recipe args...]
 
 ``STEP`` is the 1-based optimizer step the fault concerns; ``THREADS`` the torch threads (the test's own, so
 that its reference run computes bit for bit the same). Faults:
@@ -11,6 +12,7 @@ that its reference run computes bit for bit the same). Faults:
 - ``kill-before-latest``: SIGKILL once the folder of STEP is in place, before ``latest`` names it.
 - ``kill-mid-append``: SIGKILL after half of the metrics event of STEP reached metrics.jsonl.
 - ``nan-grad``: a NaN gradient in optimizer step STEP (the run must stop with TrainingDiverged).
+- ``nan-grad-rank1``: the same on process 1 only, after DDP's gradient all-reduce (every rank must stop).
 
 The patches live in this process only: library code has no test hooks.
 """
@@ -41,7 +43,8 @@ class _StepFault(TrainerExtension):
         self.trainer: Any = None  # set once the Trainer is built
 
     def after_backward(self, model, ctx):
-        if self.fault == "nan-grad" and self.trainer.step + 1 == self.step:
+        here = self.fault == "nan-grad" or (self.fault == "nan-grad-rank1" and ctx.rank == 1)
+        if here and self.trainer.step + 1 == self.step:
             next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
 
     def after_optimizer_step(self, model, ctx):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -57,9 +58,14 @@ def _fails(capsys, argv, recipe="train_lm") -> tuple[int, str]:
     return info.value.code, err
 
 
-def _driver(fault: str, step: int, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, str(DRIVER), fault, str(step), str(torch.get_num_threads()), str(RECIPES / "train_lm.py")]
-    return subprocess.run([*argv, "--out", str(out), *RUN, *extra], capture_output=True, text=True, timeout=300)
+def _driver(fault: str, step: int, out: Path, *extra: str, processes: int = 1) -> subprocess.CompletedProcess:
+    launch = [sys.executable]
+    if processes > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    argv = [*launch, str(DRIVER), fault, str(step), str(torch.get_num_threads()), str(RECIPES / "train_lm.py")]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [*argv, "--out", str(out), *RUN, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -132,6 +138,16 @@ def test_a_nan_at_step_k_stops_the_recipe_and_the_last_good_checkpoint_resumes(t
     assert not (out / "final").exists()
     _recipe("train_lm")(["--out", str(out), "--resume-from", str(good), "--samples", "0"])
     _assert_same_weights(out, reference)  # the step-3 state was intact: same run as without the NaN
+
+
+def test_a_nan_on_one_process_stops_every_process_at_the_same_step(tmp_path):
+    out = tmp_path / "run"
+    diverged = _driver("nan-grad-rank1", 3, out, processes=2)
+    assert diverged.returncode != 0
+    # Both ranks took the same decision at the same step (else one would hang in the next collective).
+    assert diverged.stderr.count("train_lm: error: training diverged at step 3: the gradient norm is nan") == 2
+    assert diverged.stderr.count("exitcode  : 3 (pid") == 2  # torchrun's report: the recipe's code on both
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["latest", "step_0000001", "step_0000002"]
 
 
 @pytest.mark.parametrize(
