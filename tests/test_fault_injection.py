@@ -237,3 +237,20 @@ def test_a_resume_that_changes_a_fixed_field_is_refused_and_changes_nothing(
     _, err = _fails(capsys, ["--out", str(finished), "--resume", "--samples", "0", override])
     assert named in err and "fixed on resume" in err
     assert _tree_hash(finished) == before  # config.yaml, metrics and checkpoints untouched
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  d_model: 64\ntrain: [steps: 3\n")
+    _, err = _fails(capsys, ["--out", str(tmp_path / "run"), "--config", str(bad)])
+    assert f"config file {bad}: invalid YAML at line 4" in err and not (tmp_path / "run").exists()
+
+
+def test_resuming_a_finished_run_reports_its_metrics(tmp_path, capsys, finished):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = _tree_hash(run / "ckpt")
+    summary = _recipe("train_lm")(["--out", str(run), "--resume", "--samples", "0"])
+    done = capsys.readouterr().out.splitlines()[-1]
+    assert summary["step"] == 4 and "val_loss nan" not in done and f"val_loss {summary['val_loss']:.4f}" in done
+    assert _tree_hash(run / "ckpt") == before  # nothing retrained, nothing rewritten
