@@ -8,7 +8,8 @@ so every rank takes the same decision). A spike check (``TrainConfig.divergence_
 loss exceeds that multiple of its baseline: the loss of the first step (this process's; an untrained model's
 loss bounds where training should go) or, once ``SPIKE_MIN_HISTORY`` steps were seen, the median of the last
 ``SPIKE_WINDOW`` step losses if lower. The first catches a run that blows up within a few steps and stays up
-(``train.lr=10``: 5.6 -> 380 -> 1,400 nats), the second a late spike of a run that has learned.
+(``train.lr=10``: 5.6 -> 380 -> 1,400 nats), the second a late spike of a run that has learned. An
+objective whose first loss is not positive gets no spike check (a ratio to it means nothing).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class DivergenceGuard:
         for name, value in (("loss", loss_v), ("aux_loss", aux_v), ("gradient norm", norm_v)):
             if not math.isfinite(value):
                 return f"the {name} is {value} (not finite)"
-        if self.factor is not None and self.first is not None:
+        if self.factor is not None and self.first is not None and self.first > 0:  # a ratio needs a positive base
             baseline, what = self.first, "the first step's loss"
             if len(self.history) >= SPIKE_MIN_HISTORY:
                 median = statistics.median(self.history)

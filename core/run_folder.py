@@ -195,7 +195,11 @@ def load_run_file(
     tree: dict[str, Any] = {}
     if path is not None:
         skip = set(ignore)
-        merge_tree(cls, tree, {k: v for k, v in _read_tree(path, migrate).items() if k not in skip})
+        file_tree = {k: v for k, v in _read_tree(path, migrate).items() if k not in skip}
+        try:
+            merge_tree(cls, tree, file_tree)
+        except ValueError as e:  # e.g. a key of another recipe's run: name the file it came from
+            raise ValueError(f"config file {path}: {e}") from None
     items = overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides)
     for key, value in items:
         if migrate is not None:

@@ -223,6 +223,13 @@ def test_resume_needs_a_run_and_a_new_run_needs_an_empty_folder(tmp_path, capsys
     assert "holds a run: pass --resume" in err and _tree_hash(finished) == before
 
 
+def test_a_recipe_refuses_to_resume_another_recipes_run_naming_its_config(tmp_path, capsys, finished):
+    before = _tree_hash(finished)
+    _, err = _fails(capsys, ["--out", str(finished), "--resume"], "train_multimodal")
+    assert f"config file {finished / 'config.yaml'}: unknown config key 'model.vocab_size'" in err
+    assert _tree_hash(finished) == before
+
+
 @pytest.mark.parametrize(
     "override, named",
     [("data.seq_len=64", "data.seq_len: run has 32, now 64"), ("train.batch_size=4", "train.batch_size: run has 8"),
