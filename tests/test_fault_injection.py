@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import random
 import shutil
@@ -261,3 +262,16 @@ def test_resuming_a_finished_run_reports_its_metrics(tmp_path, capsys, finished)
     done = capsys.readouterr().out.splitlines()[-1]
     assert summary["step"] == 4 and "val_loss nan" not in done and f"val_loss {summary['val_loss']:.4f}" in done
     assert _tree_hash(run / "ckpt") == before  # nothing retrained, nothing rewritten
+
+
+def test_a_resume_with_a_new_lr_and_steps_takes_effect_through_the_recipe(tmp_path, finished):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    _recipe("train_lm")(["--out", str(run), "--resume", "--samples", "0", "train.steps=6", "train.lr=0.01"])
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = {e["step"]: e["lr"] for e in events if "lr" in e}
+    # debug preset: warmup 2, cosine to 0.1 x peak over the new 6 steps; logged step s used 0-based step s - 1
+    for step in (5, 6):
+        progress = (step - 1 - 2) / (6 - 1 - 2)
+        assert logged[step] == pytest.approx(0.01 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))))
+    assert "lr: 0.01" in (run / "config.yaml").read_text()
