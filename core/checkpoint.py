@@ -17,6 +17,11 @@ before the folder is complete; ``fn`` writes its files and returns the model sta
 which are left out of ``model.safetensors``. ``load(..., extra_reader=fn)`` calls ``fn(dir)`` on every
 rank after ``accelerator.load_state``; it restores its part of the model and optimizer and returns the
 keys it restored. Any model key restored by neither is an error.
+
+A checkpoint file that cannot be read (truncated, overwritten, missing RNG state) is a
+:class:`CorruptCheckpoint` naming the file and the newest older checkpoint whose files all read back;
+:func:`rewind_to` makes that one ``latest`` (moving the newer folders to ``ckpt/discarded/``, never deleting
+them) so that a resume continues from it (the recipes' ``--resume-from``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
@@ -33,17 +39,21 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from moekit.core.files import atomic_write_text, fsync_dir
 
+CKPT_DIR = "ckpt"  # a run folder's checkpoints: <run_dir>/ckpt
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"  # accelerate's name for the first model; model_1.safetensors for the next
 _PREFIX = "step_"
 _DDP_PREFIX = "module."
 _FSDP_MODEL = "pytorch_model_fsdp"  # accelerate.utils.constants.FSDP_MODEL_NAME
+_RNG_FILE = "random_states_{}.pkl"  # accelerate's per-rank RNG state
+DISCARDED = "discarded"  # newer checkpoints set aside by rewind_to
 
 ExtraWriter = Callable[[Path], Collection[str]]  # (temp folder) -> model keys it stored; collective
 ExtraReader = Callable[[Path], Collection[str]]  # (checkpoint folder) -> model keys it restored; collective
@@ -51,6 +61,9 @@ ExtraReader = Callable[[Path], Collection[str]]  # (checkpoint folder) -> model 
 
 def step_dir_name(step: int) -> str:
     return f"{_PREFIX}{step:07d}"
+
+
+log = logging.getLogger(__name__)
 
 
 class _DropTiedWeightNotice(logging.Filter):
@@ -71,6 +84,80 @@ def _quiet_tied_weights() -> Iterator[None]:
         log.removeFilter(notice)
 
 
+class CorruptCheckpoint(ValueError):
+    """A checkpoint file that cannot be read; names the file and the newest older checkpoint that reads back."""
+
+    def __init__(self, file: Path, problem: str, older: Path | None) -> None:
+        self.file, self.problem, self.older = file, problem, older
+        if older is not None:
+            advice = (
+                f"the newest older complete checkpoint is {older}: resume from it with --resume-from {older} "
+                f"(train recipes; newer checkpoints move to {older.parent / DISCARDED}), or start a new run"
+            )
+        else:
+            advice = "there is no older complete checkpoint: start a new run"
+        super().__init__(f"checkpoint file {file} is unreadable ({problem}); {advice}")
+
+
+def unreadable_file(folder: Path) -> tuple[Path, str] | None:
+    """The first file of checkpoint ``folder`` that does not read back, with the reason, or None. Reads every
+    file in full (safetensors, torch zip archives with their CRCs, JSON); a missing state file counts."""
+    if not (folder / STATE_FILE).is_file():
+        return folder / STATE_FILE, "missing: the checkpoint is incomplete"
+    for file in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), "pt") as f:
+                    for key in f.keys():
+                        f.get_tensor(key)
+            elif file.suffix in (".bin", ".pkl", ".pt"):
+                with zipfile.ZipFile(file) as z:  # torch.save's format
+                    bad = z.testzip()
+                if bad is not None:
+                    return file, f"archive member {bad} fails its CRC check"
+            elif file.suffix == ".json":
+                json.loads(file.read_text())
+        except Exception as e:  # any failure to read is the finding
+            return file, f"{type(e).__name__}: {e}"
+    return None
+
+
+def older_complete(root: Path, than: Path | None) -> Path | None:
+    """The newest checkpoint under ``root`` older than ``than`` (all, if None) whose files all read back."""
+    steps = sorted((p for p in root.glob(f"{_PREFIX}*") if p.is_dir()), reverse=True)
+    for path in steps:
+        if (than is None or path.name < than.name) and unreadable_file(path) is None:
+            return path
+    return None
+
+
+def rewind_to(checkpoint: str | os.PathLike) -> Path:
+    """Make ``checkpoint`` (a ``step_*`` folder of a run's ``ckpt``) the one a resume continues from: check
+    that it reads back, move every newer checkpoint to ``ckpt/discarded/`` and point ``latest`` at it. Not
+    collective, and safe to run on every process of a launch at once (a folder another process already moved
+    is skipped); run it before the Trainer is built."""
+    path = Path(checkpoint).resolve()
+    root = path.parent
+    if not path.is_dir() or not path.name.startswith(_PREFIX) or not (root / LATEST).exists():
+        raise FileNotFoundError(f"--resume-from {checkpoint}: not a checkpoint folder (OUT/ckpt/{_PREFIX}*)")
+    found = unreadable_file(path)
+    if found is not None:
+        raise CorruptCheckpoint(found[0], found[1], older_complete(root, path))
+    for newer in sorted(p for p in root.glob(f"{_PREFIX}*") if p.is_dir() and p.name > path.name):
+        target = root / DISCARDED / newer.name
+        n = 1
+        while target.exists():
+            target, n = root / DISCARDED / f"{newer.name}.{n}", n + 1
+        target.parent.mkdir(exist_ok=True)
+        try:
+            os.replace(newer, target)
+        except FileNotFoundError:  # moved by another process of the same launch
+            pass
+    fsync_dir(root)
+    atomic_write_text(root / LATEST, path.name + "\n")
+    return path
+
+
 class CheckpointManager:
     """Save / find / load checkpoints of one run. Every rank must call ``save`` and ``load`` (collective)."""
 
@@ -85,10 +172,15 @@ class CheckpointManager:
         pointer = self.root / LATEST
         if not pointer.is_file():
             return None
-        path = self.root / pointer.read_text().strip()
-        if not (path / STATE_FILE).is_file():
-            raise FileNotFoundError(f"{pointer} names {path.name}, which is missing or incomplete")
+        name = pointer.read_text(errors="replace").strip()
+        path = self.root / name
+        if not name.startswith(_PREFIX) or "/" in name or not (path / STATE_FILE).is_file():
+            raise CorruptCheckpoint(pointer, f"names {name!r}, which is missing or incomplete", self.older(None))
         return path
+
+    def older(self, than: Path | None) -> Path | None:
+        """The newest checkpoint older than ``than`` (any, if None) whose files all read back."""
+        return older_complete(self.root, than)
 
     def save(
         self,
@@ -130,16 +222,44 @@ class CheckpointManager:
     ) -> dict[str, Any]:
         """Restore the prepared objects and RNG states; return the trainer state (``step`` etc.). Collective."""
         path = Path(path)
+        self._check_rng_file(path, accelerator.process_index)
         unset: set[str] = set()
-        handle = accelerator.register_load_state_pre_hook(partial(_load_unwrapped, accelerator, path, unset))
         try:
-            accelerator.load_state(str(path))
-        finally:
-            handle.remove()
-        unset -= set(extra_reader(path)) if extra_reader is not None else set()
+            handle = accelerator.register_load_state_pre_hook(partial(_load_unwrapped, accelerator, path, unset))
+            try:
+                accelerator.load_state(str(path))
+            finally:
+                handle.remove()
+            unset -= set(extra_reader(path)) if extra_reader is not None else set()
+            state = json.loads((path / STATE_FILE).read_text())
+        except Exception as e:
+            found = unreadable_file(path)  # a damaged file, or a genuine mismatch (re-raised as is)
+            if found is None:
+                raise
+            raise CorruptCheckpoint(found[0], found[1], self.older(path)) from e
         if unset:
             raise RuntimeError(f"checkpoint {path} has no saved value for {sorted(unset)}")
-        return json.loads((path / STATE_FILE).read_text())
+        return state
+
+    def _check_rng_file(self, path: Path, rank: int) -> None:
+        """Accelerate skips an unreadable RNG file with an INFO log, so the run would continue with other
+        random numbers: refuse it. A missing file of a rank > 0 means the checkpoint was written by fewer
+        processes; that rank keeps its seeded state (logged), as on any other process count."""
+        file = path / _RNG_FILE.format(rank)
+        if not file.is_file():
+            if rank == 0:
+                raise CorruptCheckpoint(file, "missing", self.older(path))
+            log.warning(
+                "%s is missing (checkpoint written by fewer processes): rank %d keeps its seeded RNG", file, rank
+            )
+            return
+        try:
+            with zipfile.ZipFile(file) as z:
+                bad = z.testzip()
+        except (OSError, zipfile.BadZipFile) as e:
+            raise CorruptCheckpoint(file, f"{type(e).__name__}: {e}", self.older(path)) from None
+        if bad is not None:
+            raise CorruptCheckpoint(file, f"archive member {bad} fails its CRC check", self.older(path))
 
     def _prune(self, keep_also: Path) -> None:
         steps = sorted(p for p in self.root.glob(f"{_PREFIX}*") if p.is_dir())

@@ -69,3 +69,15 @@ def build_scheduler(
         return lr_factor(step, warmup_steps, total_steps, min_lr_ratio, decay)
 
     return LambdaLR(optimizer, factor)
+
+
+def restart_schedule(scheduler: LambdaLR, peak_lr: float) -> None:
+    """After a scheduler's state (its step count) and its optimizer's were loaded from a checkpoint: make the
+    learning rate of the next step follow ``scheduler``'s own lambdas (this run's schedule, possibly with
+    other total or warmup steps) and ``peak_lr``, instead of the saved run's last value."""
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = [peak_lr] * len(groups)
+    for group, factor in zip(groups, scheduler.lr_lambdas):
+        group["initial_lr"] = peak_lr
+        group["lr"] = peak_lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]

@@ -32,8 +32,6 @@ and sampling.
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
 import math
 import os
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -47,19 +45,19 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from moekit.core.checkpoint import CheckpointManager
+from moekit.core.checkpoint import CKPT_DIR, CheckpointManager
 from moekit.core.checks import fail
 from moekit.core.data import StepSampler, make_batch
 from moekit.core.extension import TrainContext, TrainerExtension
-from moekit.core.layering import config_to_dict, flatten_dict
+from moekit.core.full_model import fsdp_full_model as _fsdp_full_model
+from moekit.core.guard import DivergenceGuard, TrainingDiverged, all_finite
 from moekit.core.meter import LogWindow, measure_matmul_flops
+from moekit.core.metrics_file import METRICS_FILE, append_event, restart_events, tracker_hparams
 from moekit.core.objective import LMObjective, Objective, StepOutput
-from moekit.core.optim import build_optimizer, build_scheduler
+from moekit.core.optim import build_optimizer, build_scheduler, restart_schedule
 from moekit.core.train_config import COMPILE_BACKENDS, MIXED_PRECISIONS, TRACKERS, TrainConfig
 
 __all__ = ["COMPILE_BACKENDS", "MIXED_PRECISIONS", "TRACKERS", "TrainConfig", "Trainer", "measure_matmul_flops"]
-
-METRICS_FILE = "metrics.jsonl"
 
 
 class Trainer:
@@ -104,7 +102,7 @@ class Trainer:
         self._check_world_size(expect_processes)
         self.micro_batch_size, self.accum_steps = self._micro_batching()
         acc.gradient_accumulation_steps = self.accum_steps
-        self.ckpt = CheckpointManager(self.run_dir / "ckpt", cfg.keep_checkpoints)
+        self.ckpt = CheckpointManager(self.run_dir / CKPT_DIR, cfg.keep_checkpoints)
         latest = self._existing_checkpoint(resume)
         self.ctx = TrainContext(
             cfg=cfg,
@@ -126,11 +124,12 @@ class Trainer:
         # can carry it and a resumed run continues it exactly); None after resuming a checkpoint without one.
         self.data_digest: str | None = ""
         self.last_metrics: dict[str, Any] = {}
+        self.guard = DivergenceGuard(cfg.divergence_factor)
         if latest is not None:
             self._restore(latest)
         self._start_metrics_file()
         if cfg.log_with != "none":
-            acc.init_trackers("tb", config=_tracker_hparams(hparams or {"train": vars(cfg)}))
+            acc.init_trackers("tb", config=tracker_hparams(hparams or {"train": vars(cfg)}))
         self.probe_flops: float | None = None
         self._reprobe()
 
@@ -211,6 +210,9 @@ class Trainer:
         # Accelerate restores its micro-batch counter from rank 0's RNG file; with another process count
         # (hence accumulation) it would fall out of step with ours.
         acc.step = self.step * self.accum_steps
+        # The schedule follows this run's config from the restored step on: train.steps, lr and warmup may
+        # change on resume (moekit.core.run_folder.RESUME_RULES), and the restored optimizer holds the old lr.
+        restart_schedule(self.scheduler.scheduler, cfg.lr)
         self.train_seconds = state.get("train_seconds", 0.0)
         self.data_digest = state.get("data_digest")
 
@@ -290,6 +292,7 @@ class Trainer:
         return out
 
     def save_checkpoint(self) -> Path:
+        self._refuse_non_finite_state()
         self._sync_tokens()
         state = {
             "tokens_seen": self.tokens_seen,
@@ -306,6 +309,7 @@ class Trainer:
         if not hasattr(self.unwrapped_model, "save_pretrained"):
             return None
         path = self.run_dir / "final"
+        self._refuse_non_finite_state()
         full = self.gather_full_model()
         if full is not None:
             full.save_pretrained(path)
@@ -356,17 +360,18 @@ class Trainer:
             self.data_digest = hashlib.sha256(link).hexdigest()
         local = self.sampler.shard(global_idx, rank, world)  # [batch_size / world]
         self.model.train()
+        losses: list[Tensor] = []  # [2] (loss, aux_loss) per micro-batch, for the divergence guard
         for m in range(self.accum_steps):
             mb = local[m * self.micro_batch_size : (m + 1) * self.micro_batch_size]
             batch = self._to_device(self.collate(self.train_data, mb))
             with acc.accumulate(self.model):
                 out = self._objective_step(batch)
                 acc.backward(out.loss + out.aux_loss)
+                losses.append(torch.stack([out.loss.detach().float(), out.aux_loss.detach().float().reshape(())]))
                 if acc.sync_gradients:
                     for ext in self.extensions:
                         ext.after_backward(self.unwrapped_model, self.ctx)
-                    if self.cfg.grad_clip is not None:
-                        window.grad_norm = self._clip_grad_norm(self.cfg.grad_clip)
+                    self._guard_step(window, torch.stack(losses).mean(0))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             window.add(out.loss, out.aux_loss, out.metrics, out.num_tokens)
@@ -378,6 +383,32 @@ class Trainer:
             ext.after_optimizer_step(self.unwrapped_model, self.ctx)
         if self.after_step is not None:
             self.after_step(self.unwrapped_model)
+
+    def _guard_step(self, window: LogWindow, losses: Tensor) -> None:
+        """Clip (or just measure) the gradient norm and stop before ``optimizer.step`` when the step diverged."""
+        clip = self.cfg.grad_clip
+        norm = self._clip_grad_norm(clip if clip is not None else math.inf)  # inf: measures, scales by 1
+        if clip is not None:
+            window.grad_norm = norm
+        reason = self.guard.check(self.step + 1, losses[0], losses[1], norm, self.accelerator)
+        if reason is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(self.step + 1, reason, self._last_good_checkpoint())
+
+    def _refuse_non_finite_state(self) -> None:
+        """A checkpoint or final model with non-finite weights or optimizer state is never written. Collective."""
+        model = self.unwrapped_model
+        state = [t for s in self.optimizer.state.values() for t in s.values() if isinstance(t, Tensor)]
+        if not all_finite([*model.parameters(), *model.buffers(), *state], self.accelerator):
+            reason = "the weights or optimizer state are not finite; refusing to save them"
+            raise TrainingDiverged(self.step, reason, self._last_good_checkpoint())
+
+    def _last_good_checkpoint(self) -> Path | None:
+        """The newest checkpoint on disk: every saved one passed ``_refuse_non_finite_state``."""
+        try:
+            return self.ckpt.latest()
+        except (OSError, ValueError):
+            return None
 
     def _objective_step(self, batch: dict[str, Tensor]) -> StepOutput:
         if self._compiled is None:
@@ -439,8 +470,7 @@ class Trainer:
         self.last_metrics.update(metrics)
         if not self.is_main_process:
             return
-        with open(self.run_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        append_event(self.run_dir / METRICS_FILE, metrics)
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
         if scalars and self.cfg.log_with != "none":
             self.accelerator.log(scalars, step=self.step)
@@ -449,14 +479,8 @@ class Trainer:
         """Fresh run: empty file. Resume: drop events logged after the checkpoint (the run will redo them)."""
         if not self.is_main_process:
             return
-        path = self.run_dir / METRICS_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if self.step > 0 and path.exists():
-            kept = [json.dumps(e) for e in _read_events(path) if e["step"] <= self.step]
-        path.write_text("".join(line + "\n" for line in kept))
-        for line in kept:  # a resumed (e.g. finished) run reports its last metrics, not nan
-            self.last_metrics.update(json.loads(line))
+        for event in restart_events(self.run_dir / METRICS_FILE, self.step):
+            self.last_metrics.update(event)
 
     def _eval_shard(self) -> list[Tensor]:
         """This rank's micro-batches of a fixed, evenly spaced set of val windows (same count on every rank)."""
@@ -473,46 +497,3 @@ class Trainer:
 
     def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
-
-
-def _read_events(path: Path) -> list[dict[str, Any]]:
-    """The events of a metrics file. A torn last line (a crash mid-append) is dropped with a warning: the
-    resumed run redoes that step. Any other unreadable line is an error naming the file and line."""
-    lines = path.read_text().splitlines()
-    events = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:
-                logging.getLogger(__name__).warning("%s: dropped a torn last line (%s)", path, e)
-                break
-            raise ValueError(f"{path}: line {i + 1} is not a JSON event ({e}); fix or remove that line") from None
-    return events
-
-
-def _fsdp_full_model(accelerator: Accelerator, model: nn.Module) -> nn.Module | None:
-    """Collective: on the main process, a plain (unsharded, unwrapped) copy of an FSDP-wrapped ``model``,
-    rebuilt from its ``cfg`` and the full state dict that ``accelerator.get_state_dict`` gathers; None
-    elsewhere. A deep copy of the sharded module would hold DTensors whose forward needs every rank."""
-    state = accelerator.get_state_dict(model)  # full tensors on the main process only
-    if not accelerator.is_main_process:
-        return None
-    from torch.distributed.fsdp import FSDPModule
-
-    wrapped = accelerator.unwrap_model(model)
-    # FSDP2 swaps the module's class for a subclass of FSDPModule; build the original class.
-    cls = next(c for c in type(wrapped).__mro__ if not issubclass(c, FSDPModule))
-    if not hasattr(wrapped, "cfg"):
-        raise TypeError(f"{cls.__name__} has no .cfg: cannot rebuild an unsharded copy of an FSDP model")
-    plain = cls(wrapped.cfg)
-    plain.load_state_dict(state)
-    return plain
-
-
-def _tracker_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """TensorBoard hparams accept only int/float/str/bool: flatten sections, stringify the rest."""
-    flat = flatten_dict(config_to_dict(hparams))
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}

@@ -21,12 +21,17 @@ class TrainConfig:
     micro_batch_size: int | None = None  # sequences per forward on one rank; None = batch_size / num_processes
     lr: float = 1e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    # A warmup longer than ``steps`` is allowed (a preset's warmup with a tiny ``steps`` override, e.g. a smoke
+    # test): the run then ends inside the warmup, below the peak lr.
     warmup_steps: int = 100
     decay: str = "cosine"  # one of DECAY_SCHEDULES
     weight_decay: float = 0.1  # matrices only (see optim.split_decay_params)
     betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-8
     grad_clip: float | None = 1.0  # max global grad norm; None = no clipping
+    # Stop (TrainingDiverged) when a step's loss exceeds this multiple of the running median of recent step
+    # losses (moekit.core.guard); None = no spike check. Non-finite losses and gradients always stop a run.
+    divergence_factor: float | None = 10.0
     mixed_precision: str = "no"  # "no" (float32) or "bf16" autocast (CPU too)
     eval_every: int = 200  # steps between evaluations; 0 = only at the end
     eval_batches: int = 4  # val windows evaluated = eval_batches * batch_size (capped by the val set)
@@ -60,9 +65,10 @@ class TrainConfig:
             ("weight_decay", lambda x: x >= 0, ">= 0"),
             ("adam_eps", lambda x: x > 0, "> 0"),
             ("grad_clip", lambda x: x > 0, "> 0, or None for no clipping"),
+            ("divergence_factor", lambda x: x > 1, "> 1, or None for no loss-spike check"),
         ):
             value = getattr(self, name)
-            if value is None and name == "grad_clip":
+            if value is None and name in ("grad_clip", "divergence_factor"):
                 continue
             # is_finite_number: inf/nan pass every comparison above (or fail it silently) and diverge at step 1
             if not (is_finite_number(value) and ok(value)):

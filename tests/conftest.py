@@ -19,8 +19,9 @@ def reset_accelerate() -> None:
 
 @pytest.fixture
 def fresh_accelerate():
+    """A clean Accelerate state before and after the test; call the value to reset it between two Trainers."""
     reset_accelerate()
-    yield
+    yield reset_accelerate
     reset_accelerate()
 
 

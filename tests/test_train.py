@@ -395,5 +395,7 @@ def test_train_lm_recipe_debug_preset(tmp_path, capsys):
     summary = _load_recipe().main(["--out", str(out), "--resume", "--samples", "0", "train.steps=6"])
     assert summary["step"] == 6
     assert [e["step"] for e in _events(out) if "train_loss" in e][-3:] == [4, 5, 6]
-    with pytest.raises(ValueError, match=r"model.d_model: run has 64, now 32"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
         _load_recipe().main(["--out", str(out), "--resume", "model.d_model=32"])
+    assert exit_info.value.code == 2 and "model.d_model: run has 64, now 32" in capsys.readouterr().err
