@@ -142,7 +142,7 @@ PHI3_ATTN = (
     Fused(
         f"{L}.self_attn.qkv_proj.weight",  # rows: q (H*Dh), k (G*Dh), v (G*Dh)
         tuple(f"{M}.attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj")),
-        lambda c: (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim),
+        lambda c: (c.n_heads * c.dh, c.n_kv_heads * c.dh, c.n_kv_heads * c.dh),
     ),
     Same(f"{L}.self_attn.o_proj.weight", f"{M}.attn.o_proj.weight"),
 )

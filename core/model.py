@@ -44,7 +44,18 @@ class Block(nn.Module):
         super().__init__()
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dropout)
+        self.attn = Attention(
+            cfg.d_model,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.dropout,
+            head_dim=cfg.dh,
+            qkv_bias=cfg.qkv_bias,
+            out_bias=cfg.out_bias,
+            qk_norm=cfg.qk_norm,
+            clip_qkv=cfg.clip_qkv,
+            norm_eps=cfg.norm_eps,
+        )
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if self.is_moe:
             out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
@@ -149,6 +160,8 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith("_proj.bias"):
+                nn.init.zeros_(p)
             elif name.endswith(("o_proj.weight", "ffn.w_down.weight")):
                 nn.init.normal_(p, 0.0, out_std)
             elif ".ffn." in name and not name.endswith(("w_gate.weight", "w_up.weight")):
@@ -196,7 +209,7 @@ class Transformer(nn.Module):
         x_btd = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=x_btd.device).expand(B, T)
-        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x_btd.dtype)
+        cos, sin = rope_cos_sin(position_ids, self.cfg.dh, self.cfg.rope_theta, x_btd.dtype, self.cfg.rope_scaling)
         mask = build_attention_mask(attention_mask, B, T, past_len, x_btd.device)
         if token_mask is None and attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, past_len:].to(torch.bool)

@@ -82,3 +82,28 @@ def test_moe_params_and_flops_are_exact(moe_kw, dispatch):
         model(x)
     measured = fc.get_total_flops() / (B * T)
     assert abs(flops_per_token(cfg, T) - measured) / measured < 0.02, (flops_per_token(cfg, T), measured)
+
+
+ATTENTION_OPTIONS = [
+    dict(qkv_bias=True, out_bias=True),
+    dict(qk_norm="head", head_dim=24),  # Qwen3: head_dim != d_model / n_heads
+    dict(qk_norm="full", clip_qkv=1.0),  # OLMoE
+    dict(rope_scaling=dict(factor=8.0, original_max_seq_len=16)),
+    dict(qkv_bias=True, qk_norm="head", head_dim=8, n_kv_heads=1),
+]
+
+
+@pytest.mark.parametrize("opts", ATTENTION_OPTIONS)
+def test_attention_options_params_and_flops_are_exact(opts):
+    cfg = ModelConfig(**{**DENSE_CONFIGS[1], **opts})
+    model = Transformer(cfg).eval()
+    assert count_params(cfg).total == sum(p.numel() for p in model.parameters())
+    B, T = 2, 32
+    x = torch.randint(0, cfg.vocab_size, (B, T))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(x)
+    measured = fc.get_total_flops() / (B * T)
+    assert abs(flops_per_token(cfg, T) - measured) / measured < 0.02, (flops_per_token(cfg, T), measured)
+    if "head_dim" in opts:  # the head width really enters the count
+        plain = ModelConfig(**DENSE_CONFIGS[1])
+        assert flops_per_token(cfg, T) != flops_per_token(plain, T)

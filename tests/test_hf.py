@@ -119,7 +119,7 @@ def test_rope_convention_needs_no_permutation(tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     ours = load_hf(tmp_path / "hf").eval()
     assert_same_logits(ours, hf)
-    dh = ours.cfg.head_dim
+    dh = ours.cfg.dh
     perm = torch.arange(dh).view(2, dh // 2).t().reshape(-1)  # [0, Dh/2, 1, Dh/2+1, ...]
     with torch.no_grad():
         for blk in ours.layers:

@@ -312,7 +312,7 @@ def test_a_shape_mismatch_is_refused_before_reading_tensor_data(tmp_path, monkey
 
 
 def test_a_moekit_field_this_converter_does_not_know_is_refused_on_export():
-    """A ModelConfig field added to moekit later (here a made-up qk_norm) exports only at its default, so a new
+    """A ModelConfig field added to moekit later (here a made-up attention_sinks) exports only at its default, so a new
     attention feature can never be written to HF silently dropped."""
     from dataclasses import dataclass
 
@@ -321,9 +321,9 @@ def test_a_moekit_field_this_converter_does_not_know_is_refused_on_export():
 
     @dataclass
     class Future(ModelConfig):
-        qk_norm: bool = False
+        attention_sinks: bool = False
 
     shape = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=40)
     assert config_to_hf(Future(**shape))["architectures"] == ["LlamaForCausalLM"]
-    with pytest.raises(ValueError, match="ModelConfig.qk_norm=True has no HF equivalent"):
-        config_to_hf(Future(**shape, qk_norm=True))
+    with pytest.raises(ValueError, match="ModelConfig.attention_sinks=True has no HF equivalent"):
+        config_to_hf(Future(**shape, attention_sinks=True))
