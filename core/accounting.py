@@ -6,6 +6,7 @@ FLOP convention: a matmul of [m, k] x [k, n] costs 2*m*k*n. Forward FLOPs per to
                          and as FlopCounterMode and PaLM's MFU formula count it; causal masking is not halved)
   dense SwiGLU           3 * 2*D*F
   MoE layer              router 2*D*E + top_k * 3*2*D*d_expert + shared 3*2*D*(n_shared*d_shared)
+                         (+ 2*D for the sigmoid shared-expert gate)
   LM head                2*D*V
 with Dh = ``cfg.dh`` (an explicit ``head_dim`` may differ from D/H). Biases, QK-norm, clipping, norms, RoPE
 (scaled or not), activations, softmax and the embedding lookup are elementwise/gathers and are left out
@@ -51,7 +52,7 @@ def _moe_layer_params(cfg: ModelConfig) -> tuple[int, int, int]:
     m = cfg.moe
     assert m is not None
     per_expert = 3 * cfg.d_model * m.d_expert
-    shared = 3 * cfg.d_model * m.num_shared_experts * m.shared_width
+    shared = 3 * cfg.d_model * m.num_shared_experts * m.shared_width + (cfg.d_model if m.shared_gate else 0)
     router = cfg.d_model * m.num_experts
     if m.router == "noisy_topk":
         router *= 2  # the learned noise projection
@@ -94,6 +95,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
             total += 2 * D * m.num_experts  # router
             total += m.top_k * 3 * 2 * D * m.d_expert
             total += 3 * 2 * D * m.num_shared_experts * m.shared_width
+            total += 2 * D if m.shared_gate else 0  # the shared-expert gate, a [D, 1] matmul
         else:
             total += 3 * 2 * D * cfg.d_ff
     total += 2 * D * cfg.vocab_size
