@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from moekit.core.config import RopeScaling
+from moekit.core.config import ModelConfig, RopeScaling
 
 
 class RMSNorm(nn.Module):
@@ -115,6 +115,22 @@ class Attention(nn.Module):
             per_head = qk_norm == "head"
             self.q_norm = RMSNorm(self.head_dim if per_head else hq, norm_eps)
             self.k_norm = RMSNorm(self.head_dim if per_head else hkv, norm_eps)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> Attention:
+        """The attention layer ``cfg`` describes (heads, head dim, biases, QK-norm, clipping, dropout)."""
+        return cls(
+            cfg.d_model,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.dropout,
+            head_dim=cfg.dh,
+            qkv_bias=cfg.qkv_bias,
+            out_bias=cfg.out_bias,
+            qk_norm=cfg.qk_norm,
+            clip_qkv=cfg.clip_qkv,
+            norm_eps=cfg.norm_eps,
+        )
 
     def _project(self, x_btd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q [B, H, T, Dh], k and v [B, G, T, Dh], normed and clipped (before RoPE)."""

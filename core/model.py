@@ -44,18 +44,7 @@ class Block(nn.Module):
         super().__init__()
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(
-            cfg.d_model,
-            cfg.n_heads,
-            cfg.n_kv_heads,
-            cfg.dropout,
-            head_dim=cfg.dh,
-            qkv_bias=cfg.qkv_bias,
-            out_bias=cfg.out_bias,
-            qk_norm=cfg.qk_norm,
-            clip_qkv=cfg.clip_qkv,
-            norm_eps=cfg.norm_eps,
-        )
+        self.attn = Attention.from_config(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if self.is_moe:
             out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)

@@ -3,6 +3,7 @@ logit scale), the round trip is bit-exact with dtypes kept, KV-cache generation 
 families moekit cannot represent yet are refused, naming the missing feature."""
 
 import json
+import re
 import runpy
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from moekit.core.generate import generate  # noqa: E402
+from moekit.core.generate import generate, greedy_recompute  # noqa: E402
 from moekit.core.hf import config_from_hf, load_hf_state_dict  # noqa: E402
 from moekit.core.model import Transformer  # noqa: E402
 
@@ -32,6 +33,14 @@ SHAPE = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
+LLAMA3 = {
+    "rope_type": "llama3",
+    "rope_theta": 500.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,  # at head dim 8: one kept, one blended, two slowed frequencies
+}
 FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(intermediate_size=40)),
     "mistral": (
@@ -45,6 +54,49 @@ FAMILIES = {
         transformers.MixtralForCausalLM,
         dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2),
     ),
+    "llama_bias": (  # attention_bias=True: q/k/v and o biases
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        dict(intermediate_size=40, attention_bias=True),
+    ),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(intermediate_size=40)),
+    # head_dim 12 != hidden_size / heads = 8
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(intermediate_size=40, head_dim=12)),
+    "llama3": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        dict(intermediate_size=40, rope_parameters=LLAMA3),
+    ),
+    "qwen3_moe": (  # layer 0 dense (mlp_only_layers), layer 1 MoE; renormalised top-2
+        transformers.Qwen3MoeConfig,
+        transformers.Qwen3MoeForCausalLM,
+        dict(
+            intermediate_size=40,
+            moe_intermediate_size=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            mlp_only_layers=[0],
+            head_dim=12,
+        ),
+    ),  # fmt: skip
+    "olmoe": (  # every layer MoE, raw (not renormalised) top-2 probabilities, clip_qkv that clips
+        transformers.OlmoeConfig,
+        transformers.OlmoeForCausalLM,
+        dict(intermediate_size=16, num_experts=4, num_experts_per_tok=2, clip_qkv=0.8),
+    ),
+    "qwen2_moe": (  # decoder_sparse_step=2: layer 0 dense, layer 1 MoE with the gated shared expert
+        transformers.Qwen2MoeConfig,
+        transformers.Qwen2MoeForCausalLM,
+        dict(
+            intermediate_size=40,
+            moe_intermediate_size=8,
+            shared_expert_intermediate_size=12,
+            num_experts=4,
+            num_experts_per_tok=2,
+            decoder_sparse_step=2,
+        ),
+    ),  # fmt: skip
 }
 
 
@@ -96,12 +148,19 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 def assert_cache_matches_recompute(model: Transformer) -> None:
     """Greedy decoding with the KV cache gives the tokens that recomputing the whole prefix gives."""
     ids = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(7))
-    cached = generate(model, ids, max_new_tokens=8, temperature=0)
-    seq = ids
-    with torch.no_grad():
-        for _ in range(8):
-            seq = torch.cat([seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(cached, seq)
+    assert torch.equal(generate(model, ids, max_new_tokens=8, temperature=0), greedy_recompute(model, ids, 8))
+
+
+# What each converted config must hold, so that a family whose feature was silently dropped cannot pass.
+EXPECTED = {
+    "llama_bias": lambda c: c.qkv_bias and c.out_bias,
+    "qwen2": lambda c: c.qkv_bias and not c.out_bias,
+    "qwen3": lambda c: c.qk_norm == "head" and c.head_dim == 12 and not c.qkv_bias,
+    "llama3": lambda c: c.rope_scaling.factor == 8.0 and c.rope_scaling.original_max_seq_len == 32,
+    "qwen3_moe": lambda c: c.ffn_kinds() == ["dense", "moe"] and c.moe.renormalize and c.head_dim == 12,
+    "olmoe": lambda c: c.qk_norm == "full" and c.clip_qkv == 0.8 and not c.moe.renormalize,
+    "qwen2_moe": lambda c: c.ffn_kinds() == ["dense", "moe"] and c.moe.shared_gate and c.moe.d_shared == 12,
+}
 
 
 @pytest.mark.slow
@@ -111,6 +170,7 @@ def test_family_converts_both_ways_through_the_cli(tmp_path, family):
     hf.save_pretrained(tmp_path / "hf")
     MAIN(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")])
     ours = Transformer.from_pretrained(tmp_path / "m").eval()
+    assert EXPECTED.get(family, lambda c: True)(ours.cfg)
     assert max_rel_logit_diff(ours, hf) < 1e-4
     assert_cache_matches_recompute(ours)
 
@@ -175,13 +235,10 @@ def _config(cls_name: str, **kw) -> dict:
 
 
 REFUSED = [
-    ("Qwen3MoeConfig", "Qwen3-MoE needs per-head QK-norm (not supported yet)"),
-    ("Qwen3Config", "Qwen3 needs per-head QK-norm (not supported yet)"),
-    ("OlmoeConfig", "OLMoE needs QK-norm over the full q/k projection width and clip_qkv"),
-    ("Qwen2Config", "Qwen2 needs q/k/v projection biases"),
-    ("Qwen2MoeConfig", "Qwen2-MoE needs q/k/v projection biases and a sigmoid-gated shared expert"),
     ("DeepseekV2Config", "DeepSeek-V2 needs multi-head latent attention (MLA)"),
     ("DeepseekV3Config", "DeepSeek-V3 needs multi-head latent attention (MLA)"),
+    ("GptOssConfig", "GPT-OSS needs attention sinks"),
+    ("GraniteMoeConfig", "Granite-MoE needs Granite's embedding/residual/attention/logit multipliers"),
 ]
 
 
@@ -196,12 +253,13 @@ def test_families_needing_missing_features_are_refused_by_name(cls_name, message
 
 
 def test_refusal_through_the_cli_names_the_feature_and_writes_nothing(tmp_path, capsys):
-    cfg = transformers.Qwen3MoeConfig(**{**SHAPE, "intermediate_size": 40}, moe_intermediate_size=8, num_experts=4)
-    transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf").mkdir()
+    d = transformers.DeepseekV3Config(**{**SHAPE, "intermediate_size": 40}).to_dict()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**d, "architectures": ["DeepseekV3ForCausalLM"]}))
     with pytest.raises(SystemExit) as exc:
         MAIN(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")])
     assert exc.value.code == 2
-    assert "Qwen3-MoE needs per-head QK-norm (not supported yet)" in capsys.readouterr().err
+    assert "DeepSeek-V3 needs multi-head latent attention (MLA)" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no output, no temporary folder
 
 
@@ -211,22 +269,11 @@ def test_refusal_through_the_cli_names_the_feature_and_writes_nothing(tmp_path, 
         ("mistral", dict(sliding_window=16), "sliding_window", "sliding-window attention is not supported yet"),
         ("mixtral", dict(sliding_window=16), "sliding_window", "sliding-window attention is not supported yet"),
         ("phi3", dict(sliding_window=16), "sliding_window", "sliding-window attention is not supported yet"),
-        ("mistral", dict(head_dim=16), "head_dim", "not supported yet"),
-        (
-            "llama",
-            dict(
-                rope_parameters={
-                    "rope_type": "llama3",
-                    "rope_theta": 5e5,
-                    "factor": 8.0,
-                    "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 32,
-                }
-            ),
-            "rope_parameters.rope_type",
-            "'llama3' RoPE scaling is not supported yet",
-        ),  # fmt: skip
+        ("olmoe", dict(head_dim=16), "head_dim", "OLMoE needs head_dim = hidden_size/num_attention_heads"),
+        ("qwen2", dict(use_sliding_window=True, sliding_window=16), "sliding_window", "not supported yet"),
+        ("mistral", dict(attention_bias=True), "attention_bias", "Mistral has no such projection biases"),
+        ("llama", dict(rope_parameters={**LLAMA3, "rope_type": "yarn"}), "rope_parameters.rope_type", "'yarn' RoPE"),
+        ("llama", dict(rope_parameters={**LLAMA3, "factor": None}), "rope_parameters", r"needs \['factor'\]"),
         (
             "phi3",
             dict(
@@ -268,11 +315,11 @@ def test_help_lists_the_families_and_directions(capsys):
         MAIN(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for name in ("LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM"):
-        assert f"{name}" in text and "--from-hf and --to-hf" in text
-    for title in ("Qwen3-MoE", "OLMoE", "Qwen2-MoE", "Qwen2", "DeepSeek-V2", "DeepSeek-V3"):
-        assert f"{title} " in text
-    assert text.count("refused: needs") >= 7
+    convertible = ("Llama", "Mistral", "Phi3", "Mixtral", "Qwen2", "Qwen3", "Qwen3Moe", "Olmoe", "Qwen2Moe")
+    for name in convertible:
+        assert re.search(rf"{name}ForCausalLM +--from-hf and --to-hf", text), name
+    for title in ("DeepSeek-V2", "DeepSeek-V3", "GPT-OSS", "Granite-MoE"):
+        assert re.search(rf"{title} .*refused: needs", text), title
 
 
 @pytest.mark.slow
