@@ -214,8 +214,9 @@ def test_family_can_be_chosen_on_the_way_out(tmp_path):
 
 
 @pytest.mark.slow
-def test_bf16_stays_bf16_unless_asked(tmp_path):
-    hf = hf_model("mixtral").to(torch.bfloat16)
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_bf16_stays_bf16_unless_asked(tmp_path, family):
+    hf = hf_model(family).to(torch.bfloat16)
     hf.save_pretrained(tmp_path / "hf")
     MAIN(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")])
     assert {t.dtype for t in load_hf_state_dict(tmp_path / "m").values()} == {torch.bfloat16}
@@ -323,19 +324,23 @@ def test_help_lists_the_families_and_directions(capsys):
 
 
 @pytest.mark.slow
-def test_converted_llama_upcycles_to_a_mixtral_that_transformers_runs(tmp_path):
-    """HF Llama -> moekit -> upcycled MoE (every expert a copy of the dense FFN, renormalised top-2) ->
-    HF Mixtral: at initialisation the MoE computes the dense model, in moekit and in transformers."""
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_converted_dense_model_upcycles_to_an_moe_equal_at_init(tmp_path, family):
+    """HF dense -> moekit -> upcycled MoE (every expert a copy of the dense FFN, renormalised top-2): at
+    initialisation the MoE computes the dense model (biases, QK-norm and head_dim kept); a Llama's goes on to
+    HF Mixtral and computes the same in transformers."""
     from moekit.moe import upcycle
     from moekit.moe.config import MoEConfig
 
-    hf = hf_model("llama")
+    hf = hf_model(family)
     hf.save_pretrained(tmp_path / "hf")
     MAIN(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")])
     dense = Transformer.from_pretrained(tmp_path / "m").eval()
     moe = MoEConfig(num_experts=4, top_k=2, d_expert=40, load_balance_coef=0.01, z_loss_coef=0.0)
     sparse = upcycle(dense, moe, seed=0).eval()
     assert max_rel_logit_diff(sparse, hf) < 1e-4
+    if family != "llama":
+        return
     sparse.save_pretrained(tmp_path / "up")
     MAIN(["--to-hf", str(tmp_path / "up"), "--out", str(tmp_path / "mixtral")])
     mixtral = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "mixtral").eval()
@@ -374,3 +379,83 @@ def test_a_moekit_field_this_converter_does_not_know_is_refused_on_export():
     assert config_to_hf(Future(**shape))["architectures"] == ["LlamaForCausalLM"]
     with pytest.raises(ValueError, match="ModelConfig.attention_sinks=True has no HF equivalent"):
         config_to_hf(Future(**shape, attention_sinks=True))
+
+
+# ---- the MoE families: layouts, routing and layer selection ----------------------------------------
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "qwen2_moe"])
+def test_in_memory_fused_expert_layout_converts(family):
+    """transformers 5's in-memory state dict stacks the experts (gate_up_proj [E, 2F, D]); it converts too."""
+    from moekit.core.hf import state_dict_from_hf
+
+    hf = hf_model(family)
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in hf.state_dict())
+    cfg = config_from_hf(hf.config.to_dict())
+    ours = Transformer(cfg)
+    ours.load_state_dict(state_dict_from_hf(dict(hf.state_dict()), cfg, family), strict=not cfg.tie_embeddings)
+    assert max_rel_logit_diff(ours.eval(), hf) < 1e-4
+
+
+def test_decoder_sparse_step_and_mlp_only_layers_pick_the_layers_transformers_picks():
+    from moekit.core.hf import config_to_hf
+
+    kw = dict(
+        SHAPE, num_hidden_layers=6, intermediate_size=16, moe_intermediate_size=8, num_experts=4, num_experts_per_tok=2
+    )
+    for changes in (dict(decoder_sparse_step=2), dict(decoder_sparse_step=2, mlp_only_layers=[3]), dict()):
+        hf_cfg = transformers.Qwen3MoeConfig(**kw, **changes)
+        hf = transformers.Qwen3MoeForCausalLM(hf_cfg)
+        theirs = ["moe" if "SparseMoe" in type(layer.mlp).__name__ else "dense" for layer in hf.model.layers]
+        cfg = config_from_hf(hf_cfg.to_dict())
+        assert cfg.ffn_kinds() == theirs, changes
+        back = transformers.Qwen3MoeConfig(**{k: v for k, v in config_to_hf(cfg, family="qwen3_moe").items()})
+        again = ["moe" if "SparseMoe" in type(layer.mlp).__name__ else "dense"
+                 for layer in transformers.Qwen3MoeForCausalLM(back).model.layers]  # fmt: skip
+        assert again == theirs, changes
+    assert config_from_hf(transformers.Qwen3MoeConfig(**kw, decoder_sparse_step=2).to_dict()).moe.every_n_layers == 2
+
+
+@pytest.mark.parametrize("norm,top_k", [(True, 1), (True, 2), (False, 1), (False, 2)])
+def test_norm_topk_prob_maps_onto_moekit_routing_and_back(norm, top_k):
+    """HF renormalises the selected probabilities iff norm_topk_prob (1.0 at top-1 = top-k-then-softmax)."""
+    from moekit.core.hf import config_to_hf
+
+    d = transformers.OlmoeConfig(**SHAPE, intermediate_size=16, num_experts=4, num_experts_per_tok=top_k,
+                                 norm_topk_prob=norm).to_dict()  # fmt: skip
+    moe = config_from_hf(d).moe
+    renormalised = moe.topk_order == "topk_then_softmax" or (moe.renormalize and moe.top_k > 1)
+    assert renormalised == norm
+    assert config_to_hf(config_from_hf(d), family="olmoe")["norm_topk_prob"] == norm
+
+
+@pytest.mark.parametrize(
+    "source,target,message",
+    [
+        ("qwen3", "llama", r"ModelConfig.qk_norm='head' has no LlamaForCausalLM equivalent: Llama needs 'none'"),
+        ("llama", "qwen2", r"ModelConfig.qkv_bias=False has no Qwen2ForCausalLM equivalent: Qwen2 always has"),
+        ("llama", "qwen3", r"ModelConfig.qk_norm='none' has no Qwen3ForCausalLM equivalent"),
+        ("qwen2", "mistral", r"ModelConfig.qkv_bias=True has no MistralForCausalLM equivalent"),
+        ("llama3", "phi3", r"ModelConfig.rope_scaling=.* has no Phi3ForCausalLM equivalent"),
+        ("qwen3", "mistral", r"ModelConfig.qk_norm='head'"),
+        ("olmoe", "mixtral", r"ModelConfig.qk_norm='full' has no MixtralForCausalLM equivalent"),
+        ("qwen2_moe", "qwen3_moe", r"ModelConfig.out_bias=False has no Qwen3MoeForCausalLM equivalent: .*qkv_bias"),
+        ("mixtral", "qwen2_moe", r"ModelConfig.moe.shared_gate=False has no Qwen2MoeForCausalLM equivalent"),
+    ],
+)
+def test_writing_another_family_refuses_what_it_cannot_hold(tmp_path, capsys, source, target, message):
+    hf_model(source).save_pretrained(tmp_path / "hf")
+    MAIN(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")])
+    with pytest.raises(SystemExit) as exc:
+        MAIN(["--to-hf", str(tmp_path / "m"), "--out", str(tmp_path / "x"), "--family", target])
+    assert exc.value.code == 2 and not (tmp_path / "x").exists()
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_qwen2_moe_without_a_gated_shared_expert_is_refused():
+    from moekit.core.config import ModelConfig
+    from moekit.core.hf import config_to_hf
+    from moekit.moe.config import MoEConfig
+
+    moe = MoEConfig(num_experts=4, top_k=2, d_expert=8, num_shared_experts=1, d_shared=8)
+    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=40, qkv_bias=True, moe=moe)
+    with pytest.raises(ValueError, match=r"moe.shared_gate=False has no Qwen2MoeForCausalLM equivalent"):
+        config_to_hf(cfg, family="qwen2_moe")
