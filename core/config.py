@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from moekit.core.checks import fail, is_finite_number, is_int
 from moekit.moe.config import MoEConfig
 
 QK_NORMS = ("none", "head", "full")
-ROPE_SCALINGS = ("llama3",)
+ROPE_SCALINGS = ("llama3", "yarn")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -24,29 +25,63 @@ def _fail(name: str, value: Any, allowed: str) -> None:
 class RopeScaling:
     """Frequency scaling of RoPE for long contexts, nested as ``ModelConfig(rope_scaling=RopeScaling(...))``.
 
-    ``rope_type='llama3'`` (Llama 3.1): frequencies whose wavelength exceeds ``original_max_seq_len /
-    low_freq_factor`` are divided by ``factor``, those shorter than ``original_max_seq_len / high_freq_factor``
-    are kept, and the band between is interpolated smoothly (formula in ``moekit.core.layers.rope_inv_freq``).
+    - ``rope_type='llama3'`` (Llama 3.1): frequencies whose wavelength exceeds ``original_max_seq_len /
+      low_freq_factor`` are divided by ``factor``, those shorter than ``original_max_seq_len /
+      high_freq_factor`` are kept, and the band between is interpolated smoothly.
+    - ``rope_type='yarn'`` (Peng et al. 2023): frequencies that turn fewer than ``beta_slow`` times over
+      ``original_max_seq_len`` positions are divided by ``factor``, those turning more than ``beta_fast`` times
+      are kept, with a linear ramp over the dims between (``truncate`` rounds the ramp ends outwards), and
+      cos/sin are scaled by :attr:`attention_scaling` (``attention_factor``, else ``0.1 ln(factor) + 1``, or
+      the ratio of that with ``mscale`` and ``mscale_all_dim`` when both are set, as DeepSeek does).
+
+    Formulas in ``moekit.core.layers.rope_inv_freq``. The fields of the other type keep their defaults.
     """
 
     rope_type: str = "llama3"  # one of ROPE_SCALINGS
     factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
     original_max_seq_len: int = 8192
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn; None = derived from factor (and mscale / mscale_all_dim)
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn
 
     def __post_init__(self) -> None:
         if self.rope_type not in ROPE_SCALINGS:
             fail("RopeScaling", "rope_type", self.rope_type, f"allowed values are {', '.join(ROPE_SCALINGS)}")
-        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
             value = getattr(self, name)
             if not is_finite_number(value) or value <= 0:
                 fail("RopeScaling", name, value, "must be a finite number > 0")
+        for name in ("attention_factor", "mscale", "mscale_all_dim"):
+            value = getattr(self, name)
+            if value is not None and (not is_finite_number(value) or value <= 0):
+                fail("RopeScaling", name, value, "must be a finite number > 0, or None")
         if self.high_freq_factor <= self.low_freq_factor:
             allowed = f"must be > low_freq_factor={self.low_freq_factor}"
             fail("RopeScaling", "high_freq_factor", self.high_freq_factor, allowed)
         if not is_int(self.original_max_seq_len) or self.original_max_seq_len < 1:
             fail("RopeScaling", "original_max_seq_len", self.original_max_seq_len, "must be a positive integer")
+        if not isinstance(self.truncate, bool):
+            fail("RopeScaling", "truncate", self.truncate, "must be true or false")
+
+    @property
+    def attention_scaling(self) -> float:
+        """The factor on cos/sin (so on every q.k logit, squared): 1 except for yarn."""
+        if self.rope_type != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return self.attention_factor
+
+        def m(scale: float, mscale: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+        if self.mscale and self.mscale_all_dim:
+            return m(self.factor, self.mscale) / m(self.factor, self.mscale_all_dim)
+        return m(self.factor)
 
 
 @dataclass

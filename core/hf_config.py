@@ -32,7 +32,13 @@ _MODEL_MAPPED = {
     "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len", "rope_theta", "norm_eps",
     "tie_embeddings", "init_std", "moe", "head_dim", "qkv_bias", "out_bias", "qk_norm", "clip_qkv", "rope_scaling",
 }  # fmt: skip
-_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+_ROPE_KEYS = {  # HF rope_parameters keys of each scaling moekit represents
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": (
+        "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale",
+        "mscale_all_dim", "truncate",
+    ),
+}  # fmt: skip
 
 
 # ---- configs: HF -> moekit -----------------------------------------------------------------------
@@ -56,7 +62,7 @@ def _rope(hf_cfg: dict[str, Any], fam: Family) -> tuple[float, RopeScaling | Non
     """RoPE base and scaling from transformers 5's ``rope_parameters`` or the older top-level ``rope_theta`` /
     ``rope_scaling``.
 
-    Plain RoPE and Llama 3.1's ``llama3`` scaling are representable; other scalings (linear, dynamic, yarn,
+    Plain RoPE and the ``llama3`` and ``yarn`` scalings are representable; other scalings (linear, dynamic,
     longrope, ...) and partial rotary embeddings are refused.
     """
     params = hf_cfg.get("rope_parameters") or {}
@@ -74,8 +80,8 @@ def _rope(hf_cfg: dict[str, Any], fam: Family) -> tuple[float, RopeScaling | Non
             refuse(
                 f"{name}.partial_rotary_factor", d["partial_rotary_factor"], "partial RoPE is not supported; only 1.0"
             )
-        if kind == "llama3":
-            found.append((name, d))
+        if kind in _ROPE_KEYS:
+            found.append((name, {**d, "rope_type": kind}))
     if hf_cfg.get("partial_rotary_factor", 1.0) != 1.0:
         refuse("partial_rotary_factor", hf_cfg["partial_rotary_factor"], "partial RoPE is not supported; only 1.0")
     top, nested = hf_cfg.get("rope_theta"), params.get("rope_theta")
@@ -86,21 +92,41 @@ def _rope(hf_cfg: dict[str, Any], fam: Family) -> tuple[float, RopeScaling | Non
     if not found:
         return theta, None
     name, d = found[0]
-    if len(found) > 1 and any(found[1][1].get(k) != d.get(k) for k in _LLAMA3_KEYS):
+    kind = d["rope_type"]
+    if len(found) > 1 and any(found[1][1].get(k) != d.get(k) for k in ("rope_type", *_ROPE_KEYS[kind])):
         refuse("rope_scaling", found[1][1], f"disagrees with rope_parameters={d}")
-    lacking = [k for k in _LLAMA3_KEYS if d.get(k) is None]
+    return theta, _scaling_from_hf(name, d, hf_cfg)
+
+
+def _scaling_from_hf(name: str, d: dict[str, Any], hf_cfg: dict[str, Any]) -> RopeScaling:
+    kind = d["rope_type"]
+    need = _ROPE_KEYS[kind] if kind == "llama3" else ("original_max_position_embeddings",)
+    lacking = [k for k in need if d.get(k) is None]
     if lacking:
-        refuse(name, d, f"llama3 RoPE scaling needs {lacking}")
-    try:
-        rs = RopeScaling(
-            factor=float(d["factor"]),
-            low_freq_factor=float(d["low_freq_factor"]),
-            high_freq_factor=float(d["high_freq_factor"]),
-            original_max_seq_len=int(d["original_max_position_embeddings"]),
+        refuse(name, d, f"{kind} RoPE scaling needs {lacking}")
+    orig = int(d["original_max_position_embeddings"])
+    kw: dict[str, Any] = dict(rope_type=kind, original_max_seq_len=orig)
+    if kind == "llama3":
+        kw.update(
+            factor=float(d["factor"]), low_freq_factor=d["low_freq_factor"], high_freq_factor=d["high_freq_factor"]
         )
+    else:  # transformers: a missing factor is the context ratio (DeepSeek-V3); falsy betas take 32 and 1
+        factor = d.get("factor")
+        if factor is None:
+            factor = hf_cfg.get("max_position_embeddings", orig) / orig
+        kw.update(
+            factor=float(factor),
+            beta_fast=float(d.get("beta_fast") or 32),
+            beta_slow=float(d.get("beta_slow") or 1),
+            attention_factor=d.get("attention_factor"),
+            mscale=d.get("mscale"),
+            mscale_all_dim=d.get("mscale_all_dim"),
+            truncate=bool(d.get("truncate", True)),
+        )
+    try:
+        return RopeScaling(**kw)
     except ValueError as err:
         refuse(name, d, str(err))
-    return theta, rs
 
 
 def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -108,12 +134,13 @@ def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     rs = cfg.rope_scaling
     if rs is not None:
         params.update(
-            rope_type=rs.rope_type,
-            factor=rs.factor,
-            low_freq_factor=rs.low_freq_factor,
-            high_freq_factor=rs.high_freq_factor,
-            original_max_position_embeddings=rs.original_max_seq_len,
+            rope_type=rs.rope_type, factor=rs.factor, original_max_position_embeddings=rs.original_max_seq_len
         )
+        if rs.rope_type == "llama3":
+            params.update(low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor)
+        else:
+            params.update(beta_fast=rs.beta_fast, beta_slow=rs.beta_slow, truncate=rs.truncate)
+            params.update({k: getattr(rs, k) for k in ("attention_factor", "mscale", "mscale_all_dim")})
     return params
 
 

@@ -212,7 +212,7 @@ class Family:
     moe_layouts: tuple[tuple[Rule, ...], ...] = ()
     window_field: bool = False
     window_flag: bool = False
-    rope_types: tuple[str, ...] = ("default", "llama3")
+    rope_types: tuple[str, ...] = ("default", "llama3", "yarn")
     bias: tuple[str | None, str] | None = None
     qk_norm: str = "none"
     clip_qkv: bool = False
@@ -245,7 +245,7 @@ FAMILIES: dict[str, Family] = {
             "llama",
             dict(max_position_embeddings=2048, rms_norm_eps=1e-6, attention_bias=False),
             bias=("attention_bias", "all"),
-            note="default or llama3 RoPE",
+            note="default, llama3 or yarn RoPE; attention_bias",
         ),
         Family(
             "mistral",
@@ -381,14 +381,14 @@ FAMILIES: dict[str, Family] = {
             "DeepSeek-V2",
             "DeepseekV2ForCausalLM",
             "deepseek_v2",
-            missing="multi-head latent attention (MLA), interleaved/yarn RoPE and group-limited routing",
+            missing="multi-head latent attention (MLA), interleaved RoPE and group-limited routing",
         ),
         Family(
             "deepseek_v3",
             "DeepSeek-V3",
             "DeepseekV3ForCausalLM",
             "deepseek_v3",
-            missing="multi-head latent attention (MLA), interleaved/yarn RoPE, group-limited routing with "
+            missing="multi-head latent attention (MLA), interleaved RoPE, group-limited routing with "
             "routed_scaling_factor and a score-correction bias",
         ),
         Family(
@@ -396,7 +396,7 @@ FAMILIES: dict[str, Family] = {
             "GPT-OSS",
             "GptOssForCausalLM",
             "gpt_oss",
-            missing="attention sinks, alternating sliding-window attention, biases, clamped SwiGLU and yarn RoPE",
+            missing="attention sinks, alternating sliding-window attention, biases and clamped SwiGLU",
         ),
         Family(
             "granitemoe",

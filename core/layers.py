@@ -32,14 +32,30 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None, device=None) -> Tensor:
-    """RoPE's float64 inverse frequencies ``[Dh/2]``, with Llama 3.1's scaling when ``scaling`` is set: slow
-    rotations (wavelength above ``original_max_seq_len / low_freq_factor``) are slowed ``factor`` times more,
-    fast ones (below ``original_max_seq_len / high_freq_factor``) are kept, and the band between blends the
-    two linearly in ``original_max_seq_len / wavelength``."""
+    """RoPE's float64 inverse frequencies ``[Dh/2]``, scaled as ``scaling`` says (:class:`RopeScaling`).
+
+    llama3: slow rotations (wavelength above ``original_max_seq_len / low_freq_factor``) are slowed ``factor``
+    times more, fast ones (below ``original_max_seq_len / high_freq_factor``) are kept, and the band between
+    blends the two linearly in ``original_max_seq_len / wavelength``. yarn: dim pair ``j`` turns
+    ``L / wavelength_j`` times over ``L = original_max_seq_len`` positions; the pairs from the one turning
+    ``beta_fast`` times to the one turning ``beta_slow`` times ramp linearly from kept to divided by ``factor``.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).double() / head_dim))
     if scaling is None:
         return inv_freq
     ctx, factor = scaling.original_max_seq_len, scaling.factor
+    if scaling.rope_type == "yarn":
+
+        def dim_of(turns: float) -> float:  # the (fractional) dim whose frequency turns `turns` times over ctx
+            return head_dim * math.log(ctx / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+        lo, hi = dim_of(scaling.beta_fast), dim_of(scaling.beta_slow)
+        if scaling.truncate:
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, head_dim - 1)
+        hi = hi + 0.001 if lo == hi else hi  # a one-point ramp would divide by zero
+        ramp = ((torch.arange(head_dim // 2, device=device).double() - lo) / (hi - lo)).clamp(0.0, 1.0)
+        return inv_freq / factor * ramp + inv_freq * (1 - ramp)
     lo, hi = scaling.low_freq_factor, scaling.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     smooth = ((ctx / wavelen - lo) / (hi - lo)).clamp(0.0, 1.0)  # 0 at the low-frequency end, 1 at the high
@@ -49,11 +65,15 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
 def rope_cos_sin(
     position_ids_bt: Tensor, head_dim: int, theta: float, dtype: torch.dtype, scaling: RopeScaling | None = None
 ) -> tuple[Tensor, Tensor]:
-    """cos/sin tables for the half-split (rotate_half) RoPE convention used by Llama. -> [B, 1, T, Dh]."""
+    """cos/sin tables for the half-split (rotate_half) RoPE convention used by Llama, times yarn's attention
+    scaling when set. -> [B, 1, T, Dh]."""
     inv_freq = rope_inv_freq(head_dim, theta, scaling, position_ids_bt.device)
     angles = position_ids_bt.double()[..., None] * inv_freq  # [B, T, Dh/2]
     angles = torch.cat([angles, angles], dim=-1)  # [B, T, Dh]
-    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+    cos, sin = angles.cos(), angles.sin()
+    if scaling is not None and scaling.attention_scaling != 1.0:
+        cos, sin = cos * scaling.attention_scaling, sin * scaling.attention_scaling
+    return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
 def apply_rope(x_bhtd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

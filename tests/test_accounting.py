@@ -97,6 +97,7 @@ ATTENTION_OPTIONS = [
     dict(qk_norm="head", head_dim=24),  # Qwen3: head_dim != d_model / n_heads
     dict(qk_norm="full", clip_qkv=1.0),  # OLMoE
     dict(rope_scaling=dict(factor=8.0, original_max_seq_len=16)),
+    dict(rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_seq_len=16)),
     dict(qkv_bias=True, qk_norm="head", head_dim=8, n_kv_heads=1),
 ]
 

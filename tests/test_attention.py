@@ -15,11 +15,13 @@ from moekit.core.model import Transformer
 
 SHAPE = dict(vocab_size=53, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=40, max_seq_len=64)
 LLAMA3 = RopeScaling(factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=32)
+YARN = RopeScaling(rope_type="yarn", factor=4.0, original_max_seq_len=16)
 OPTIONS = {
     "bias": dict(qkv_bias=True, out_bias=True),
     "qwen3": dict(qk_norm="head", head_dim=12),
     "olmoe": dict(qk_norm="full", clip_qkv=0.7),
     "llama3": dict(rope_scaling=LLAMA3),
+    "yarn": dict(rope_scaling=YARN, head_dim=16),
     "all": dict(qkv_bias=True, qk_norm="head", head_dim=6, clip_qkv=0.9, rope_scaling=LLAMA3),
 }
 
@@ -40,6 +42,39 @@ def llama3_inv_freq_scalar(dh: int, theta: float, s: RopeScaling) -> list[float]
     return out
 
 
+def yarn_inv_freq_scalar(dh: int, theta: float, s: RopeScaling) -> list[float]:
+    """YaRN per dim pair j: r_j = L / wavelength_j rotations over the original context L; pairs with r_j above
+    beta_fast keep their frequency, below beta_slow are interpolated (divided by factor), linearly between in
+    the pair index (the band's ends rounded outwards)."""
+    freqs = [1.0 / theta ** (j / dh) for j in range(0, dh, 2)]
+
+    def pair_at(rotations: float) -> float:  # solve L * f_j / (2 pi) = rotations for the pair index j
+        return dh * math.log(s.original_max_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    lo, hi = max(math.floor(pair_at(s.beta_fast)), 0), min(math.ceil(pair_at(s.beta_slow)), dh - 1)
+    out = []
+    for i, f in enumerate(freqs):
+        ramp = min(max((i - lo) / (hi - lo), 0.0), 1.0)
+        out.append(f * (1 - ramp) + f / s.factor * ramp)
+    return out
+
+
+def test_yarn_inv_freq_and_attention_scaling():
+    dh, theta = 32, 500.0
+    ours = rope_inv_freq(dh, theta, YARN)
+    assert torch.allclose(ours, torch.tensor(yarn_inv_freq_scalar(dh, theta, YARN), dtype=torch.float64))
+    ratio = rope_inv_freq(dh, theta) / ours
+    assert ratio[0] == 1 and ratio[-1] == pytest.approx(YARN.factor)
+    assert YARN.attention_scaling == pytest.approx(0.1 * math.log(4.0) + 1)
+    deepseek = RopeScaling(rope_type="yarn", factor=40.0, mscale=1.0, mscale_all_dim=0.707)
+    assert deepseek.attention_scaling == pytest.approx((0.1 * math.log(40) + 1) / (0.0707 * math.log(40) + 1))
+    assert RopeScaling(rope_type="yarn", attention_factor=1.5).attention_scaling == 1.5
+    assert LLAMA3.attention_scaling == 1.0
+    pos = torch.arange(5)[None]
+    cos, _ = rope_cos_sin(pos, dh, theta, torch.float64, YARN)
+    assert cos[0, 0, 0, 0] == pytest.approx(YARN.attention_scaling)  # position 0: cos = 1, scaled
+
+
 def test_llama3_inv_freq_matches_the_piecewise_rule_and_covers_all_three_bands():
     dh, theta = 32, 500.0
     ours = rope_inv_freq(dh, theta, LLAMA3)
@@ -50,7 +85,9 @@ def test_llama3_inv_freq_matches_the_piecewise_rule_and_covers_all_three_bands()
     assert ((ratio > 1.01) & (ratio < LLAMA3.factor - 0.01)).any()  # the blended band
 
 
-def reference_attention(attn: Attention, x_btd: torch.Tensor, inv_freq: torch.Tensor, eps: float) -> torch.Tensor:
+def reference_attention(
+    attn: Attention, x_btd: torch.Tensor, inv_freq: torch.Tensor, eps: float, rope_gain: float = 1.0
+) -> torch.Tensor:
     """Per (batch, head) loops with explicit rotations, causal softmax and kv-head sharing."""
     B, T, _ = x_btd.shape
     H, G, dh = attn.n_heads, attn.n_kv_heads, attn.head_dim
@@ -76,7 +113,7 @@ def reference_attention(attn: Attention, x_btd: torch.Tensor, inv_freq: torch.Te
         half = dh // 2
         for t in range(T):
             for j in range(half):
-                c, s = math.cos(t * inv_freq[j].item()), math.sin(t * inv_freq[j].item())
+                c, s = rope_gain * math.cos(t * inv_freq[j].item()), rope_gain * math.sin(t * inv_freq[j].item())
                 a, b = t_td[t, j], t_td[t, j + half]
                 out[t, j], out[t, j + half] = a * c - b * s, b * c + a * s
         return out
@@ -105,7 +142,8 @@ def test_attention_matches_the_reference_in_float64_with_gradients(name):
     pos = torch.arange(6).expand(2, 6)
     cos, sin = rope_cos_sin(pos, cfg.dh, cfg.rope_theta, torch.float64, cfg.rope_scaling)
     fast, _ = attn(x, cos, sin, None)
-    ref = reference_attention(attn, x, rope_inv_freq(cfg.dh, cfg.rope_theta, cfg.rope_scaling), eps=1e-2)
+    gain = 1.0 if cfg.rope_scaling is None else cfg.rope_scaling.attention_scaling
+    ref = reference_attention(attn, x, rope_inv_freq(cfg.dh, cfg.rope_theta, cfg.rope_scaling), 1e-2, gain)
     if cfg.clip_qkv is not None:
         unclipped = Attention.from_config(dataclasses.replace(cfg, clip_qkv=None)).double()
         unclipped.load_state_dict(attn.state_dict())
@@ -142,7 +180,8 @@ def test_options_change_the_function():
     base = ModelConfig(**SHAPE, init_std=0.3)
     torch.manual_seed(4)
     ref = Transformer(base).eval()
-    for kw in (dict(qk_norm="full"), dict(qk_norm="head"), dict(clip_qkv=0.05), dict(rope_scaling=LLAMA3)):
+    options = (dict(qk_norm="full"), dict(qk_norm="head"), dict(clip_qkv=0.05), dict(rope_scaling=LLAMA3))
+    for kw in (*options, dict(rope_scaling=YARN)):
         m = Transformer(ModelConfig(**SHAPE, init_std=0.3, **kw)).eval()
         m.load_state_dict(ref.state_dict(), strict=False)
         assert not torch.allclose(m(ids).logits, ref(ids).logits), kw
@@ -168,7 +207,8 @@ def test_default_config_has_the_old_parameters_and_old_config_json_loads():
         (dict(clip_qkv=float("inf")), r"ModelConfig.clip_qkv=inf is invalid"),
         (dict(head_dim=7), r"ModelConfig.head_dim=7 is invalid: must be an even integer"),
         (dict(qkv_bias=1), r"ModelConfig.qkv_bias=1 is invalid: must be true or false"),
-        (dict(rope_scaling=dict(rope_type="yarn")), r"RopeScaling.rope_type='yarn' is invalid: allowed values"),
+        (dict(rope_scaling=dict(rope_type="linear")), r"RopeScaling.rope_type='linear' is invalid: allowed values"),
+        (dict(rope_scaling=dict(rope_type="yarn", mscale=0.0)), r"RopeScaling.mscale=0.0 is invalid"),
         (dict(rope_scaling=dict(factor=-1.0)), r"RopeScaling.factor=-1.0 is invalid"),
         (dict(rope_scaling=dict(low_freq_factor=4.0)), r"RopeScaling.high_freq_factor=4.0 is invalid"),
     ],

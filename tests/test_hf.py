@@ -208,7 +208,7 @@ def test_legacy_and_default_rope_theta():
         (dict(hidden_act="gelu"), "hidden_act"),
         (dict(architectures=["OlmoeForCausalLM"], model_type="olmoe", head_dim=16), "head_dim"),
         (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), "rope_parameters"),
-        (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}), "rope_parameters.rope_type"),
+        (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 5e5, "factor": 8.0}), "rope_parameters.rope_type"),
         (dict(rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling.rope_type"),
         (dict(rope_theta=1.0, rope_parameters={"rope_type": "default", "rope_theta": 2.0}), "rope_theta"),
         (dict(architectures=["GPT2LMHeadModel"]), "architectures"),

@@ -41,6 +41,7 @@ LLAMA3 = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 32,  # at head dim 8: one kept, one blended, two slowed frequencies
 }
+YARN = {"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0, "original_max_position_embeddings": 16}
 FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(intermediate_size=40)),
     "mistral": (
@@ -53,6 +54,16 @@ FAMILIES = {
         transformers.MixtralConfig,
         transformers.MixtralForCausalLM,
         dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2),
+    ),
+    "qwen3_yarn": (
+        transformers.Qwen3Config,
+        transformers.Qwen3ForCausalLM,
+        dict(intermediate_size=40, rope_parameters=YARN),
+    ),
+    "llama_yarn_mscale": (  # DeepSeek-style yarn: no factor (context ratio 64/16), mscale / mscale_all_dim
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        dict(intermediate_size=40, rope_parameters={**YARN, "factor": None, "mscale": 1.0, "mscale_all_dim": 0.5}),
     ),
     "llama_bias": (  # attention_bias=True: q/k/v and o biases
         transformers.LlamaConfig,
@@ -154,6 +165,8 @@ def assert_cache_matches_recompute(model: Transformer) -> None:
 # What each converted config must hold, so that a family whose feature was silently dropped cannot pass.
 EXPECTED = {
     "llama_bias": lambda c: c.qkv_bias and c.out_bias,
+    "qwen3_yarn": lambda c: c.rope_scaling.rope_type == "yarn" and c.rope_scaling.attention_scaling > 1,
+    "llama_yarn_mscale": lambda c: c.rope_scaling.factor == 4.0 and c.rope_scaling.mscale_all_dim == 0.5,
     "qwen2": lambda c: c.qkv_bias and not c.out_bias,
     "qwen3": lambda c: c.qk_norm == "head" and c.head_dim == 12 and not c.qkv_bias,
     "llama3": lambda c: c.rope_scaling.factor == 8.0 and c.rope_scaling.original_max_seq_len == 32,
@@ -273,7 +286,12 @@ def test_refusal_through_the_cli_names_the_feature_and_writes_nothing(tmp_path, 
         ("olmoe", dict(head_dim=16), "head_dim", "OLMoE needs head_dim = hidden_size/num_attention_heads"),
         ("qwen2", dict(use_sliding_window=True, sliding_window=16), "sliding_window", "not supported yet"),
         ("mistral", dict(attention_bias=True), "attention_bias", "Mistral has no such projection biases"),
-        ("llama", dict(rope_parameters={**LLAMA3, "rope_type": "yarn"}), "rope_parameters.rope_type", "'yarn' RoPE"),
+        (
+            "llama",
+            dict(rope_parameters={**LLAMA3, "rope_type": "linear"}),
+            "rope_parameters.rope_type",
+            "'linear' RoPE",
+        ),
         ("llama", dict(rope_parameters={**LLAMA3, "factor": None}), "rope_parameters", r"needs \['factor'\]"),
         (
             "phi3",
