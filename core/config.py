@@ -95,7 +95,8 @@ class ModelConfig:
     Qwen3 sets it explicitly), ``qkv_bias`` / ``out_bias`` (biases of the q/k/v and of the output projection),
     ``qk_norm`` ("head": RMSNorm over each head's Dh, Qwen3; "full": over the whole q and k projection
     width, OLMoE), ``clip_qkv`` (clamp q, k, v projections to [-c, c] before the norm, OLMoE) and
-    ``rope_scaling`` (:class:`RopeScaling`).
+    ``rope_scaling`` (:class:`RopeScaling`), ``sliding_window`` (each query sees itself and the
+    ``sliding_window - 1`` keys before it, in every layer; Mistral).
     """
 
     vocab_size: int = 512
@@ -117,6 +118,7 @@ class ModelConfig:
     qk_norm: str = "none"  # one of QK_NORMS
     clip_qkv: float | None = None
     rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None  # every layer: query i sees keys j with i - window < j <= i
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
@@ -163,6 +165,8 @@ class ModelConfig:
             _fail("qk_norm", self.qk_norm, f"allowed values are {', '.join(QK_NORMS)}")
         if self.clip_qkv is not None and (not is_finite_number(self.clip_qkv) or self.clip_qkv <= 0):
             _fail("clip_qkv", self.clip_qkv, "must be a finite number > 0, or None (no clipping)")
+        if self.sliding_window is not None and (not is_int(self.sliding_window) or self.sliding_window < 1):
+            _fail("sliding_window", self.sliding_window, "must be a positive integer (keys per query), or None")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             _fail("rope_scaling", self.rope_scaling, "must be a RopeScaling (or its dict), or None")
 

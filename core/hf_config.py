@@ -31,6 +31,7 @@ _MODEL_INERT = {"dropout"}
 _MODEL_MAPPED = {
     "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len", "rope_theta", "norm_eps",
     "tie_embeddings", "init_std", "moe", "head_dim", "qkv_bias", "out_bias", "qk_norm", "clip_qkv", "rope_scaling",
+    "sliding_window",
 }  # fmt: skip
 _ROPE_KEYS = {  # HF rope_parameters keys of each scaling moekit represents
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
@@ -157,21 +158,39 @@ def _check_common(hf: dict[str, Any], fam: Family) -> None:
     for name in ("clip_qkv",) if not fam.clip_qkv else ():
         if hf.get(name) is not None:
             refuse(name, hf[name], f"{fam.title} does not clip q/k/v; only null")
-    max_pos = hf["max_position_embeddings"]
-    window = hf.get("sliding_window")
+
+
+def _window_from_hf(hf: dict[str, Any], fam: Family) -> int | None:
+    """The sliding window every layer uses, or None; a window on some layers only is refused.
+
+    Mistral, Mixtral and Phi-3 slide every layer when ``sliding_window`` is set; Qwen only with
+    ``use_sliding_window``, from layer ``max_window_layers`` on (``layer_types`` says which, when written).
+    A window >= max_position_embeddings has no effect.
+    """
+    window = hf.get("sliding_window") if fam.window_field or fam.window_flag else None
     if fam.window_flag and not hf.get("use_sliding_window"):
-        window = None  # Qwen: the window applies only with use_sliding_window
-    if window is not None and window < max_pos:
+        window = None
+    n = hf["num_hidden_layers"]
+    types = hf.get("layer_types") or []
+    if not types and window is not None and "max_window_layers" in hf:
+        first = hf["max_window_layers"]
+        types = ["full_attention" if i < first else "sliding_attention" for i in range(n)]
+    if types and "sliding_attention" not in types:
+        window = None
+    if window is None or window >= hf["max_position_embeddings"]:
+        types = [t for t in types if t != "sliding_attention"]  # a window that never binds is full attention
+        window = None
+    if any(t not in ("full_attention", "sliding_attention") for t in types):
+        refuse("layer_types", sorted(set(types)), "only 'full_attention' and 'sliding_attention' layers are supported")
+    if "sliding_attention" in types and "full_attention" in types:
         refuse(
-            "sliding_window",
-            window,
-            f"sliding-window attention is not supported yet; only null or >= max_position_embeddings={max_pos}",
+            "layer_types" if hf.get("layer_types") else "max_window_layers",
+            hf.get("layer_types") or hf.get("max_window_layers"),
+            "sliding-window attention on some layers only is not supported yet; only all layers or none",
         )
-    if hf.get("use_sliding_window"):
-        refuse("use_sliding_window", hf["use_sliding_window"], "sliding-window attention is not supported yet")
-    layer_types = hf.get("layer_types") or []
-    if any(t != "full_attention" for t in layer_types):
-        refuse("layer_types", sorted(set(layer_types)), "only 'full_attention' layers are supported")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        refuse("sliding_window", window, "must be a positive integer or null")
+    return window
 
 
 def _attention_from_hf(hf: dict[str, Any], fam: Family) -> dict[str, Any]:
@@ -225,6 +244,7 @@ def config_from_hf(hf_cfg: dict[str, Any]) -> ModelConfig:
         tie_embeddings=bool(hf["tie_word_embeddings"]),
         init_std=float(hf["initializer_range"]),
         moe=moe_from_hf(hf_cfg, hf, fam) if fam.is_moe else None,
+        sliding_window=_window_from_hf(hf, fam),
         **_attention_from_hf(hf, fam),
     )
 
@@ -265,6 +285,8 @@ def _check_attention_exportable(cfg: ModelConfig, fam: Family) -> None:
         bad("clip_qkv", "only None")
     if cfg.head_dim is not None and cfg.head_dim * cfg.n_heads != cfg.d_model and not fam.head_dim_free:
         bad("head_dim", "only None (d_model / n_heads)")
+    if cfg.sliding_window is not None and not (fam.window_field or fam.window_flag):
+        bad("sliding_window", f"{fam.title} has no sliding-window attention; only None")
     if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type not in fam.rope_types:
         bad("rope_scaling", f"{fam.title} supports RoPE types {fam.rope_types}")
 
@@ -337,9 +359,9 @@ def config_to_hf(
     if fam.clip_qkv:
         hf["clip_qkv"] = cfg.clip_qkv
     if fam.window_field or fam.window_flag:
-        hf["sliding_window"] = None
-    if fam.window_flag:
-        hf["use_sliding_window"] = False
+        hf["sliding_window"] = cfg.sliding_window
+    if fam.window_flag:  # every layer slides (max_window_layers 0), or none
+        hf.update(use_sliding_window=cfg.sliding_window is not None, max_window_layers=0)
     if cfg.moe is not None:
         hf.update(moe_to_hf(cfg, fam))
     old = (source or {}).get("config") or {}

@@ -190,8 +190,8 @@ class Family:
     ``moe_layouts``: alternative layouts of an MoE feed-forward (the first is written, any is read);
     ``dense_layout`` None means the family has no dense feed-forward layers. ``missing`` (a sentence
     naming the features moekit lacks) makes the whole family a clear refusal. ``window_field``: the family
-    has a sliding-window field that must be null (or >= max_position_embeddings) until moekit has one;
-    ``window_flag``: ``use_sliding_window`` decides whether ``sliding_window`` applies at all (Qwen).
+    has a ``sliding_window`` field (every layer); ``window_flag``: ``use_sliding_window`` decides whether
+    ``sliding_window`` applies at all, on the layers ``layer_types`` / ``max_window_layers`` name (Qwen).
 
     Attention: ``bias`` is None (no projection biases), or (HF flag field or None for always on, "all" for
     q/k/v/o or "qkv"); ``qk_norm`` the family's fixed QK-norm ("none", "head", "full"); ``clip_qkv``
@@ -254,7 +254,7 @@ FAMILIES: dict[str, Family] = {
             "mistral",
             dict(max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, num_key_value_heads=8, sliding_window=4096),
             window_field=True,
-            note="sliding_window null or >= context",
+            note="sliding_window (every layer) or null",
         ),
         Family(
             "phi3",
@@ -267,7 +267,7 @@ FAMILIES: dict[str, Family] = {
             window_field=True,
             rope_types=("default",),
             training_only=("attention_dropout", "resid_pdrop", "embd_pdrop"),
-            note="fused qkv/gate_up split; no window, no longrope",
+            note="fused qkv/gate_up split; no longrope",
         ),
         Family(
             "mixtral",
@@ -289,24 +289,24 @@ FAMILIES: dict[str, Family] = {
             window_field=True,
             # Mixtral's jitter also scales the experts' input, but only in training.
             training_only=("attention_dropout", "router_jitter_noise"),
-            note="every layer MoE; no sliding window",
+            note="every layer MoE; sliding_window",
         ),
         Family(
             "qwen2",
             "Qwen2",
             "Qwen2ForCausalLM",
             "qwen2",
-            dict(_QWEN_DEFAULTS),
+            dict(_QWEN_DEFAULTS, max_window_layers=28),
             window_flag=True,
             bias=(None, "qkv"),
-            note="q/k/v biases; no sliding window",
+            note="q/k/v biases; sliding window on all layers or none",
         ),
         Family(
             "qwen3",
             "Qwen3",
             "Qwen3ForCausalLM",
             "qwen3",
-            dict(_QWEN_DEFAULTS, head_dim=128, attention_bias=False),
+            dict(_QWEN_DEFAULTS, head_dim=128, attention_bias=False, max_window_layers=28),
             window_flag=True,
             bias=("attention_bias", "all"),
             qk_norm="head",
@@ -360,6 +360,7 @@ FAMILIES: dict[str, Family] = {
             dict(
                 _QWEN_MOE_DEFAULTS,
                 qkv_bias=True,
+                max_window_layers=28,
                 num_experts=60,
                 num_experts_per_tok=4,
                 moe_intermediate_size=1408,

@@ -224,3 +224,44 @@ def test_explicit_head_dim_frees_d_model_from_n_heads():
     assert attn.q_proj.weight.shape == (4 * 8, 30) and attn.o_proj.weight.shape == (30, 4 * 8)
     with pytest.raises(ValueError, match="ModelConfig.d_model=30 is invalid: must be divisible by n_heads=4"):
         ModelConfig(**{**SHAPE, "d_model": 30})
+
+
+def test_sliding_window_equals_running_each_window_on_its_own():
+    """One layer, window w: position i's logits are those of the model run on tokens i-w+1..i alone (same
+    positions), with or without left padding in the batch."""
+    torch.manual_seed(5)
+    cfg = ModelConfig(**{**SHAPE, "n_layers": 1}, sliding_window=4, init_std=0.3)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, SHAPE["vocab_size"], (2, 10))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        for i in range(10):
+            lo = max(0, i - 3)
+            alone = model(input_ids=ids[:, lo : i + 1], position_ids=torch.arange(lo, i + 1)[None]).logits[:, -1]
+            torch.testing.assert_close(full[:, i], alone, rtol=1e-5, atol=1e-5)
+        plain = Transformer(ModelConfig(**{**SHAPE, "n_layers": 1}, init_std=0.3))
+        plain.load_state_dict(model.state_dict())
+        assert torch.allclose(plain.eval()(input_ids=ids).logits[:, :4], full[:, :4], atol=1e-6)
+        assert not torch.allclose(plain(input_ids=ids).logits[:, 4:], full[:, 4:], atol=1e-3)
+
+
+def test_sliding_window_generation_with_cache_equals_recompute_past_the_window():
+    torch.manual_seed(6)
+    model = Transformer(ModelConfig(**SHAPE, sliding_window=3, qkv_bias=True, init_std=0.3)).eval()
+    ids = torch.randint(0, SHAPE["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(generate(model, ids, max_new_tokens=8, temperature=0), greedy_recompute(model, ids, 8))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, :2] = 0  # left padding: the window counts sequence indices, as transformers does
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        nxt = ids[:, :1]
+        step = model(
+            input_ids=nxt, attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=out.past_key_values
+        )
+        again = model(input_ids=torch.cat([ids, nxt], 1), attention_mask=torch.cat([mask, mask[:, :1]], 1))
+        torch.testing.assert_close(step.logits[:, -1], again.logits[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window_is_validated():
+    with pytest.raises(ValueError, match=r"ModelConfig.sliding_window=0 is invalid: must be a positive integer"):
+        ModelConfig(**SHAPE, sliding_window=0)

@@ -213,7 +213,16 @@ def test_legacy_and_default_rope_theta():
         (dict(rope_theta=1.0, rope_parameters={"rope_type": "default", "rope_theta": 2.0}), "rope_theta"),
         (dict(architectures=["GPT2LMHeadModel"]), "architectures"),
         (dict(architectures=["LlamaForCausalLM"], model_type="mixtral"), "model_type"),
-        (dict(architectures=["MixtralForCausalLM"], model_type="mixtral", sliding_window=16), "sliding_window"),
+        (
+            dict(
+                architectures=["Qwen2ForCausalLM"],
+                model_type="qwen2",
+                use_sliding_window=True,
+                sliding_window=16,
+                max_window_layers=1,
+            ),
+            "max_window_layers",
+        ),  # fmt: skip
         (dict(quantization_config={"quant_method": "gptq"}), "quantization_config"),
     ],
 )

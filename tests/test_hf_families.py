@@ -55,6 +55,21 @@ FAMILIES = {
         transformers.MixtralForCausalLM,
         dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2),
     ),
+    "mistral_window": (  # window 5 < the test's 12 tokens
+        transformers.MistralConfig,
+        transformers.MistralForCausalLM,
+        dict(intermediate_size=40, sliding_window=5),
+    ),
+    "qwen2_window": (  # every layer slides (max_window_layers=0)
+        transformers.Qwen2Config,
+        transformers.Qwen2ForCausalLM,
+        dict(intermediate_size=40, use_sliding_window=True, sliding_window=5, max_window_layers=0),
+    ),
+    "mixtral_window": (
+        transformers.MixtralConfig,
+        transformers.MixtralForCausalLM,
+        dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, sliding_window=4),
+    ),
     "qwen3_yarn": (
         transformers.Qwen3Config,
         transformers.Qwen3ForCausalLM,
@@ -165,6 +180,9 @@ def assert_cache_matches_recompute(model: Transformer) -> None:
 # What each converted config must hold, so that a family whose feature was silently dropped cannot pass.
 EXPECTED = {
     "llama_bias": lambda c: c.qkv_bias and c.out_bias,
+    "mistral_window": lambda c: c.sliding_window == 5,
+    "qwen2_window": lambda c: c.sliding_window == 5 and c.qkv_bias,
+    "mixtral_window": lambda c: c.sliding_window == 4,
     "qwen3_yarn": lambda c: c.rope_scaling.rope_type == "yarn" and c.rope_scaling.attention_scaling > 1,
     "llama_yarn_mscale": lambda c: c.rope_scaling.factor == 4.0 and c.rope_scaling.mscale_all_dim == 0.5,
     "qwen2": lambda c: c.qkv_bias and not c.out_bias,
@@ -280,11 +298,14 @@ def test_refusal_through_the_cli_names_the_feature_and_writes_nothing(tmp_path, 
 @pytest.mark.parametrize(
     "family,changes,field,words",
     [
-        ("mistral", dict(sliding_window=16), "sliding_window", "sliding-window attention is not supported yet"),
-        ("mixtral", dict(sliding_window=16), "sliding_window", "sliding-window attention is not supported yet"),
-        ("phi3", dict(sliding_window=16), "sliding_window", "sliding-window attention is not supported yet"),
+        (
+            "qwen2",
+            dict(use_sliding_window=True, sliding_window=5, max_window_layers=1),
+            "layer_types",
+            "sliding-window attention on some layers only is not supported yet",
+        ),
         ("olmoe", dict(head_dim=16), "head_dim", "OLMoE needs head_dim = hidden_size/num_attention_heads"),
-        ("qwen2", dict(use_sliding_window=True, sliding_window=16), "sliding_window", "not supported yet"),
+        ("mistral", dict(sliding_window=0), "sliding_window", "must be a positive integer or null"),
         ("mistral", dict(attention_bias=True), "attention_bias", "Mistral has no such projection biases"),
         (
             "llama",
@@ -317,16 +338,24 @@ def test_unsupported_settings_are_refused_naming_the_field(family, changes, fiel
         config_from_hf(d)
 
 
-def test_mistral_window_default_and_long_window():
-    """A config.json without sliding_window gets Mistral's class default (4096): shorter than the context,
-    refused; a window >= max_position_embeddings has no effect and converts."""
+def test_sliding_window_defaults_and_windows_that_never_bind():
+    """A Mistral config.json without sliding_window gets the class default (4096); a window >=
+    max_position_embeddings has no effect (None); Qwen's window needs use_sliding_window, and
+    max_window_layers >= the layer count leaves every layer full (None)."""
     d = transformers.MistralConfig(**SHAPE, intermediate_size=40).to_dict()
     d.pop("sliding_window")
     d["max_position_embeddings"] = 8192
-    with pytest.raises(ValueError, match="field sliding_window=4096"):
-        config_from_hf(d)
+    assert config_from_hf(d).sliding_window == 4096
     d["sliding_window"] = 8192
-    assert config_from_hf(d).max_seq_len == 8192
+    assert config_from_hf(d).sliding_window is None and config_from_hf(d).max_seq_len == 8192
+    qwen = dict(SHAPE, intermediate_size=40, sliding_window=5)
+    assert config_from_hf(transformers.Qwen2Config(**qwen).to_dict()).sliding_window is None
+    on = transformers.Qwen2Config(**qwen, use_sliding_window=True, max_window_layers=2).to_dict()
+    assert config_from_hf(on).sliding_window is None  # layers 2.. slide: none of the two
+    on.pop("layer_types")  # older config.json: max_window_layers decides
+    assert config_from_hf(on).sliding_window is None
+    on["max_window_layers"] = 0
+    assert config_from_hf(on).sliding_window == 5
 
 
 def test_help_lists_the_families_and_directions(capsys):
