@@ -65,6 +65,11 @@ FAMILIES = {
         transformers.Qwen2ForCausalLM,
         dict(intermediate_size=40, use_sliding_window=True, sliding_window=5, max_window_layers=0),
     ),
+    "phi3_window": (
+        transformers.Phi3Config,
+        transformers.Phi3ForCausalLM,
+        dict(intermediate_size=40, sliding_window=6),
+    ),
     "mixtral_window": (
         transformers.MixtralConfig,
         transformers.MixtralForCausalLM,
@@ -177,15 +182,17 @@ def assert_cache_matches_recompute(model: Transformer) -> None:
     assert torch.equal(generate(model, ids, max_new_tokens=8, temperature=0), greedy_recompute(model, ids, 8))
 
 
+TIED = ("phi3", "qwen2", "qwen3_moe")  # tie_word_embeddings, as the small Qwen checkpoints do
 # What each converted config must hold, so that a family whose feature was silently dropped cannot pass.
 EXPECTED = {
     "llama_bias": lambda c: c.qkv_bias and c.out_bias,
     "mistral_window": lambda c: c.sliding_window == 5,
     "qwen2_window": lambda c: c.sliding_window == 5 and c.qkv_bias,
     "mixtral_window": lambda c: c.sliding_window == 4,
+    "phi3_window": lambda c: c.sliding_window == 6,
     "qwen3_yarn": lambda c: c.rope_scaling.rope_type == "yarn" and c.rope_scaling.attention_scaling > 1,
     "llama_yarn_mscale": lambda c: c.rope_scaling.factor == 4.0 and c.rope_scaling.mscale_all_dim == 0.5,
-    "qwen2": lambda c: c.qkv_bias and not c.out_bias,
+    "qwen2": lambda c: c.qkv_bias and not c.out_bias and c.tie_embeddings,
     "qwen3": lambda c: c.qk_norm == "head" and c.head_dim == 12 and not c.qkv_bias,
     "llama3": lambda c: c.rope_scaling.factor == 8.0 and c.rope_scaling.original_max_seq_len == 32,
     "qwen3_moe": lambda c: c.ffn_kinds() == ["dense", "moe"] and c.moe.renormalize and c.head_dim == 12,
@@ -197,7 +204,7 @@ EXPECTED = {
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_converts_both_ways_through_the_cli(tmp_path, family):
-    hf = hf_model(family, tied=family == "phi3")
+    hf = hf_model(family, tied=family in TIED)
     hf.save_pretrained(tmp_path / "hf")
     MAIN(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")])
     ours = Transformer.from_pretrained(tmp_path / "m").eval()
@@ -513,7 +520,7 @@ def measure_families(tmp: Path) -> list[tuple[str, str, float, float, bool]]:
     through the CLI as in :func:`test_family_converts_both_ways_through_the_cli`."""
     rows = []
     for family in sorted(FAMILIES):
-        hf = hf_model(family, tied=family == "phi3")
+        hf = hf_model(family, tied=family in TIED)
         hf.save_pretrained(tmp / family / "hf")
         MAIN(["--from-hf", str(tmp / family / "hf"), "--out", str(tmp / family / "m")])
         ours = Transformer.from_pretrained(tmp / family / "m").eval()
