@@ -1,7 +1,7 @@
 """moekit.core: the dense decoder-only transformer, its accounting, data and training loop."""
 
 from moekit.core.accounting import ParamCount, comm_volume, count_params, flops_per_token, train_flops_per_token
-from moekit.core.config import ModelConfig
+from moekit.core.config import ModelConfig, RopeScaling
 from moekit.core.data import (
     CORPORA,
     CorpusSplits,
@@ -13,7 +13,7 @@ from moekit.core.data import (
     tokenize_splits,
 )
 from moekit.core.extension import TrainContext, TrainerExtension
-from moekit.core.generate import filter_logits, generate, sample_text
+from moekit.core.generate import filter_logits, generate, greedy_recompute, sample_text
 from moekit.core.guard import TrainingDiverged
 from moekit.core.hf import (
     config_from_hf,
@@ -47,6 +47,7 @@ __all__ = [
     "IGNORE_INDEX",
     "Attention",
     "ModelConfig",
+    "RopeScaling",
     "ModelOutput",
     "ParamCount",
     "RMSNorm",
@@ -58,6 +59,7 @@ __all__ = [
     "filter_logits",
     "flops_per_token",
     "generate",
+    "greedy_recompute",
     "lm_loss",
     "rope_cos_sin",
     "train_flops_per_token",

@@ -6,8 +6,10 @@ FLOP convention: a matmul of [m, k] x [k, n] costs 2*m*k*n. Forward FLOPs per to
                          and as FlopCounterMode and PaLM's MFU formula count it; causal masking is not halved)
   dense SwiGLU           3 * 2*D*F
   MoE layer              router 2*D*E + top_k * 3*2*D*d_expert + shared 3*2*D*(n_shared*d_shared)
+                         (+ 2*D for the sigmoid shared-expert gate)
   LM head                2*D*V
-Norms, RoPE, activations, softmax and the embedding lookup are elementwise/gathers and are left out
+with Dh = ``cfg.dh`` (an explicit ``head_dim`` may differ from D/H). Biases, QK-norm, clipping, norms, RoPE
+(scaled or not), activations, softmax and the embedding lookup are elementwise/gathers and are left out
 (they are <1% at these sizes and FlopCounterMode ignores them too). Training FLOPs = 3 x forward
 (backward costs two matmuls per forward matmul).
 
@@ -34,8 +36,15 @@ class ParamCount:
 
 
 def _attn_params(cfg: ModelConfig) -> int:
-    hd = cfg.head_dim
-    return cfg.d_model * cfg.n_heads * hd * 2 + cfg.d_model * cfg.n_kv_heads * hd * 2
+    """Projections, their biases, and the QK-norm gains of one attention layer."""
+    q, kv = cfg.n_heads * cfg.dh, cfg.n_kv_heads * cfg.dh
+    n = cfg.d_model * (q + kv) * 2
+    if cfg.qkv_bias:
+        n += q + 2 * kv
+    if cfg.out_bias:
+        n += cfg.d_model
+    n += {"none": 0, "head": 2 * cfg.dh, "full": q + kv}[cfg.qk_norm]
+    return n
 
 
 def _moe_layer_params(cfg: ModelConfig) -> tuple[int, int, int]:
@@ -43,7 +52,7 @@ def _moe_layer_params(cfg: ModelConfig) -> tuple[int, int, int]:
     m = cfg.moe
     assert m is not None
     per_expert = 3 * cfg.d_model * m.d_expert
-    shared = 3 * cfg.d_model * m.num_shared_experts * m.shared_width
+    shared = 3 * cfg.d_model * m.num_shared_experts * m.shared_width + (cfg.d_model if m.shared_gate else 0)
     router = cfg.d_model * m.num_experts
     if m.router == "noisy_topk":
         router *= 2  # the learned noise projection
@@ -76,7 +85,7 @@ def count_params(cfg: ModelConfig) -> ParamCount:
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
     """Forward FLOPs per token at context length ``seq_len`` (default max_seq_len); formula in the module doc."""
     S = cfg.max_seq_len if seq_len is None else seq_len
-    D, H, G, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    D, H, G, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dh
     attn = 2 * D * H * hd + 2 * 2 * D * G * hd + 2 * H * hd * D + 2 * 2 * H * hd * S
     total = 0
     for i in range(cfg.n_layers):
@@ -86,6 +95,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
             total += 2 * D * m.num_experts  # router
             total += m.top_k * 3 * 2 * D * m.d_expert
             total += 3 * 2 * D * m.num_shared_experts * m.shared_width
+            total += 2 * D if m.shared_gate else 0  # the shared-expert gate, a [D, 1] matmul
         else:
             total += 3 * 2 * D * cfg.d_ff
     total += 2 * D * cfg.vocab_size

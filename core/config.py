@@ -3,17 +3,85 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from moekit.core.checks import fail, is_finite_number, is_int
 from moekit.moe.config import MoEConfig
+
+QK_NORMS = ("none", "head", "full")
+ROPE_SCALINGS = ("llama3", "yarn")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"ModelConfig.{name}={value!r} is invalid: {allowed}")
+    fail("ModelConfig", name, value, allowed)
+
+
+@dataclass
+class RopeScaling:
+    """Frequency scaling of RoPE for long contexts, nested as ``ModelConfig(rope_scaling=RopeScaling(...))``.
+
+    - ``rope_type='llama3'`` (Llama 3.1): frequencies whose wavelength exceeds ``original_max_seq_len /
+      low_freq_factor`` are divided by ``factor``, those shorter than ``original_max_seq_len /
+      high_freq_factor`` are kept, and the band between is interpolated smoothly.
+    - ``rope_type='yarn'`` (Peng et al. 2023): frequencies that turn fewer than ``beta_slow`` times over
+      ``original_max_seq_len`` positions are divided by ``factor``, those turning more than ``beta_fast`` times
+      are kept, with a linear ramp over the dims between (``truncate`` rounds the ramp ends outwards), and
+      cos/sin are scaled by :attr:`attention_scaling` (``attention_factor``, else ``0.1 ln(factor) + 1``, or
+      the ratio of that with ``mscale`` and ``mscale_all_dim`` when both are set, as DeepSeek does).
+
+    Formulas in ``moekit.core.layers.rope_inv_freq``. The fields of the other type keep their defaults.
+    """
+
+    rope_type: str = "llama3"  # one of ROPE_SCALINGS
+    factor: float = 8.0
+    original_max_seq_len: int = 8192
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn; None = derived from factor (and mscale / mscale_all_dim)
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_SCALINGS:
+            fail("RopeScaling", "rope_type", self.rope_type, f"allowed values are {', '.join(ROPE_SCALINGS)}")
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
+            value = getattr(self, name)
+            if not is_finite_number(value) or value <= 0:
+                fail("RopeScaling", name, value, "must be a finite number > 0")
+        for name in ("attention_factor", "mscale", "mscale_all_dim"):
+            value = getattr(self, name)
+            if value is not None and (not is_finite_number(value) or value <= 0):
+                fail("RopeScaling", name, value, "must be a finite number > 0, or None")
+        if self.high_freq_factor <= self.low_freq_factor:
+            allowed = f"must be > low_freq_factor={self.low_freq_factor}"
+            fail("RopeScaling", "high_freq_factor", self.high_freq_factor, allowed)
+        if not is_int(self.original_max_seq_len) or self.original_max_seq_len < 1:
+            fail("RopeScaling", "original_max_seq_len", self.original_max_seq_len, "must be a positive integer")
+        if not isinstance(self.truncate, bool):
+            fail("RopeScaling", "truncate", self.truncate, "must be true or false")
+
+    @property
+    def attention_scaling(self) -> float:
+        """The factor on cos/sin (so on every q.k logit, squared): 1 except for yarn."""
+        if self.rope_type != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return self.attention_factor
+
+        def m(scale: float, mscale: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+        if self.mscale and self.mscale_all_dim:
+            return m(self.factor, self.mscale) / m(self.factor, self.mscale_all_dim)
+        return m(self.factor)
 
 
 @dataclass
@@ -22,6 +90,13 @@ class ModelConfig:
 
     ``d_ff`` is the SwiGLU hidden width of dense layers. When ``moe`` is set, layers where
     ``moe.is_moe_layer(i)`` holds get a routed expert layer instead of the dense FFN.
+
+    Attention options (the defaults are the plain Llama attention): ``head_dim`` (None = d_model / n_heads;
+    Qwen3 sets it explicitly), ``qkv_bias`` / ``out_bias`` (biases of the q/k/v and of the output projection),
+    ``qk_norm`` ("head": RMSNorm over each head's Dh, Qwen3; "full": over the whole q and k projection
+    width, OLMoE), ``clip_qkv`` (clamp q, k, v projections to [-c, c] before the norm, OLMoE) and
+    ``rope_scaling`` (:class:`RopeScaling`), ``sliding_window`` (each query sees itself and the
+    ``sliding_window - 1`` keys before it, in every layer; Mistral).
     """
 
     vocab_size: int = 512
@@ -37,21 +112,26 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     moe: MoEConfig | None = None
+    head_dim: int | None = None  # None = d_model // n_heads
+    qkv_bias: bool = False
+    out_bias: bool = False
+    qk_norm: str = "none"  # one of QK_NORMS
+    clip_qkv: float | None = None
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None  # every layer: query i sees keys j with i - window < j <= i
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig.from_dict(self.moe)
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 _fail(name, value, "must be a positive integer")
-        if self.d_model % self.n_heads:
-            _fail("d_model", self.d_model, f"must be divisible by n_heads={self.n_heads}")
-        if (self.d_model // self.n_heads) % 2:
-            hd = self.d_model // self.n_heads
-            _fail("d_model", self.d_model, f"head dim d_model/n_heads={hd} must be even (RoPE)")
+        self._check_attention()
         if self.n_heads % self.n_kv_heads:
             _fail("n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}")
         if self.rope_theta <= 0:
@@ -68,9 +148,32 @@ class ModelConfig:
             if not any(self.is_moe_layer(i) for i in range(self.n_layers)):
                 _fail("moe", self.moe, "selects no layer; check moe.every_n_layers / moe.layers")
 
+    def _check_attention(self) -> None:
+        # head_dim stays None when unset, so that dataclasses.replace(cfg, d_model=...) moves the head dim along.
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                _fail("d_model", self.d_model, f"must be divisible by n_heads={self.n_heads} (or set head_dim)")
+            if (self.d_model // self.n_heads) % 2:
+                hd = self.d_model // self.n_heads
+                _fail("d_model", self.d_model, f"head dim d_model/n_heads={hd} must be even (RoPE)")
+        elif not is_int(self.head_dim) or self.head_dim < 2 or self.head_dim % 2:
+            _fail("head_dim", self.head_dim, "must be an even integer >= 2 (RoPE), or None for d_model // n_heads")
+        for name in ("qkv_bias", "out_bias"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be true or false")
+        if self.qk_norm not in QK_NORMS:
+            _fail("qk_norm", self.qk_norm, f"allowed values are {', '.join(QK_NORMS)}")
+        if self.clip_qkv is not None and (not is_finite_number(self.clip_qkv) or self.clip_qkv <= 0):
+            _fail("clip_qkv", self.clip_qkv, "must be a finite number > 0, or None (no clipping)")
+        if self.sliding_window is not None and (not is_int(self.sliding_window) or self.sliding_window < 1):
+            _fail("sliding_window", self.sliding_window, "must be a positive integer (keys per query), or None")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            _fail("rope_scaling", self.rope_scaling, "must be a RopeScaling (or its dict), or None")
+
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def dh(self) -> int:
+        """The attention head dim in use: ``head_dim``, or ``d_model // n_heads`` when that is None."""
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe is not None and self.moe.is_moe_layer(i)

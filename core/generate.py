@@ -31,6 +31,16 @@ def filter_logits(logits_bv: Tensor, top_k: int | None = None, top_p: float | No
 
 
 @torch.no_grad()
+def greedy_recompute(model: nn.Module, input_ids: Tensor, max_new_tokens: int) -> Tensor:
+    """The slow reference of ``generate(..., temperature=0)`` for unpadded prompts: every step runs the whole
+    sequence again, without a KV cache. Returns [B, T + max_new_tokens]."""
+    seq = input_ids
+    for _ in range(max_new_tokens):
+        seq = torch.cat([seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
+@torch.no_grad()
 def generate(
     model: nn.Module,
     input_ids: Tensor,

@@ -44,6 +44,7 @@ from moekit.core.hf_families import (
     NORMS,
     Family,
     Rule,
+    attention_rules,
     detect_family,
     family_table,
 )
@@ -87,11 +88,11 @@ def _plan(cfg: ModelConfig, fam: Family, hf_names: set[str] | None) -> list[tupl
     if not cfg.tie_embeddings:
         plan.append((LM_HEAD, -1))
     for i in range(cfg.n_layers):
-        plan += [(r, i) for r in NORMS + fam.attn_layout]
+        plan += [(r, i) for r in NORMS + attention_rules(fam, cfg)]
         if cfg.is_moe_layer(i):
             layout = fam.moe_layouts[0]
             for candidate in fam.moe_layouts if hf_names is not None else ():
-                if all(n in hf_names for n in candidate[0].hf_names(i, cfg)):
+                if all(n in hf_names for r in candidate for n in r.hf_names(i, cfg)):
                     layout = candidate
                     break
             plan += [(r, i) for r in layout]

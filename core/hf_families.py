@@ -122,6 +122,9 @@ NORMS = (
 ATTN = tuple(
     Same(f"{L}.self_attn.{n}.weight", f"{M}.attn.{n}.weight") for n in ("q_proj", "k_proj", "v_proj", "o_proj")
 )
+QKV_BIAS = tuple(Same(f"{L}.self_attn.{n}.bias", f"{M}.attn.{n}.bias") for n in ("q_proj", "k_proj", "v_proj"))
+OUT_BIAS = (Same(f"{L}.self_attn.o_proj.bias", f"{M}.attn.o_proj.bias"),)
+QK_NORM = tuple(Same(f"{L}.self_attn.{n}.weight", f"{M}.attn.{n}.weight") for n in ("q_norm", "k_norm"))
 DENSE_MLP = tuple(
     Same(f"{L}.mlp.{h}.weight", f"{M}.ffn.{o}.weight")
     for h, o in (("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_down"))
@@ -133,16 +136,26 @@ MIXTRAL_MOE = (
     PerExpert(f"{L}.block_sparse_moe.experts.{{e}}.w3.weight", f"{_X}.w_up"),
     PerExpert(f"{L}.block_sparse_moe.experts.{{e}}.w2.weight", f"{_X}.w_down"),
 )
-MIXTRAL_MOE_FUSED = (  # transformers 5's in-memory layout (what model.state_dict() gives)
+MOE_FUSED = (  # transformers 5's in-memory layout (what model.state_dict() gives), every MoE family
     Same(f"{L}.mlp.gate.weight", f"{M}.ffn.router.weight"),
     StackedExperts(f"{L}.mlp.experts.gate_up_proj", (f"{_X}.w_gate", f"{_X}.w_up")),  # [E, 2F, D]: gate, then up
     StackedExperts(f"{L}.mlp.experts.down_proj", (f"{_X}.w_down",)),  # [E, D, F]
 )
+QWEN_MOE = (  # Qwen2-MoE, Qwen3-MoE and OLMoE checkpoints on disk
+    Same(f"{L}.mlp.gate.weight", f"{M}.ffn.router.weight"),  # [E, D]
+    PerExpert(f"{L}.mlp.experts.{{e}}.gate_proj.weight", f"{_X}.w_gate"),
+    PerExpert(f"{L}.mlp.experts.{{e}}.up_proj.weight", f"{_X}.w_up"),
+    PerExpert(f"{L}.mlp.experts.{{e}}.down_proj.weight", f"{_X}.w_down"),
+)
+QWEN2_SHARED = tuple(  # the shared expert (width shared_expert_intermediate_size) and its sigmoid gate [1, D]
+    Same(f"{L}.mlp.shared_expert.{h}.weight", f"{M}.ffn.shared.{o}.weight")
+    for h, o in (("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_down"))
+) + (Same(f"{L}.mlp.shared_expert_gate.weight", f"{M}.ffn.shared_gate.weight"),)
 PHI3_ATTN = (
     Fused(
         f"{L}.self_attn.qkv_proj.weight",  # rows: q (H*Dh), k (G*Dh), v (G*Dh)
         tuple(f"{M}.attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj")),
-        lambda c: (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim),
+        lambda c: (c.n_heads * c.dh, c.n_kv_heads * c.dh, c.n_kv_heads * c.dh),
     ),
     Same(f"{L}.self_attn.o_proj.weight", f"{M}.attn.o_proj.weight"),
 )
@@ -158,6 +171,16 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 # ---- families ------------------------------------------------------------------------------------
 _COMMON_DEFAULTS = dict(hidden_act="silu", initializer_range=0.02, tie_word_embeddings=False, rope_theta=10000.0)
+# transformers 5.24 class defaults of the Qwen families (what a config.json without the field means).
+_QWEN_DEFAULTS = dict(max_position_embeddings=32768, rms_norm_eps=1e-6, use_sliding_window=False)
+_QWEN_MOE_DEFAULTS = dict(
+    _QWEN_DEFAULTS,
+    attention_bias=False,
+    norm_topk_prob=False,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    router_aux_loss_coef=0.001,
+)
 
 
 @dataclass(frozen=True)
@@ -167,7 +190,16 @@ class Family:
     ``moe_layouts``: alternative layouts of an MoE feed-forward (the first is written, any is read);
     ``dense_layout`` None means the family has no dense feed-forward layers. ``missing`` (a sentence
     naming the features moekit lacks) makes the whole family a clear refusal. ``window_field``: the family
-    has a sliding-window field that must be null (or >= max_position_embeddings) until moekit has one.
+    has a ``sliding_window`` field (every layer); ``window_flag``: ``use_sliding_window`` decides whether
+    ``sliding_window`` applies at all, on the layers ``layer_types`` / ``max_window_layers`` name (Qwen).
+
+    Attention: ``bias`` is None (no projection biases), or (HF flag field or None for always on, "all" for
+    q/k/v/o or "qkv"); ``qk_norm`` the family's fixed QK-norm ("none", "head", "full"); ``clip_qkv``
+    whether it has OLMoE's field; ``head_dim_free`` whether ``head_dim`` may differ from hidden/heads.
+    MoE: ``experts_field`` / ``expert_width_field`` name the expert count and width; ``norm_topk`` the
+    family has ``norm_topk_prob`` (else the top-k weights are always renormalised, Mixtral);
+    ``sparse_step`` it has ``decoder_sparse_step`` / ``mlp_only_layers``; ``shared_expert`` it has
+    Qwen2-MoE's gated shared expert.
     """
 
     name: str
@@ -179,7 +211,17 @@ class Family:
     dense_layout: tuple[Rule, ...] | None = DENSE_MLP
     moe_layouts: tuple[tuple[Rule, ...], ...] = ()
     window_field: bool = False
-    rope_types: tuple[str, ...] = ("default",)
+    window_flag: bool = False
+    rope_types: tuple[str, ...] = ("default", "llama3", "yarn")
+    bias: tuple[str | None, str] | None = None
+    qk_norm: str = "none"
+    clip_qkv: bool = False
+    head_dim_free: bool = True
+    experts_field: str = "num_local_experts"
+    expert_width_field: str = "intermediate_size"
+    norm_topk: bool = False
+    sparse_step: bool = False
+    shared_expert: bool = False
     # Training-only fields (dropouts, router jitter): dropped on the way in, written as 0 on the way out.
     training_only: tuple[str, ...] = ("attention_dropout",)
     missing: str | None = None
@@ -201,8 +243,9 @@ FAMILIES: dict[str, Family] = {
             "Llama",
             "LlamaForCausalLM",
             "llama",
-            dict(max_position_embeddings=2048, rms_norm_eps=1e-6),
-            note="default RoPE only; llama3 scaling later",
+            dict(max_position_embeddings=2048, rms_norm_eps=1e-6, attention_bias=False),
+            bias=("attention_bias", "all"),
+            note="default, llama3 or yarn RoPE; attention_bias",
         ),
         Family(
             "mistral",
@@ -211,7 +254,7 @@ FAMILIES: dict[str, Family] = {
             "mistral",
             dict(max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, num_key_value_heads=8, sliding_window=4096),
             window_field=True,
-            note="sliding_window null or >= context",
+            note="sliding_window (every layer) or null",
         ),
         Family(
             "phi3",
@@ -222,8 +265,9 @@ FAMILIES: dict[str, Family] = {
             attn_layout=PHI3_ATTN,
             dense_layout=PHI3_MLP,
             window_field=True,
+            rope_types=("default",),
             training_only=("attention_dropout", "resid_pdrop", "embd_pdrop"),
-            note="fused qkv/gate_up split; no window, no longrope",
+            note="fused qkv/gate_up split; no longrope",
         ),
         Family(
             "mixtral",
@@ -241,43 +285,111 @@ FAMILIES: dict[str, Family] = {
                 sliding_window=None,
             ),
             dense_layout=None,
-            moe_layouts=(MIXTRAL_MOE, MIXTRAL_MOE_FUSED),
+            moe_layouts=(MIXTRAL_MOE, MOE_FUSED),
             window_field=True,
             # Mixtral's jitter also scales the experts' input, but only in training.
             training_only=("attention_dropout", "router_jitter_noise"),
-            note="every layer MoE; no sliding window",
+            note="every layer MoE; sliding_window",
         ),
-        # ---- refused until moekit has the feature (issue 13) ----
-        Family("qwen2", "Qwen2", "Qwen2ForCausalLM", "qwen2", missing="q/k/v projection biases"),
         Family(
-            "qwen2_moe",
-            "Qwen2-MoE",
-            "Qwen2MoeForCausalLM",
-            "qwen2_moe",
-            missing="q/k/v projection biases and a sigmoid-gated shared expert",
+            "qwen2",
+            "Qwen2",
+            "Qwen2ForCausalLM",
+            "qwen2",
+            dict(_QWEN_DEFAULTS, max_window_layers=28),
+            window_flag=True,
+            bias=(None, "qkv"),
+            note="q/k/v biases; sliding window on all layers or none",
         ),
-        Family("qwen3", "Qwen3", "Qwen3ForCausalLM", "qwen3", missing="per-head QK-norm"),
-        Family("qwen3_moe", "Qwen3-MoE", "Qwen3MoeForCausalLM", "qwen3_moe", missing="per-head QK-norm"),
+        Family(
+            "qwen3",
+            "Qwen3",
+            "Qwen3ForCausalLM",
+            "qwen3",
+            dict(_QWEN_DEFAULTS, head_dim=128, attention_bias=False, max_window_layers=28),
+            window_flag=True,
+            bias=("attention_bias", "all"),
+            qk_norm="head",
+            note="per-head QK-norm, explicit head_dim",
+        ),
+        Family(
+            "qwen3_moe",
+            "Qwen3-MoE",
+            "Qwen3MoeForCausalLM",
+            "qwen3_moe",
+            dict(_QWEN_MOE_DEFAULTS, num_local_experts=128, num_experts_per_tok=8, moe_intermediate_size=768),
+            window_flag=True,
+            bias=("attention_bias", "all"),
+            qk_norm="head",
+            moe_layouts=(QWEN_MOE, MOE_FUSED),
+            expert_width_field="moe_intermediate_size",
+            norm_topk=True,
+            sparse_step=True,
+            note="per-head QK-norm; decoder_sparse_step, mlp_only_layers",
+        ),
         Family(
             "olmoe",
             "OLMoE",
             "OlmoeForCausalLM",
             "olmoe",
-            missing="QK-norm over the full q/k projection width and clip_qkv",
+            dict(
+                max_position_embeddings=4096,
+                rms_norm_eps=1e-5,
+                attention_bias=False,
+                clip_qkv=None,
+                norm_topk_prob=False,
+                num_experts=64,
+                num_experts_per_tok=8,
+                router_aux_loss_coef=0.01,
+            ),
+            bias=("attention_bias", "all"),
+            qk_norm="full",
+            clip_qkv=True,
+            head_dim_free=False,
+            dense_layout=None,
+            moe_layouts=(QWEN_MOE, MOE_FUSED),
+            experts_field="num_experts",
+            norm_topk=True,
+            note="full-width QK-norm, clip_qkv; every layer MoE",
         ),
+        Family(
+            "qwen2_moe",
+            "Qwen2-MoE",
+            "Qwen2MoeForCausalLM",
+            "qwen2_moe",
+            dict(
+                _QWEN_MOE_DEFAULTS,
+                qkv_bias=True,
+                max_window_layers=28,
+                num_experts=60,
+                num_experts_per_tok=4,
+                moe_intermediate_size=1408,
+                shared_expert_intermediate_size=5632,
+            ),
+            window_flag=True,
+            bias=("qkv_bias", "qkv"),
+            moe_layouts=(QWEN_MOE + QWEN2_SHARED, MOE_FUSED + QWEN2_SHARED),
+            experts_field="num_experts",
+            expert_width_field="moe_intermediate_size",
+            norm_topk=True,
+            sparse_step=True,
+            shared_expert=True,
+            note="q/k/v biases, sigmoid-gated shared expert",
+        ),
+        # ---- refused until moekit has the feature (issue 13) ----
         Family(
             "deepseek_v2",
             "DeepSeek-V2",
             "DeepseekV2ForCausalLM",
             "deepseek_v2",
-            missing="multi-head latent attention (MLA), interleaved/yarn RoPE and group-limited routing",
+            missing="multi-head latent attention (MLA), interleaved RoPE and group-limited routing",
         ),
         Family(
             "deepseek_v3",
             "DeepSeek-V3",
             "DeepseekV3ForCausalLM",
             "deepseek_v3",
-            missing="multi-head latent attention (MLA), interleaved/yarn RoPE, group-limited routing with "
+            missing="multi-head latent attention (MLA), interleaved RoPE, group-limited routing with "
             "routed_scaling_factor and a score-correction bias",
         ),
         Family(
@@ -285,7 +397,7 @@ FAMILIES: dict[str, Family] = {
             "GPT-OSS",
             "GptOssForCausalLM",
             "gpt_oss",
-            missing="attention sinks, alternating sliding-window attention, biases, clamped SwiGLU and yarn RoPE",
+            missing="attention sinks, alternating sliding-window attention, biases and clamped SwiGLU",
         ),
         Family(
             "granitemoe",
@@ -301,6 +413,18 @@ BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
 SUPPORTED = tuple(f.name for f in FAMILIES.values() if f.missing is None)
 WRITABLE_DENSE = tuple(f.name for f in FAMILIES.values() if f.missing is None and not f.is_moe)
 WRITABLE_MOE = tuple(f.name for f in FAMILIES.values() if f.missing is None and f.is_moe)
+
+
+def attention_rules(fam: Family, cfg: ModelConfig) -> tuple[Rule, ...]:
+    """The family's attention tensors plus the biases and QK-norm gains ``cfg`` has."""
+    rules = fam.attn_layout
+    if cfg.qkv_bias:
+        rules += QKV_BIAS
+    if cfg.out_bias:
+        rules += OUT_BIAS
+    if cfg.qk_norm != "none":
+        rules += QK_NORM
+    return rules
 
 
 def refuse(field_name: str, value: Any, allowed: str) -> None:

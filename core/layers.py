@@ -6,6 +6,7 @@ G kv heads, Dh head dim, F FFN hidden.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -13,9 +14,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from moekit.core.config import ModelConfig, RopeScaling
+
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32 for stability."""
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32 (or wider) for stability."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -23,17 +26,54 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
+        xf = x if x.dtype == torch.float64 else x.float()  # float64 stays float64 (reference tests)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
 
-def rope_cos_sin(position_ids_bt: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos/sin tables for the half-split (rotate_half) RoPE convention used by Llama. -> [B, 1, T, Dh]."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids_bt.device).double() / head_dim))
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None, device=None) -> Tensor:
+    """RoPE's float64 inverse frequencies ``[Dh/2]``, scaled as ``scaling`` says (:class:`RopeScaling`).
+
+    llama3: slow rotations (wavelength above ``original_max_seq_len / low_freq_factor``) are slowed ``factor``
+    times more, fast ones (below ``original_max_seq_len / high_freq_factor``) are kept, and the band between
+    blends the two linearly in ``original_max_seq_len / wavelength``. yarn: dim pair ``j`` turns
+    ``L / wavelength_j`` times over ``L = original_max_seq_len`` positions; the pairs from the one turning
+    ``beta_fast`` times to the one turning ``beta_slow`` times ramp linearly from kept to divided by ``factor``.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).double() / head_dim))
+    if scaling is None:
+        return inv_freq
+    ctx, factor = scaling.original_max_seq_len, scaling.factor
+    if scaling.rope_type == "yarn":
+
+        def dim_of(turns: float) -> float:  # the (fractional) dim whose frequency turns `turns` times over ctx
+            return head_dim * math.log(ctx / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+        lo, hi = dim_of(scaling.beta_fast), dim_of(scaling.beta_slow)
+        if scaling.truncate:
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, head_dim - 1)
+        hi = hi + 0.001 if lo == hi else hi  # a one-point ramp would divide by zero
+        ramp = ((torch.arange(head_dim // 2, device=device).double() - lo) / (hi - lo)).clamp(0.0, 1.0)
+        return inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    lo, hi = scaling.low_freq_factor, scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((ctx / wavelen - lo) / (hi - lo)).clamp(0.0, 1.0)  # 0 at the low-frequency end, 1 at the high
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def rope_cos_sin(
+    position_ids_bt: Tensor, head_dim: int, theta: float, dtype: torch.dtype, scaling: RopeScaling | None = None
+) -> tuple[Tensor, Tensor]:
+    """cos/sin tables for the half-split (rotate_half) RoPE convention used by Llama, times yarn's attention
+    scaling when set. -> [B, 1, T, Dh]."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, position_ids_bt.device)
     angles = position_ids_bt.double()[..., None] * inv_freq  # [B, T, Dh/2]
     angles = torch.cat([angles, angles], dim=-1)  # [B, T, Dh]
-    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+    cos, sin = angles.cos(), angles.sin()
+    if scaling is not None and scaling.attention_scaling != 1.0:
+        cos, sin = cos * scaling.attention_scaling, sin * scaling.attention_scaling
+    return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
 def apply_rope(x_bhtd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -52,22 +92,80 @@ class LayerKV:
 
 
 class Attention(nn.Module):
-    """Causal self-attention through SDPA with grouped-query attention (n_kv_heads <= n_heads)."""
+    """Causal self-attention through SDPA with grouped-query attention (n_kv_heads <= n_heads).
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, dropout: float = 0.0) -> None:
+    Options (see :class:`~moekit.core.config.ModelConfig`): ``head_dim`` (None = d_model / n_heads),
+    ``qkv_bias`` / ``out_bias``, ``qk_norm`` ("head": ``q_norm.weight [Dh]``, ``k_norm.weight [Dh]``;
+    "full": ``q_norm.weight [H*Dh]``, ``k_norm.weight [G*Dh]``), applied before RoPE, and ``clip_qkv``
+    (q, k, v clamped to [-c, c] after the norm, as OLMoE does). Keys are cached after norm and RoPE.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        dropout: float = 0.0,
+        *,
+        head_dim: int | None = None,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        qk_norm: str = "none",
+        clip_qkv: float | None = None,
+        norm_eps: float = 1e-5,
+    ) -> None:
         super().__init__()
-        if d_model % n_heads or n_heads % n_kv_heads:
+        if (head_dim is None and d_model % n_heads) or n_heads % n_kv_heads:
             raise ValueError(
-                f"Attention needs d_model % n_heads == 0 and n_heads % n_kv_heads == 0; "
+                f"Attention needs d_model % n_heads == 0 (or a head_dim) and n_heads % n_kv_heads == 0; "
                 f"got d_model={d_model}, n_heads={n_heads}, n_kv_heads={n_kv_heads}"
             )
+        if qk_norm not in ("none", "head", "full"):
+            raise ValueError(f"Attention qk_norm={qk_norm!r} is invalid: allowed values are none, head, full")
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.head_dim = d_model // n_heads
+        self.head_dim = d_model // n_heads if head_dim is None else head_dim
         self.dropout = dropout
-        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.qk_norm, self.clip_qkv = qk_norm, clip_qkv
+        hq, hkv = n_heads * self.head_dim, n_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(d_model, hq, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, hkv, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, hkv, bias=qkv_bias)
+        self.o_proj = nn.Linear(hq, d_model, bias=out_bias)
+        if qk_norm != "none":
+            per_head = qk_norm == "head"
+            self.q_norm = RMSNorm(self.head_dim if per_head else hq, norm_eps)
+            self.k_norm = RMSNorm(self.head_dim if per_head else hkv, norm_eps)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> Attention:
+        """The attention layer ``cfg`` describes (heads, head dim, biases, QK-norm, clipping, dropout)."""
+        return cls(
+            cfg.d_model,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.dropout,
+            head_dim=cfg.dh,
+            qkv_bias=cfg.qkv_bias,
+            out_bias=cfg.out_bias,
+            qk_norm=cfg.qk_norm,
+            clip_qkv=cfg.clip_qkv,
+            norm_eps=cfg.norm_eps,
+        )
+
+    def _project(self, x_btd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, H, T, Dh], k and v [B, G, T, Dh], normed and clipped (before RoPE)."""
+        q, k, v = self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rearrange(q, "b t (h dh) -> b h t dh", h=self.n_heads)
+        k = rearrange(k, "b t (g dh) -> b g t dh", g=self.n_kv_heads)
+        v = rearrange(v, "b t (g dh) -> b g t dh", g=self.n_kv_heads)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            c = self.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+        return q, k, v
 
     def forward(
         self,
@@ -78,9 +176,7 @@ class Attention(nn.Module):
         past: LayerKV | None = None,
     ) -> tuple[Tensor, LayerKV]:
         """``mask_b1ts`` is a bool mask (True = may attend) or None for plain causal attention."""
-        q = rearrange(self.q_proj(x_btd), "b t (h dh) -> b h t dh", h=self.n_heads)
-        k = rearrange(self.k_proj(x_btd), "b t (g dh) -> b g t dh", g=self.n_kv_heads)
-        v = rearrange(self.v_proj(x_btd), "b t (g dh) -> b g t dh", g=self.n_kv_heads)
+        q, k, v = self._project(x_btd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past is not None:
             k = torch.cat([past.k, k], dim=2)  # [B, G, S, Dh]

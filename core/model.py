@@ -45,7 +45,7 @@ class Block(nn.Module):
         super().__init__()
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dropout)
+        self.attn = Attention.from_config(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if self.is_moe:
             out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
@@ -102,23 +102,34 @@ def _check_attention_mask(mask: Tensor, B: int, H: int, T: int, S: int) -> None:
 
 
 def build_attention_mask(
-    attention_mask: Tensor | None, B: int, T: int, past_len: int, device: torch.device
+    attention_mask: Tensor | None,
+    B: int,
+    T: int,
+    past_len: int,
+    device: torch.device,
+    sliding_window: int | None = None,
 ) -> Tensor | None:
     """Combine causality with a padding mask. Returns a bool [B, 1, T, S] mask or None (plain causal).
 
     ``attention_mask`` is a [B, S] padding mask (1 = real) or a ready [B, 1, T, S] bool mask. Every
-    query may always see itself so that padding rows never softmax over an empty set (NaNs).
+    query may always see itself so that padding rows never softmax over an empty set (NaNs). With
+    ``sliding_window`` a query at sequence index i sees keys j > i - sliding_window only (indices count
+    padding, as transformers does).
     """
     S = past_len + T
+    q_pos = torch.arange(past_len, S, device=device)[:, None]  # [T, 1]
+    k_pos = torch.arange(S, device=device)[None, :]  # [1, S]
+    band_ts = None if sliding_window is None or S <= sliding_window else k_pos > q_pos - sliding_window
     if attention_mask is not None and attention_mask.dim() == 4:
         if tuple(attention_mask.shape[-2:]) != (T, S):
             raise ValueError(f"4-D attention_mask must end in (T, S)=({T}, {S}); got {tuple(attention_mask.shape)}")
-        return attention_mask.to(torch.bool)
-    if attention_mask is None and past_len == 0:
+        mask = attention_mask.to(torch.bool)
+        return mask if band_ts is None else mask & band_ts
+    if attention_mask is None and past_len == 0 and band_ts is None:
         return None  # SDPA's is_causal path
-    q_pos = torch.arange(past_len, S, device=device)[:, None]  # [T, 1]
-    k_pos = torch.arange(S, device=device)[None, :]  # [1, S]
     mask_ts = k_pos <= q_pos
+    if band_ts is not None:
+        mask_ts = mask_ts & band_ts
     mask = mask_ts[None, None].expand(B, 1, T, S)
     if attention_mask is not None:
         if tuple(attention_mask.shape) != (B, S):
@@ -160,6 +171,8 @@ class Transformer(nn.Module):
                 gen = torch.Generator(device=p.device).manual_seed(seed)
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith("_proj.bias"):
+                nn.init.zeros_(p)
             elif name.endswith(("o_proj.weight", "ffn.w_down.weight")):
                 nn.init.normal_(p, 0.0, out_std, generator=gen)
             elif ".ffn." in name and not name.endswith(("w_gate.weight", "w_up.weight")):
@@ -207,8 +220,8 @@ class Transformer(nn.Module):
         x_btd = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=x_btd.device).expand(B, T)
-        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x_btd.dtype)
-        mask = build_attention_mask(attention_mask, B, T, past_len, x_btd.device)
+        cos, sin = rope_cos_sin(position_ids, self.cfg.dh, self.cfg.rope_theta, x_btd.dtype, self.cfg.rope_scaling)
+        mask = build_attention_mask(attention_mask, B, T, past_len, x_btd.device, self.cfg.sliding_window)
         if token_mask is None and attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, past_len:].to(torch.bool)
 

@@ -65,6 +65,7 @@ class MoEConfig:
     d_expert: int = 256
     num_shared_experts: int = 0
     d_shared: int | None = None  # hidden width of each shared expert; None = d_expert
+    shared_gate: bool = False  # scale the shared experts' output by sigmoid(x @ w) per token (Qwen2-MoE)
     router: str = "topk"  # one of ROUTERS
     score_func: str = "softmax"  # one of SCORE_FUNCS
     topk_order: str = "softmax_then_topk"  # one of TOPK_ORDERS (softmax routers only)
@@ -145,6 +146,10 @@ class MoEConfig:
             _fail("num_groups", self.num_groups, "must be >= 1")
         if self.d_shared is not None and self.d_shared < 1:
             _fail("d_shared", self.d_shared, "must be >= 1, or None for d_expert")
+        if not isinstance(self.shared_gate, bool):
+            _fail("shared_gate", self.shared_gate, "must be true or false")
+        if self.shared_gate and self.num_shared_experts < 1:
+            _fail("shared_gate", self.shared_gate, "gates the shared experts; needs num_shared_experts >= 1")
         self._check_modality_fields()
 
     def _check_modality_fields(self) -> None:

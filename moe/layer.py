@@ -44,8 +44,9 @@ class MoELayer(nn.Module):
 
     Parameters: ``router.weight [E, D]`` (+ ``router.w_noise`` for noisy top-k), ``experts.w_gate
     [E, D, F]``, ``experts.w_up [E, D, F]``, ``experts.w_down [E, F, D]``, ``shared.{w_gate,w_up,w_down}
-    .weight`` (nn.Linear). Buffers: ``router.expert_bias [E]`` (persistent, only with
-    ``bias_update_rate > 0``), ``router.load_counts [E]`` and ``steps_since_used [E]`` (not persistent).
+    .weight`` (nn.Linear), ``shared_gate.weight [1, D]`` (``cfg.shared_gate``). Buffers:
+    ``router.expert_bias [E]`` (persistent, only with ``bias_update_rate > 0``), ``router.load_counts [E]``
+    and ``steps_since_used [E]`` (not persistent).
     Training forwards update the last two; activation checkpointing that re-runs the forward counts
     a micro-batch twice (harmless for the sign update, visible in the dead-expert age).
 
@@ -83,6 +84,10 @@ class MoELayer(nn.Module):
             self.shared = SharedExperts(
                 d_model, cfg.num_shared_experts, cfg.shared_width, init_std=init_std, out_init_std=out_std
             )
+        self.shared_gate: nn.Linear | None = None
+        if cfg.shared_gate:  # Qwen2-MoE: a per-token sigmoid gate on the shared experts' output
+            self.shared_gate = nn.Linear(d_model, 1, bias=False)
+            nn.init.normal_(self.shared_gate.weight, std=init_std)
         self.register_buffer("steps_since_used", torch.zeros(cfg.num_experts, dtype=torch.long), persistent=False)
         # Expert-parallel hook (installed by moekit.moe.parallel.shard_experts): replaces the local dispatch
         # with the same contract, (layer, x_nd, routing) -> (y_nd, keep_a).
@@ -131,6 +136,13 @@ class MoELayer(nn.Module):
             capacity = self.cfg.capacity(int(routing.num_real), self.training)
         return dispatch_reference(x_nd, routing, self.experts, capacity, self.cfg.drop_policy)
 
+    def shared_output(self, x_nd: Tensor) -> Tensor:
+        """The shared experts' ``[N, D]`` output, times ``sigmoid(x @ shared_gate.weight.T)`` when gated."""
+        y_nd = self.shared(x_nd)
+        if self.shared_gate is not None:
+            y_nd = torch.sigmoid(self.shared_gate(x_nd)) * y_nd
+        return y_nd
+
     def _losses(
         self, routing: Routing, mask_n: Tensor | None, group_n: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -174,7 +186,7 @@ class MoELayer(nn.Module):
         routing = self.route(x_nd, mask_n, group_n)
         y_nd, keep_a = self.dispatch(x_nd, routing)
         if self.shared is not None:
-            y_nd = y_nd + self.shared(x_nd)
+            y_nd = y_nd + self.shared_output(x_nd)
         aux, losses = self._losses(routing, mask_n, group_n)
 
         if self.training:

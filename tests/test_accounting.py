@@ -18,6 +18,22 @@ DENSE_CONFIGS = [
 ]
 
 
+def measured_flops_per_token(model: Transformer, B: int, T: int) -> float:
+    """FlopCounterMode's forward FLOPs per token; the math SDPA backend runs attention as bmm's, which it counts
+    (CPU fused kernels are not)."""
+    x = torch.randint(0, model.cfg.vocab_size, (B, T))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(x)
+    return fc.get_total_flops() / (B * T)
+
+
+def assert_params_and_flops_exact(cfg: ModelConfig, T: int = 32) -> None:
+    model = Transformer(cfg).eval()
+    assert count_params(cfg).total == sum(p.numel() for p in model.parameters())
+    measured = measured_flops_per_token(model, 2, T)
+    assert abs(flops_per_token(cfg, T) - measured) / measured < 0.02, (flops_per_token(cfg, T), measured)
+
+
 @pytest.mark.parametrize("kw", DENSE_CONFIGS)
 def test_param_count_matches_modules(kw):
     cfg = ModelConfig(**kw)
@@ -31,12 +47,8 @@ def test_param_count_matches_modules(kw):
 def test_forward_flops_match_flop_counter(kw):
     cfg = ModelConfig(**kw)
     model = Transformer(cfg).eval()
-    B, T = 2, cfg.max_seq_len
-    x = torch.randint(0, cfg.vocab_size, (B, T))
-    # The math SDPA backend runs attention as bmm's, which FlopCounterMode counts (CPU fused kernels are not).
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(x)
-    measured = fc.get_total_flops() / (B * T)
+    T = cfg.max_seq_len
+    measured = measured_flops_per_token(model, 2, T)
     assert abs(flops_per_token(cfg, T) - measured) / measured < 0.02, (flops_per_token(cfg, T), measured)
     assert train_flops_per_token(cfg, T) == 3 * flops_per_token(cfg, T)
 
@@ -76,9 +88,33 @@ def test_moe_params_and_flops_are_exact(moe_kw, dispatch):
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
     unused = moe_layers * (cfg.moe.num_experts - cfg.moe.top_k) * 3 * cfg.d_model * cfg.moe.d_expert
     assert pc.active == pc.total - unused
-    B, T = 2, 16
-    x = torch.randint(0, cfg.vocab_size, (B, T))
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(x)
-    measured = fc.get_total_flops() / (B * T)
-    assert abs(flops_per_token(cfg, T) - measured) / measured < 0.02, (flops_per_token(cfg, T), measured)
+    measured = measured_flops_per_token(model, 2, 16)
+    assert abs(flops_per_token(cfg, 16) - measured) / measured < 0.02, (flops_per_token(cfg, 16), measured)
+
+
+ATTENTION_OPTIONS = [
+    dict(qkv_bias=True, out_bias=True),
+    dict(qk_norm="head", head_dim=24),  # Qwen3: head_dim != d_model / n_heads
+    dict(qk_norm="full", clip_qkv=1.0),  # OLMoE
+    dict(rope_scaling=dict(factor=8.0, original_max_seq_len=16)),
+    dict(rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_seq_len=16)),
+    dict(qkv_bias=True, qk_norm="head", head_dim=8, n_kv_heads=1),
+]
+
+
+@pytest.mark.parametrize("opts", ATTENTION_OPTIONS)
+def test_attention_options_params_and_flops_are_exact(opts):
+    cfg = ModelConfig(**{**DENSE_CONFIGS[1], **opts})
+    assert_params_and_flops_exact(cfg)
+    if "head_dim" in opts:  # the head width really enters the count
+        assert flops_per_token(cfg, 32) != flops_per_token(ModelConfig(**DENSE_CONFIGS[1]), 32)
+
+
+def test_gated_shared_expert_params_and_flops_are_exact():
+    from moekit.moe.config import MoEConfig
+
+    moe = MoEConfig(num_experts=4, top_k=2, d_expert=6, num_shared_experts=1, d_shared=10, shared_gate=True)
+    cfg = ModelConfig(**DENSE_CONFIGS[0], moe=moe)
+    assert_params_and_flops_exact(cfg, T=16)
+    ungated = ModelConfig(**DENSE_CONFIGS[0], moe=MoEConfig(**{**moe.to_dict(), "shared_gate": False}))
+    assert count_params(cfg).total - count_params(ungated).total == 2 * cfg.d_model  # [1, D] gate in 2 layers

@@ -119,7 +119,7 @@ def test_rope_convention_needs_no_permutation(tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     ours = load_hf(tmp_path / "hf").eval()
     assert_same_logits(ours, hf)
-    dh = ours.cfg.head_dim
+    dh = ours.cfg.dh
     perm = torch.arange(dh).view(2, dh // 2).t().reshape(-1)  # [0, Dh/2, 1, Dh/2+1, ...]
     with torch.no_grad():
         for blk in ours.layers:
@@ -203,16 +203,26 @@ def test_legacy_and_default_rope_theta():
 @pytest.mark.parametrize(
     "changes,field",
     [
-        (dict(attention_bias=True), "attention_bias"),
+        (dict(architectures=["MistralForCausalLM"], model_type="mistral", attention_bias=True), "attention_bias"),
         (dict(mlp_bias=True), "mlp_bias"),
         (dict(hidden_act="gelu"), "hidden_act"),
-        (dict(head_dim=16), "head_dim"),
-        (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), "rope_parameters.rope_type"),
+        (dict(architectures=["OlmoeForCausalLM"], model_type="olmoe", head_dim=16), "head_dim"),
+        (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), "rope_parameters"),
+        (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 5e5, "factor": 8.0}), "rope_parameters.rope_type"),
         (dict(rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling.rope_type"),
         (dict(rope_theta=1.0, rope_parameters={"rope_type": "default", "rope_theta": 2.0}), "rope_theta"),
         (dict(architectures=["GPT2LMHeadModel"]), "architectures"),
         (dict(architectures=["LlamaForCausalLM"], model_type="mixtral"), "model_type"),
-        (dict(architectures=["MixtralForCausalLM"], model_type="mixtral", sliding_window=16), "sliding_window"),
+        (
+            dict(
+                architectures=["Qwen2ForCausalLM"],
+                model_type="qwen2",
+                use_sliding_window=True,
+                sliding_window=16,
+                max_window_layers=1,
+            ),
+            "max_window_layers",
+        ),  # fmt: skip
         (dict(quantization_config={"quant_method": "gptq"}), "quantization_config"),
     ],
 )

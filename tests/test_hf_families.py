@@ -3,6 +3,7 @@ logit scale), the round trip is bit-exact with dtypes kept, KV-cache generation 
 families moekit cannot represent yet are refused, naming the missing feature."""
 
 import json
+import re
 import runpy
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from moekit.core.generate import generate  # noqa: E402
+from moekit.core.generate import generate, greedy_recompute  # noqa: E402
 from moekit.core.hf import config_from_hf, load_hf_state_dict  # noqa: E402
 from moekit.core.model import Transformer  # noqa: E402
 
@@ -32,6 +33,15 @@ SHAPE = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
+LLAMA3 = {
+    "rope_type": "llama3",
+    "rope_theta": 500.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,  # at head dim 8: one kept, one blended, two slowed frequencies
+}
+YARN = {"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0, "original_max_position_embeddings": 16}
 FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(intermediate_size=40)),
     "mistral": (
@@ -45,6 +55,79 @@ FAMILIES = {
         transformers.MixtralForCausalLM,
         dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2),
     ),
+    "mistral_window": (  # window 5 < the test's 12 tokens
+        transformers.MistralConfig,
+        transformers.MistralForCausalLM,
+        dict(intermediate_size=40, sliding_window=5),
+    ),
+    "qwen2_window": (  # every layer slides (max_window_layers=0)
+        transformers.Qwen2Config,
+        transformers.Qwen2ForCausalLM,
+        dict(intermediate_size=40, use_sliding_window=True, sliding_window=5, max_window_layers=0),
+    ),
+    "phi3_window": (
+        transformers.Phi3Config,
+        transformers.Phi3ForCausalLM,
+        dict(intermediate_size=40, sliding_window=6),
+    ),
+    "mixtral_window": (
+        transformers.MixtralConfig,
+        transformers.MixtralForCausalLM,
+        dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, sliding_window=4),
+    ),
+    "qwen3_yarn": (
+        transformers.Qwen3Config,
+        transformers.Qwen3ForCausalLM,
+        dict(intermediate_size=40, rope_parameters=YARN),
+    ),
+    "llama_yarn_mscale": (  # DeepSeek-style yarn: no factor (context ratio 64/16), mscale / mscale_all_dim
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        dict(intermediate_size=40, rope_parameters={**YARN, "factor": None, "mscale": 1.0, "mscale_all_dim": 0.5}),
+    ),
+    "llama_bias": (  # attention_bias=True: q/k/v and o biases
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        dict(intermediate_size=40, attention_bias=True),
+    ),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(intermediate_size=40)),
+    # head_dim 12 != hidden_size / heads = 8
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(intermediate_size=40, head_dim=12)),
+    "llama3": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        dict(intermediate_size=40, rope_parameters=LLAMA3),
+    ),
+    "qwen3_moe": (  # layer 0 dense (mlp_only_layers), layer 1 MoE; renormalised top-2
+        transformers.Qwen3MoeConfig,
+        transformers.Qwen3MoeForCausalLM,
+        dict(
+            intermediate_size=40,
+            moe_intermediate_size=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            mlp_only_layers=[0],
+            head_dim=12,
+        ),
+    ),  # fmt: skip
+    "olmoe": (  # every layer MoE, raw (not renormalised) top-2 probabilities, clip_qkv that clips
+        transformers.OlmoeConfig,
+        transformers.OlmoeForCausalLM,
+        dict(intermediate_size=16, num_experts=4, num_experts_per_tok=2, clip_qkv=0.8),
+    ),
+    "qwen2_moe": (  # decoder_sparse_step=2: layer 0 dense, layer 1 MoE with the gated shared expert
+        transformers.Qwen2MoeConfig,
+        transformers.Qwen2MoeForCausalLM,
+        dict(
+            intermediate_size=40,
+            moe_intermediate_size=8,
+            shared_expert_intermediate_size=12,
+            num_experts=4,
+            num_experts_per_tok=2,
+            decoder_sparse_step=2,
+        ),
+    ),  # fmt: skip
 }
 
 
@@ -96,21 +179,36 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 def assert_cache_matches_recompute(model: Transformer) -> None:
     """Greedy decoding with the KV cache gives the tokens that recomputing the whole prefix gives."""
     ids = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(7))
-    cached = generate(model, ids, max_new_tokens=8, temperature=0)
-    seq = ids
-    with torch.no_grad():
-        for _ in range(8):
-            seq = torch.cat([seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(cached, seq)
+    assert torch.equal(generate(model, ids, max_new_tokens=8, temperature=0), greedy_recompute(model, ids, 8))
+
+
+TIED = ("phi3", "qwen2", "qwen3_moe")  # tie_word_embeddings, as the small Qwen checkpoints do
+# What each converted config must hold, so that a family whose feature was silently dropped cannot pass.
+EXPECTED = {
+    "llama_bias": lambda c: c.qkv_bias and c.out_bias,
+    "mistral_window": lambda c: c.sliding_window == 5,
+    "qwen2_window": lambda c: c.sliding_window == 5 and c.qkv_bias,
+    "mixtral_window": lambda c: c.sliding_window == 4,
+    "phi3_window": lambda c: c.sliding_window == 6,
+    "qwen3_yarn": lambda c: c.rope_scaling.rope_type == "yarn" and c.rope_scaling.attention_scaling > 1,
+    "llama_yarn_mscale": lambda c: c.rope_scaling.factor == 4.0 and c.rope_scaling.mscale_all_dim == 0.5,
+    "qwen2": lambda c: c.qkv_bias and not c.out_bias and c.tie_embeddings,
+    "qwen3": lambda c: c.qk_norm == "head" and c.head_dim == 12 and not c.qkv_bias,
+    "llama3": lambda c: c.rope_scaling.factor == 8.0 and c.rope_scaling.original_max_seq_len == 32,
+    "qwen3_moe": lambda c: c.ffn_kinds() == ["dense", "moe"] and c.moe.renormalize and c.head_dim == 12,
+    "olmoe": lambda c: c.qk_norm == "full" and c.clip_qkv == 0.8 and not c.moe.renormalize,
+    "qwen2_moe": lambda c: c.ffn_kinds() == ["dense", "moe"] and c.moe.shared_gate and c.moe.d_shared == 12,
+}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_converts_both_ways_through_the_cli(tmp_path, family):
-    hf = hf_model(family, tied=family == "phi3")
+    hf = hf_model(family, tied=family in TIED)
     hf.save_pretrained(tmp_path / "hf")
     MAIN(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")])
     ours = Transformer.from_pretrained(tmp_path / "m").eval()
+    assert EXPECTED.get(family, lambda c: True)(ours.cfg)
     assert max_rel_logit_diff(ours, hf) < 1e-4
     assert_cache_matches_recompute(ours)
 
@@ -154,8 +252,9 @@ def test_family_can_be_chosen_on_the_way_out(tmp_path):
 
 
 @pytest.mark.slow
-def test_bf16_stays_bf16_unless_asked(tmp_path):
-    hf = hf_model("mixtral").to(torch.bfloat16)
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_bf16_stays_bf16_unless_asked(tmp_path, family):
+    hf = hf_model(family).to(torch.bfloat16)
     hf.save_pretrained(tmp_path / "hf")
     MAIN(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")])
     assert {t.dtype for t in load_hf_state_dict(tmp_path / "m").values()} == {torch.bfloat16}
@@ -175,13 +274,10 @@ def _config(cls_name: str, **kw) -> dict:
 
 
 REFUSED = [
-    ("Qwen3MoeConfig", "Qwen3-MoE needs per-head QK-norm (not supported yet)"),
-    ("Qwen3Config", "Qwen3 needs per-head QK-norm (not supported yet)"),
-    ("OlmoeConfig", "OLMoE needs QK-norm over the full q/k projection width and clip_qkv"),
-    ("Qwen2Config", "Qwen2 needs q/k/v projection biases"),
-    ("Qwen2MoeConfig", "Qwen2-MoE needs q/k/v projection biases and a sigmoid-gated shared expert"),
     ("DeepseekV2Config", "DeepSeek-V2 needs multi-head latent attention (MLA)"),
     ("DeepseekV3Config", "DeepSeek-V3 needs multi-head latent attention (MLA)"),
+    ("GptOssConfig", "GPT-OSS needs attention sinks"),
+    ("GraniteMoeConfig", "Granite-MoE needs Granite's embedding/residual/attention/logit multipliers"),
 ]
 
 
@@ -196,37 +292,35 @@ def test_families_needing_missing_features_are_refused_by_name(cls_name, message
 
 
 def test_refusal_through_the_cli_names_the_feature_and_writes_nothing(tmp_path, capsys):
-    cfg = transformers.Qwen3MoeConfig(**{**SHAPE, "intermediate_size": 40}, moe_intermediate_size=8, num_experts=4)
-    transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf").mkdir()
+    d = transformers.DeepseekV3Config(**{**SHAPE, "intermediate_size": 40}).to_dict()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**d, "architectures": ["DeepseekV3ForCausalLM"]}))
     with pytest.raises(SystemExit) as exc:
         MAIN(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")])
     assert exc.value.code == 2
-    assert "Qwen3-MoE needs per-head QK-norm (not supported yet)" in capsys.readouterr().err
+    assert "DeepSeek-V3 needs multi-head latent attention (MLA)" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no output, no temporary folder
 
 
 @pytest.mark.parametrize(
     "family,changes,field,words",
     [
-        ("mistral", dict(sliding_window=16), "sliding_window", "sliding-window attention is not supported yet"),
-        ("mixtral", dict(sliding_window=16), "sliding_window", "sliding-window attention is not supported yet"),
-        ("phi3", dict(sliding_window=16), "sliding_window", "sliding-window attention is not supported yet"),
-        ("mistral", dict(head_dim=16), "head_dim", "not supported yet"),
+        (
+            "qwen2",
+            dict(use_sliding_window=True, sliding_window=5, max_window_layers=1),
+            "layer_types",
+            "sliding-window attention on some layers only is not supported yet",
+        ),
+        ("olmoe", dict(head_dim=16), "head_dim", "OLMoE needs head_dim = hidden_size/num_attention_heads"),
+        ("mistral", dict(sliding_window=0), "sliding_window", "must be a positive integer or null"),
+        ("mistral", dict(attention_bias=True), "attention_bias", "Mistral has no such projection biases"),
         (
             "llama",
-            dict(
-                rope_parameters={
-                    "rope_type": "llama3",
-                    "rope_theta": 5e5,
-                    "factor": 8.0,
-                    "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 32,
-                }
-            ),
+            dict(rope_parameters={**LLAMA3, "rope_type": "linear"}),
             "rope_parameters.rope_type",
-            "'llama3' RoPE scaling is not supported yet",
-        ),  # fmt: skip
+            "'linear' RoPE",
+        ),
+        ("llama", dict(rope_parameters={**LLAMA3, "factor": None}), "rope_parameters", r"needs \['factor'\]"),
         (
             "phi3",
             dict(
@@ -251,16 +345,24 @@ def test_unsupported_settings_are_refused_naming_the_field(family, changes, fiel
         config_from_hf(d)
 
 
-def test_mistral_window_default_and_long_window():
-    """A config.json without sliding_window gets Mistral's class default (4096): shorter than the context,
-    refused; a window >= max_position_embeddings has no effect and converts."""
+def test_sliding_window_defaults_and_windows_that_never_bind():
+    """A Mistral config.json without sliding_window gets the class default (4096); a window >=
+    max_position_embeddings has no effect (None); Qwen's window needs use_sliding_window, and
+    max_window_layers >= the layer count leaves every layer full (None)."""
     d = transformers.MistralConfig(**SHAPE, intermediate_size=40).to_dict()
     d.pop("sliding_window")
     d["max_position_embeddings"] = 8192
-    with pytest.raises(ValueError, match="field sliding_window=4096"):
-        config_from_hf(d)
+    assert config_from_hf(d).sliding_window == 4096
     d["sliding_window"] = 8192
-    assert config_from_hf(d).max_seq_len == 8192
+    assert config_from_hf(d).sliding_window is None and config_from_hf(d).max_seq_len == 8192
+    qwen = dict(SHAPE, intermediate_size=40, sliding_window=5)
+    assert config_from_hf(transformers.Qwen2Config(**qwen).to_dict()).sliding_window is None
+    on = transformers.Qwen2Config(**qwen, use_sliding_window=True, max_window_layers=2).to_dict()
+    assert config_from_hf(on).sliding_window is None  # layers 2.. slide: none of the two
+    on.pop("layer_types")  # older config.json: max_window_layers decides
+    assert config_from_hf(on).sliding_window is None
+    on["max_window_layers"] = 0
+    assert config_from_hf(on).sliding_window == 5
 
 
 def test_help_lists_the_families_and_directions(capsys):
@@ -268,27 +370,31 @@ def test_help_lists_the_families_and_directions(capsys):
         MAIN(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for name in ("LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM"):
-        assert f"{name}" in text and "--from-hf and --to-hf" in text
-    for title in ("Qwen3-MoE", "OLMoE", "Qwen2-MoE", "Qwen2", "DeepSeek-V2", "DeepSeek-V3"):
-        assert f"{title} " in text
-    assert text.count("refused: needs") >= 7
+    convertible = ("Llama", "Mistral", "Phi3", "Mixtral", "Qwen2", "Qwen3", "Qwen3Moe", "Olmoe", "Qwen2Moe")
+    for name in convertible:
+        assert re.search(rf"{name}ForCausalLM +--from-hf and --to-hf", text), name
+    for title in ("DeepSeek-V2", "DeepSeek-V3", "GPT-OSS", "Granite-MoE"):
+        assert re.search(rf"{title} .*refused: needs", text), title
 
 
 @pytest.mark.slow
-def test_converted_llama_upcycles_to_a_mixtral_that_transformers_runs(tmp_path):
-    """HF Llama -> moekit -> upcycled MoE (every expert a copy of the dense FFN, renormalised top-2) ->
-    HF Mixtral: at initialisation the MoE computes the dense model, in moekit and in transformers."""
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_converted_dense_model_upcycles_to_an_moe_equal_at_init(tmp_path, family):
+    """HF dense -> moekit -> upcycled MoE (every expert a copy of the dense FFN, renormalised top-2): at
+    initialisation the MoE computes the dense model (biases, QK-norm and head_dim kept); a Llama's goes on to
+    HF Mixtral and computes the same in transformers."""
     from moekit.moe import upcycle
     from moekit.moe.config import MoEConfig
 
-    hf = hf_model("llama")
+    hf = hf_model(family)
     hf.save_pretrained(tmp_path / "hf")
     MAIN(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")])
     dense = Transformer.from_pretrained(tmp_path / "m").eval()
     moe = MoEConfig(num_experts=4, top_k=2, d_expert=40, load_balance_coef=0.01, z_loss_coef=0.0)
     sparse = upcycle(dense, moe, seed=0).eval()
     assert max_rel_logit_diff(sparse, hf) < 1e-4
+    if family != "llama":
+        return
     sparse.save_pretrained(tmp_path / "up")
     MAIN(["--to-hf", str(tmp_path / "up"), "--out", str(tmp_path / "mixtral")])
     mixtral = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "mixtral").eval()
@@ -312,7 +418,7 @@ def test_a_shape_mismatch_is_refused_before_reading_tensor_data(tmp_path, monkey
 
 
 def test_a_moekit_field_this_converter_does_not_know_is_refused_on_export():
-    """A ModelConfig field added to moekit later (here a made-up qk_norm) exports only at its default, so a new
+    """A ModelConfig field added to moekit later (here a made-up attention_sinks) exports only at its default, so a new
     attention feature can never be written to HF silently dropped."""
     from dataclasses import dataclass
 
@@ -321,9 +427,117 @@ def test_a_moekit_field_this_converter_does_not_know_is_refused_on_export():
 
     @dataclass
     class Future(ModelConfig):
-        qk_norm: bool = False
+        attention_sinks: bool = False
 
     shape = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=40)
     assert config_to_hf(Future(**shape))["architectures"] == ["LlamaForCausalLM"]
-    with pytest.raises(ValueError, match="ModelConfig.qk_norm=True has no HF equivalent"):
-        config_to_hf(Future(**shape, qk_norm=True))
+    with pytest.raises(ValueError, match="ModelConfig.attention_sinks=True has no HF equivalent"):
+        config_to_hf(Future(**shape, attention_sinks=True))
+
+
+# ---- the MoE families: layouts, routing and layer selection ----------------------------------------
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "qwen2_moe"])
+def test_in_memory_fused_expert_layout_converts(family):
+    """transformers 5's in-memory state dict stacks the experts (gate_up_proj [E, 2F, D]); it converts too."""
+    from moekit.core.hf import state_dict_from_hf
+
+    hf = hf_model(family)
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in hf.state_dict())
+    cfg = config_from_hf(hf.config.to_dict())
+    ours = Transformer(cfg)
+    ours.load_state_dict(state_dict_from_hf(dict(hf.state_dict()), cfg, family), strict=not cfg.tie_embeddings)
+    assert max_rel_logit_diff(ours.eval(), hf) < 1e-4
+
+
+def test_decoder_sparse_step_and_mlp_only_layers_pick_the_layers_transformers_picks():
+    from moekit.core.hf import config_to_hf
+
+    kw = dict(
+        SHAPE, num_hidden_layers=6, intermediate_size=16, moe_intermediate_size=8, num_experts=4, num_experts_per_tok=2
+    )
+    for changes in (dict(decoder_sparse_step=2), dict(decoder_sparse_step=2, mlp_only_layers=[3]), dict()):
+        hf_cfg = transformers.Qwen3MoeConfig(**kw, **changes)
+        hf = transformers.Qwen3MoeForCausalLM(hf_cfg)
+        theirs = ["moe" if "SparseMoe" in type(layer.mlp).__name__ else "dense" for layer in hf.model.layers]
+        cfg = config_from_hf(hf_cfg.to_dict())
+        assert cfg.ffn_kinds() == theirs, changes
+        back = transformers.Qwen3MoeConfig(**{k: v for k, v in config_to_hf(cfg, family="qwen3_moe").items()})
+        again = ["moe" if "SparseMoe" in type(layer.mlp).__name__ else "dense"
+                 for layer in transformers.Qwen3MoeForCausalLM(back).model.layers]  # fmt: skip
+        assert again == theirs, changes
+    assert config_from_hf(transformers.Qwen3MoeConfig(**kw, decoder_sparse_step=2).to_dict()).moe.every_n_layers == 2
+
+
+@pytest.mark.parametrize("norm,top_k", [(True, 1), (True, 2), (False, 1), (False, 2)])
+def test_norm_topk_prob_maps_onto_moekit_routing_and_back(norm, top_k):
+    """HF renormalises the selected probabilities iff norm_topk_prob (1.0 at top-1 = top-k-then-softmax)."""
+    from moekit.core.hf import config_to_hf
+
+    d = transformers.OlmoeConfig(**SHAPE, intermediate_size=16, num_experts=4, num_experts_per_tok=top_k,
+                                 norm_topk_prob=norm).to_dict()  # fmt: skip
+    moe = config_from_hf(d).moe
+    renormalised = moe.topk_order == "topk_then_softmax" or (moe.renormalize and moe.top_k > 1)
+    assert renormalised == norm
+    assert config_to_hf(config_from_hf(d), family="olmoe")["norm_topk_prob"] == norm
+
+
+@pytest.mark.parametrize(
+    "source,target,message",
+    [
+        ("qwen3", "llama", r"ModelConfig.qk_norm='head' has no LlamaForCausalLM equivalent: Llama needs 'none'"),
+        ("llama", "qwen2", r"ModelConfig.qkv_bias=False has no Qwen2ForCausalLM equivalent: Qwen2 always has"),
+        ("llama", "qwen3", r"ModelConfig.qk_norm='none' has no Qwen3ForCausalLM equivalent"),
+        ("qwen2", "mistral", r"ModelConfig.qkv_bias=True has no MistralForCausalLM equivalent"),
+        ("llama3", "phi3", r"ModelConfig.rope_scaling=.* has no Phi3ForCausalLM equivalent"),
+        ("qwen3", "mistral", r"ModelConfig.qk_norm='head'"),
+        ("olmoe", "mixtral", r"ModelConfig.qk_norm='full' has no MixtralForCausalLM equivalent"),
+        ("qwen2_moe", "qwen3_moe", r"ModelConfig.out_bias=False has no Qwen3MoeForCausalLM equivalent: .*qkv_bias"),
+        ("mixtral", "qwen2_moe", r"ModelConfig.moe.shared_gate=False has no Qwen2MoeForCausalLM equivalent"),
+    ],
+)
+def test_writing_another_family_refuses_what_it_cannot_hold(tmp_path, capsys, source, target, message):
+    hf_model(source).save_pretrained(tmp_path / "hf")
+    MAIN(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")])
+    with pytest.raises(SystemExit) as exc:
+        MAIN(["--to-hf", str(tmp_path / "m"), "--out", str(tmp_path / "x"), "--family", target])
+    assert exc.value.code == 2 and not (tmp_path / "x").exists()
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_qwen2_moe_without_a_gated_shared_expert_is_refused():
+    from moekit.core.config import ModelConfig
+    from moekit.core.hf import config_to_hf
+    from moekit.moe.config import MoEConfig
+
+    moe = MoEConfig(num_experts=4, top_k=2, d_expert=8, num_shared_experts=1, d_shared=8)
+    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=40, qkv_bias=True, moe=moe)
+    with pytest.raises(ValueError, match=r"moe.shared_gate=False has no Qwen2MoeForCausalLM equivalent"):
+        config_to_hf(cfg, family="qwen2_moe")
+
+
+def measure_families(tmp: Path) -> list[tuple[str, str, float, float, bool]]:
+    """(family key, HF class, max rel logit diff HF -> moekit, moekit -> HF, round trip bit-exact) per family,
+    through the CLI as in :func:`test_family_converts_both_ways_through_the_cli`."""
+    rows = []
+    for family in sorted(FAMILIES):
+        hf = hf_model(family, tied=family in TIED)
+        hf.save_pretrained(tmp / family / "hf")
+        MAIN(["--from-hf", str(tmp / family / "hf"), "--out", str(tmp / family / "m")])
+        ours = Transformer.from_pretrained(tmp / family / "m").eval()
+        MAIN(["--to-hf", str(tmp / family / "m"), "--out", str(tmp / family / "back")])
+        back = type(hf).from_pretrained(tmp / family / "back").eval()
+        a, b = load_hf_state_dict(tmp / family / "back"), load_hf_state_dict(tmp / family / "hf")
+        exact = sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+        rows.append((family, type(hf).__name__, max_rel_logit_diff(ours, hf), max_rel_logit_diff(ours, back), exact))
+    return rows
+
+
+if __name__ == "__main__":  # prints the README's table: python tests/test_hf_families.py
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = measure_families(Path(tmp))
+    print("| family (test model) | HF class | HF -> moekit | moekit -> HF | round trip |")
+    print("|---|---|---|---|---|")
+    for family, cls, there, back, exact in rows:
+        print(f"| {family} | `{cls}` | {there:.1e} | {back:.1e} | {'bit-exact' if exact else 'DIFFERS'} |")
