@@ -38,6 +38,7 @@ __all__ = [
     "FIXED",
     "MAY_CHANGE",
     "RESUME_RULES",
+    "read_completed_config",
     "RunFolderError",
     "RUN_ERRORS",
     "check_out_folder",
@@ -146,6 +147,17 @@ def read_run_config(run_dir: str | os.PathLike, migrate: Migration | None = None
     return _read_tree(path, migrate)
 
 
+def read_completed_config(
+    cls: type, run_dir: str | os.PathLike, migrate: Migration | None = None
+) -> dict[str, Any] | None:
+    """``read_run_config`` built through ``cls`` and back: fields a newer version added (absent from an older
+    ``config.yaml``) take their defaults, which keep the old behaviour, so they never read as a change."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    return config_to_dict(load_run_file(cls, path, migrate=migrate))
+
+
 def _read_tree(path: str | os.PathLike, migrate: Migration | None) -> dict[str, Any]:
     tree = read_yaml(path)
     if tree is None:
@@ -252,7 +264,7 @@ def check_resumable(cfg: Any, run_dir: str | os.PathLike, migrate: Migration | N
     """Refuse to resume ``run_dir`` when ``cfg`` changes a field that :data:`RESUME_RULES` fixes (or does not
     classify) against the saved ``config.yaml`` (read through ``migrate``); the error names every such field
     with both values. A folder without ``config.yaml`` has nothing to compare."""
-    saved = read_run_config(run_dir, migrate)
+    saved = read_completed_config(type(cfg), run_dir, migrate)
     if saved is None:
         return
     current = config_to_dict(cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import json
 import multiprocessing
 import os
@@ -24,7 +25,7 @@ import torch
 from moekit.core.files import atomic_write_json
 from moekit.core.guard import TrainingDiverged
 from moekit.core.layering import config_to_dict
-from moekit.core.run_folder import diff_trees, migrate_placement, read_run_config
+from moekit.core.run_folder import diff_trees, migrate_placement, read_completed_config
 from moekit.experiment.adapter import Row, RunSpec
 from moekit.experiment.plan import TASKS, CompareConfig, Comparison, matching_table, plan_runs
 from moekit.experiment.report import divergence_text, headline, matching_lines, write_report
@@ -77,7 +78,8 @@ def check_planned(spec: RunSpec, run_dir: Path) -> None:
     would mix configs within one comparison. Placement (the ``parallel`` section) may differ; a folder written
     before placement left the model section is read migrated."""
     moe_path = f"{TASKS[spec.task].decoder_key}.moe"
-    saved = read_run_config(run_dir, migrate=lambda tree: migrate_placement(tree, moe_path=moe_path))
+    migrate = functools.partial(migrate_placement, moe_path=moe_path)
+    saved = read_completed_config(type(spec.run), run_dir, migrate=migrate)
     if saved is None:
         return
     diffs = [d for d in diff_trees(saved, config_to_dict(spec.run)) if not d[0].startswith("parallel.")]

@@ -108,3 +108,22 @@ def test_a_change_on_resume_is_refused_or_accepted_by_its_class(tmp_path, task, 
         changed.check_resumable(tmp_path)
     msg = str(info.value)
     assert f"{field}: run has {old!r}, now " in msg and "fixed on resume" in msg and str(tmp_path) in msg
+
+
+def test_a_run_folder_from_before_a_new_field_resumes_and_a_changed_field_is_still_refused(tmp_path):
+    # An older version wrote config.yaml without the fields added since (here: qk_norm, qkv_bias); their
+    # defaults keep the old behaviour, so they must not read as a change.
+    import yaml
+
+    from moekit.core.run_folder import check_resumable
+
+    cfg = load_run_config("recipes/configs/debug.yaml")
+    save_run_config(cfg, tmp_path)
+    tree = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    for key in ("qk_norm", "qkv_bias"):
+        tree["model"].pop(key)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
+    check_resumable(cfg, tmp_path)
+    changed = load_run_config("recipes/configs/debug.yaml", ["model.qk_norm=head"])
+    with pytest.raises(RunFolderError, match="model.qk_norm: run has 'none'"):
+        check_resumable(changed, tmp_path)
