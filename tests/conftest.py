@@ -19,8 +19,10 @@ def reset_accelerate() -> None:
 
 @pytest.fixture
 def fresh_accelerate():
+    """Fresh Accelerate state before and after the test; the value resets it again mid-test (one Trainer after
+    another)."""
     reset_accelerate()
-    yield
+    yield reset_accelerate
     reset_accelerate()
 
 
