@@ -43,7 +43,12 @@ class TaskAdapter:
     title: str = "Sparse vs dense at matched compute"
     run_config: type = object  # the task's run config dataclass
     summary_fields: tuple[str, ...] = ()  # extra row fields copied into summary.json
-    matching_columns: tuple[Column, ...] = ()  # matching-table columns after model and kind
+    matching_columns: tuple[Column, ...] = (  # matching-table columns after model and kind: the default facts
+        ("params total", lambda m: f"{m['params_total']:,}"),
+        ("params active", lambda m: f"{m['params_active']:,}"),
+        ("FLOPs/token (fwd)", lambda m: f"{m['flops_per_token']:,}"),
+        ("steps", lambda m: str(m["steps"])),
+    )
     result_columns: tuple[Column, ...] = ()  # results-table columns after the final val loss
     verdict_fields: tuple[str, ...] = ()  # row metrics with verdicts beyond final val loss and *_acc
     decoder_key: str = "model"  # dotted path of the decoder's ModelConfig (what the dense twin replaces)

@@ -79,12 +79,6 @@ class LMTask(TaskAdapter):
     name = "lm"
     run_config = RunConfig
     summary_fields = ("val_bits_per_byte",)
-    matching_columns = (
-        ("params total", lambda m: f"{m['params_total']:,}"),
-        ("params active", lambda m: f"{m['params_active']:,}"),
-        ("FLOPs/token (fwd)", lambda m: f"{m['flops_per_token']:,}"),
-        ("steps", lambda m: str(m["steps"])),
-    )
     result_columns = (("val bits/byte", lambda rs: cell(rs, "val_bits_per_byte")),)
 
     def seq_len(self, run: RunConfig) -> int:
