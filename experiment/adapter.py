@@ -7,12 +7,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moekit.core.accounting import count_params, flops_per_token
 from moekit.core.config import ModelConfig
 from moekit.core.layering import load_config
 
@@ -43,7 +43,12 @@ class TaskAdapter:
     title: str = "Sparse vs dense at matched compute"
     run_config: type = object  # the task's run config dataclass
     summary_fields: tuple[str, ...] = ()  # extra row fields copied into summary.json
-    matching_columns: tuple[Column, ...] = ()  # matching-table columns after model and kind
+    matching_columns: tuple[Column, ...] = (  # matching-table columns after model and kind: the default facts
+        ("params total", lambda m: f"{m['params_total']:,}"),
+        ("params active", lambda m: f"{m['params_active']:,}"),
+        ("FLOPs/token (fwd)", lambda m: f"{m['flops_per_token']:,}"),
+        ("steps", lambda m: str(m["steps"])),
+    )
     result_columns: tuple[Column, ...] = ()  # results-table columns after the final val loss
     verdict_fields: tuple[str, ...] = ()  # row metrics with verdicts beyond final val loss and *_acc
     decoder_key: str = "model"  # dotted path of the decoder's ModelConfig (what the dense twin replaces)
@@ -63,15 +68,18 @@ class TaskAdapter:
 
     def seq_len(self, run: Any) -> int:
         """The sequence length at which active FLOPs per token are matched."""
-        raise NotImplementedError
+        return self.decoder(run).max_seq_len
 
     def prepare(self, run: Any) -> Any:
         """Data shared by the main process's facts and in-process runs (loaded once); None if nothing."""
         return None
 
     def facts(self, run: Any, state: Any) -> Row:
-        """Matching facts of one model: params_total, params_active, flops_per_token, steps and the task's own."""
-        raise NotImplementedError
+        """Matching facts of one model: params_total, params_active, flops_per_token, steps and the task's own;
+        by default the decoder's at :meth:`seq_len`."""
+        decoder = self.decoder(run)
+        pc, fpt = count_params(decoder), flops_per_token(decoder, self.seq_len(run))
+        return dict(params_total=pc.total, params_active=pc.active, flops_per_token=fpt, steps=run.train.steps)
 
     def build_trainer(self, run: Any, run_dir: Path, *, resume: bool, expect_processes: int | None, state: Any):
         """The run's Trainer (it writes config.yaml); ``state`` is :meth:`prepare`'s value or None in a worker."""
@@ -99,10 +107,8 @@ def mean_spread(values: list[float | None]) -> tuple[float, float]:
 
 
 def group_rows(rows: list[Row]) -> dict[str, list[Row]]:
-    groups: dict[str, list[Row]] = defaultdict(list)
-    for r in rows:
-        groups[r["name"]].append(r)
-    return dict(groups)
+    """Each model's rows, models in the order they first appear."""
+    return {name: [r for r in rows if r["name"] == name] for name in dict.fromkeys(r["name"] for r in rows)}
 
 
 def best_moe(groups: dict[str, list[Row]]) -> str | None:

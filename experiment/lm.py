@@ -22,8 +22,6 @@ from moekit.core.train import Trainer
 from moekit.experiment.adapter import Row, RunSpec, TaskAdapter, cell, group_rows
 from moekit.moe.extension import MoEExtension
 
-__all__ = ["LMTask", "build_lm_trainer"]
-
 
 def build_lm_trainer(
     cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, expect_processes: int | None = None
@@ -81,21 +79,10 @@ class LMTask(TaskAdapter):
     name = "lm"
     run_config = RunConfig
     summary_fields = ("val_bits_per_byte",)
-    matching_columns = (
-        ("params total", lambda m: f"{m['params_total']:,}"),
-        ("params active", lambda m: f"{m['params_active']:,}"),
-        ("FLOPs/token (fwd)", lambda m: f"{m['flops_per_token']:,}"),
-        ("steps", lambda m: str(m["steps"])),
-    )
     result_columns = (("val bits/byte", lambda rs: cell(rs, "val_bits_per_byte")),)
 
     def seq_len(self, run: RunConfig) -> int:
         return run.data.seq_len
-
-    def facts(self, run: RunConfig, state: Any) -> Row:
-        pc = count_params(run.model)
-        fpt = flops_per_token(run.model, run.data.seq_len)
-        return dict(params_total=pc.total, params_active=pc.active, flops_per_token=fpt, steps=run.train.steps)
 
     def build_trainer(self, run: RunConfig, run_dir: Path, *, resume: bool, expect_processes: int | None, state: Any):
         return build_lm_trainer(run, run_dir, resume=resume, expect_processes=expect_processes)[0]

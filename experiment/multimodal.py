@@ -59,9 +59,6 @@ class MultimodalTask(TaskAdapter):
         *((f"{t} acc", lambda rs, t=t: cell(rs, f"{t}_acc", ".1%")) for t in CANDIDATES),
     )
 
-    def seq_len(self, run: MultimodalRunConfig) -> int:
-        return run.model.lm.max_seq_len
-
     def prepare(self, run: MultimodalRunConfig) -> Any:
         return load_run_tasks(run)
 
@@ -78,7 +75,7 @@ class MultimodalTask(TaskAdapter):
             lm_params_total=rep.params["lm_total"],
             lm_params_active=rep.params["lm_active"],
             encoder_params=rep.params["total"] - rep.params["lm_total"],
-            lm_flops_per_token=flops_per_token(run.model.lm, run.model.lm.max_seq_len),
+            lm_flops_per_token=flops_per_token(run.model.lm, self.seq_len(run)),
             flops_per_sample=prof["per_sample"],
             flops_per_token=prof["per_token"]["total"],
             steps=run.train.steps,

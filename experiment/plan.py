@@ -205,8 +205,5 @@ def plan_runs(cmp: Comparison) -> list[RunSpec]:
 
 def matching_table(specs: list[RunSpec], state: Any = None) -> list[Row]:
     """One row per model: the task's facts (params, FLOPs, steps): what the comparison holds equal."""
-    seen: dict[str, Row] = {}
-    for s in specs:
-        if s.name not in seen:
-            seen[s.name] = dict(name=s.name, kind=s.kind, **TASKS[s.task].facts(s.run, state))
-    return list(seen.values())
+    firsts = {s.name: s for s in reversed(specs)}  # each model's first run
+    return [dict(name=s.name, kind=s.kind, **TASKS[s.task].facts(s.run, state)) for s in specs if firsts[s.name] is s]

@@ -6,19 +6,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 
 from moekit.core.files import atomic_write_json, atomic_write_text
 from moekit.core.layering import config_to_dict
 from moekit.experiment.adapter import Row, RunSpec, TaskAdapter, best_moe, cell, group_rows, md_table, mean_spread
+from moekit.experiment.plan import Comparison, parse_sweep
 from moekit.experiment.plots import report_plots
 from moekit.experiment.scaling import scaling_section
 from moekit.experiment.verdict import comparison_verdicts, verdict_cells, verdicts_sentence
-
-if TYPE_CHECKING:
-    from moekit.experiment.plan import Comparison
 
 # every row field summary.json keeps, whatever the task (the adapter adds its own summary_fields)
 SUMMARY_FIELDS = tuple(
@@ -54,8 +51,7 @@ def headline(rows: list[Row], task: TaskAdapter | None = None) -> str:
     task's own sentence (e.g. held-out accuracy). Diverged runs are left out (the verdicts say so)."""
     rows = [r for r in rows if not diverged(r)]
     groups = group_rows(rows)
-    best = best_moe(groups)
-    if "dense" not in groups or best is None:
+    if "dense" not in groups or (best := best_moe(groups)) is None:
         return f"No {'MoE run' if 'dense' in groups else 'dense baseline'} finished training."
     dense, moe = groups["dense"], groups[best]
     (d_mean, d_sd), (m_mean, m_sd) = (mean_spread([r["final_val_loss"] for r in g]) for g in (dense, moe))
@@ -95,8 +91,7 @@ def write_report(
     if c.scaling is not None:
         summary["scaling"], scaling_lines = scaling_section(rows, out)
     atomic_write_json(out / "summary.json", summary)
-    sweep_key = c.sweep.partition("=")[0].strip().removeprefix("moe.") if c.sweep else None
-    plots = report_plots(specs, rows, out, sweep_key)
+    plots = report_plots(specs, rows, out, parse_sweep(c.sweep)[0] if c.sweep else None)
 
     first = verdicts_sentence(verdict_rows) or "No verdict: no MoE model paired with the dense twin."
     lines = [f"# {task.title}", "", f"**Verdict.** {first}", "", f"**Result.** {headline(rows, task)}", ""]

@@ -43,17 +43,8 @@ from moekit.core.config import ModelConfig
 from moekit.core.files import atomic_write_bytes
 from moekit.experiment.adapter import Row, md_table
 from moekit.experiment.matching import dense_twin, moe_name
+from moekit.experiment.plots import PALETTE
 from moekit.experiment.verdict import seed_order, t_interval
-
-__all__ = [
-    "FIT_METHODS",
-    "DenseFit",
-    "ScalingConfig",
-    "dense_equivalent",
-    "fit_dense",
-    "plot_scaling",
-    "scaling_analysis",
-]
 
 FIT_METHODS = ("auto", "power_law", "log_linear")
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
@@ -452,9 +443,8 @@ def plot_scaling(analysis: Mapping[str, Any], path: str | Path, *, title: str | 
     grid = np.geomspace(min(all_c) / 1.5, max(all_c) * 1.5, 200)
     ax.plot(grid, [fit.loss_at(float(c)) for c in grid], color="0.3", lw=1.2, label=f"dense fit ({fit.method})")
     ax.scatter([c for c, _ in fit.points], [y for _, y in fit.points], color="0.1", s=18, zorder=3, label="dense runs")
-    colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
     for i, m in enumerate(analysis["multipliers"]):
-        col = colors[i % len(colors)]
+        col = PALETTE[1 + i % (len(PALETTE) - 1)]  # the report's colours, dense grey left out
         seeds = m["per_seed"]
         ax.scatter(
             [p["moe_flops"] for p in seeds], [p["moe_loss"] for p in seeds], color=col, marker="D", s=22, zorder=4

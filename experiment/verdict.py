@@ -25,31 +25,6 @@ from typing import Any
 
 from moekit.core.checks import is_finite_number
 
-__all__ = [
-    "VERDICTS",
-    "comparison_verdicts",
-    "higher_is_better",
-    "paired_verdicts",
-    "seed_order",
-    "student_t_cdf",
-    "student_t_quantile",
-    "t_interval",
-    "verdict_cells",
-    "verdict_metrics",
-    "verdict_sentence",
-    "verdicts_sentence",
-]
-
-VERDICTS = ("moe_better", "dense_better", "unresolved")
-
-# Display names and units for the metrics the comparisons write; anything else is shown by its key.
-_LABELS: dict[str, tuple[str, str]] = {
-    "final_val_loss": ("val loss", "nats/byte"),
-    "val_loss": ("val loss", "nats/byte"),
-    "final_val_bpb": ("val bits/byte", "bits/byte"),
-}
-
-
 # ---- Student t distribution ------------------------------------------------------------------------
 
 
@@ -221,11 +196,8 @@ def paired_verdicts(
     dense = _by_seed(rows, dense_name)
     if not dense:
         raise ValueError(f"no dense twin rows (name={dense_name!r}) among the summary rows")
-    models: list[str] = []
-    for r in rows:
-        kind = r.get("kind", "dense" if r["name"] == dense_name else "moe")
-        if kind == "moe" and r["name"] not in models:
-            models.append(r["name"])
+    kinds = ((r["name"], r.get("kind", "dense" if r["name"] == dense_name else "moe")) for r in rows)
+    models = list(dict.fromkeys(name for name, kind in kinds if kind == "moe"))
     verdicts = []
     for model in models:
         runs = _by_seed(rows, model)
@@ -260,13 +232,11 @@ def _one_verdict(
     excl = "; ".join(f"seed {e['seed']} excluded ({e['reason']})" for e in excluded)
     ci = t_interval(diffs, 0.95)
     if ci is None:
-        verdict = "unresolved"
-        reason = "no paired seed" if n == 0 else "1 seed"
-        reason = f"{reason}; {excl}" if excl else reason
+        verdict, why = "unresolved", "no paired seed" if n == 0 else "1 seed"
     else:
         verdict = _decide(ci[1], ci[2], higher)
-        reason = "" if verdict != "unresolved" else "the 95% CI includes 0"
-        reason = "; ".join(x for x in (reason, excl) if x)
+        why = "the 95% CI includes 0" if verdict == "unresolved" else ""
+    reason = "; ".join(x for x in (why, excl) if x)
     return {
         "model": model,
         "metric": metric,
@@ -294,8 +264,9 @@ def comparison_verdicts(rows: Sequence[Mapping[str, Any]], extra_metrics: Sequen
 
 
 def _label(metric: str) -> tuple[str, str]:
-    if metric in _LABELS:
-        return _LABELS[metric]
+    """Display name and unit of a metric; only the comparison's val loss has a known unit."""
+    if metric == "final_val_loss":
+        return "val loss", "nats/byte"
     if metric.endswith("_acc"):
         return f"{metric[: -len('_acc')]} accuracy", ""
     return metric.replace("_", " "), ""

@@ -14,7 +14,6 @@ import json
 import pytest
 import torch
 import torch._dynamo
-from accelerate.state import AcceleratorState, GradientState
 from torch import Tensor
 from torch._dynamo.utils import counters
 
@@ -235,19 +234,6 @@ def test_compiled_moe_training_matches_eager():
 def test_train_config_validates_compile_fields(field, value, allowed):
     with pytest.raises(ValueError, match=f"TrainConfig.{field}=.*{allowed}"):
         TrainConfig(**{field: value})
-
-
-def _reset_accelerate() -> None:
-    """Accelerate keeps process-wide singletons; every Trainer here needs a clean slate."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture
-def fresh_accelerate():
-    _reset_accelerate()
-    yield _reset_accelerate
-    _reset_accelerate()
 
 
 def test_trainer_compile_matches_eager(tmp_path, fresh_accelerate):

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 from moekit.core.configio import RunConfig
 from moekit.core.layering import load_config
@@ -16,13 +15,7 @@ CFG = "recipes/configs/compare-debug.yaml"
 SMALL = ["train.steps=4", "train.eval_every=2", "train.save_every=2", "train.log_every=1"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def _trainer(tmp_path, name, *extra, resume=False):
@@ -30,7 +23,7 @@ def _trainer(tmp_path, name, *extra, resume=False):
     return build_lm_trainer(cfg, tmp_path / name, resume=resume)[0]
 
 
-def test_digest_equal_dense_vs_moe_changes_with_one_batch_and_survives_resume(tmp_path):
+def test_digest_equal_dense_vs_moe_changes_with_one_batch_and_survives_resume(tmp_path, fresh_accelerate):
     moe = _trainer(tmp_path, "moe")
     d_moe = moe.train()["data_digest"]
     dense = _trainer(tmp_path, "dense", "model.moe=null")
@@ -43,8 +36,7 @@ def test_digest_equal_dense_vs_moe_changes_with_one_batch_and_survives_resume(tm
 
     part = _trainer(tmp_path, "resumed", "model.moe=null")
     part.train(max_steps=2)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    fresh_accelerate()
     resumed = _trainer(tmp_path, "resumed", "model.moe=null", resume=True)
     assert resumed.step == 2 and resumed.train()["data_digest"] == d_moe
 

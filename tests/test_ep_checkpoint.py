@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -150,12 +149,8 @@ def test_gather_full_model_builds_an_unsharded_copy(monkeypatch):
 
 # ------------------------------------------------------------------------------ core checkpoint hooks
 @pytest.fixture
-def accelerator():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+def accelerator(fresh_accelerate):
+    return Accelerator(cpu=True)
 
 
 class _Pair(nn.Module):

@@ -139,13 +139,11 @@ def test_b_upcycled_moe_matches_dense_at_step0_and_stays_finite():
     assert max(abs(a - b) for a, b in zip(moe_losses, dense_losses)) < 0.1
 
 
-def test_c_dense_twin_and_moe_consume_the_same_batches(tmp_path):
+def test_c_dense_twin_and_moe_consume_the_same_batches(tmp_path, fresh_accelerate):
     """From the digests the comparison's training loops recorded (chained sha256 of each consumed global
     batch's indices), equal for the dense twin and the MoE, and equal to the chain over the planned order."""
     import hashlib
     from pathlib import Path
-
-    from accelerate.state import AcceleratorState, GradientState
 
     from moekit.core.data import StepSampler
     from moekit.experiment.plan import load_comparison
@@ -153,8 +151,6 @@ def test_c_dense_twin_and_moe_consume_the_same_batches(tmp_path):
 
     cfg = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "compare-debug.yaml"
     tiny = ["train.steps=3", "train.eval_every=0", "train.save_every=0", "compare.sample_tokens=0"]
-    AcceleratorState._reset_state(reset_partial_state=True)  # Accelerate's process-wide singletons
-    GradientState._reset_state()
     rows = run_comparison(load_comparison(cfg, tiny), tmp_path, verbose=False)
     assert [r["kind"] for r in rows] == ["dense", "moe"]
     digests = {r["data_digest"] for r in rows}
@@ -168,5 +164,3 @@ def test_c_dense_twin_and_moe_consume_the_same_batches(tmp_path):
     for step in range(3):
         link = hashlib.sha256(link.encode() + sampler.indices(step).to(torch.int64).numpy().tobytes()).hexdigest()
     assert digests == {link[:16]}
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
