@@ -114,3 +114,20 @@ def test_divergence_crosses_the_worker_process_boundary(tmp_path, monkeypatch, c
     assert v["verdict"] == "unresolved" and v["n_seeds"] == 0 and v["diff_mean"] is None
     assert summary["runs"][1]["divergence"]["step"] == 5
     assert "No MoE run finished training." in (tmp_path / "report.md").read_text()
+
+
+def test_the_real_guard_stops_a_diverging_moe_and_the_comparison_reports_it(
+    tmp_path, capsys, fresh_accelerate, compare_cli
+):
+    # No stub: an absurd (finite) MoE learning rate trips the Trainer's divergence guard at step 2.
+    out = tmp_path / "cmp"
+    _main(compare_cli, out, "compare.moe_overrides=[train.lr=1e3]")
+    summary = json.loads((out / "summary.json").read_text())
+    status = {r["name"]: (r["status"], (r.get("divergence") or {}).get("step")) for r in summary["runs"]}
+    assert status["dense"] == ("finished", None)
+    moe = next(name for name in status if name != "dense")
+    assert status[moe][0] == "diverged" and status[moe][1] <= 2
+    assert summary["verdicts"][0]["verdict"] == "unresolved" and summary["verdicts"][0]["excluded"]
+    report = (out / "report.md").read_text()
+    assert "Diverged runs" in report and f"{moe}-seed0 diverged at step" in report
+    assert "excluded" in capsys.readouterr().out.strip().splitlines()[-1]
