@@ -16,14 +16,15 @@ statistics, so there it is the activation memory saved for backward (unique stor
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from moekit.core.files import atomic_write_json
 from moekit.core.layers import SwiGLU
+from moekit.core.meter import SavedTensorBytes
 from moekit.moe.config import MoEConfig
 from moekit.moe.layer import MoELayer
 
@@ -35,22 +36,6 @@ D_MODEL = 512
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-class _SavedBytes:
-    """Counts unique storage bytes saved for backward (CPU stand-in for peak memory)."""
-
-    def __init__(self) -> None:
-        self.seen: dict[int, int] = {}
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        self.seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    @property
-    def mib(self) -> float:
-        return sum(self.seen.values()) / 2**20
 
 
 def _run(module: torch.nn.Module, x: torch.Tensor, backward: bool) -> torch.Tensor:
@@ -88,8 +73,7 @@ def measure(module, x, device, repeats: int) -> dict[str, float]:
         _run(module, xg, backward=True)
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        saved = _SavedBytes()
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        with SavedTensorBytes() as saved:
             y = _run(module, xg, backward=False)
         peak = saved.mib + y.numel() * y.element_size() / 2**20
     return {"fwd_ms": statistics.median(fwd), "fwdbwd_ms": statistics.median(fwdbwd), "peak_mib": peak}
@@ -182,12 +166,10 @@ def main() -> None:
     p.add_argument("--grouped", action="store_true", help="also time the torch._grouped_mm path")
     p.add_argument("--reference-max-tokens", type=int, default=1024, help="skip the naive reference above this")
     args = p.parse_args()
-    print(HEADER)
-    print("|" + "---|" * 10)
+    print(HEADER, "|" + "---|" * (HEADER.count("|") - 1), sep="\n")
     rows = bench(args)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        atomic_write_json(args.json, rows)
 
 
 if __name__ == "__main__":
