@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_recipe
 
 from moekit.core.accounting import flops_per_token
 from moekit.core.meter import SavedTensorBytes
@@ -18,11 +17,7 @@ CONFIG = "recipes/configs/compare-debug.yaml"  # MoE 4 experts top-2, d_expert 6
 
 @pytest.fixture(scope="module")
 def recipe():
-    path = Path(__file__).parents[1] / "recipes" / "bench_train_step.py"
-    spec = importlib.util.spec_from_file_location("bench_train_step", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("bench_train_step")
 
 
 @pytest.fixture(scope="module")
