@@ -88,3 +88,22 @@ def test_saved_tensor_bytes_counts_storages_once_and_skips_excluded():
     assert saved.nbytes == (x.numel() + w.numel()) * 4
     y.sum().backward()  # the hooks' unpack returns the tensor: backward still works
     assert torch.allclose(x.grad[:2], w.sum(1).expand(2, 8))
+
+
+def test_compiled_rows_report_compile_time(recipe, tmp_path):
+    """aot_eager traces forward and backward as inductor does, without code generation: seconds."""
+    threads = torch.get_num_threads()
+    argv = ["--config", CONFIG, "--quick", "--repeats", "1", "--threads", "1", "--fine-experts", "0"]
+    try:
+        result = recipe.main(argv + ["--dtypes", "float32", "--compile", "--compile-backend", "aot_eager"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = {(r["kind"], r["mode"]): r for r in result["rows"]}
+    assert set(rows) == {(k, m) for k in ("moe", "dense") for m in ("eager", "compiled")}
+    for kind in ("moe", "dense"):
+        compiled = rows[(kind, "compiled")]
+        assert compiled["compile_s"] == pytest.approx(compiled["first_step_s"] - compiled["step_ms"] / 1e3)
+        assert compiled["compile_s"] > 0 and compiled["activations_mib"] is None
+        assert compiled["weights_mib"] == rows[(kind, "eager")]["weights_mib"]
+    assert [s["mode"] for s in result["summary"]] == ["eager", "compiled"]
+    assert result["meta"]["compile_backend"] == "aot_eager"
