@@ -2,7 +2,7 @@
 
     python recipes/bench_moe_layer.py [--json PATH] [--quick] [--repeats 5] [--threads 2] [--grouped]
         [--peers mixtral qwen3_moe olmoe] [--experts-impls eager batched_mm grouped_mm]
-        [--d-model 512] [--grid 8x2x1024 64x16x128] [--tokens 1024 4096]
+        [--peer-max-gib 2] [--d-model 512] [--grid 8x2x1024 64x16x128] [--tokens 1024 4096]
 
 Side by side in one run, on whatever device is available: forward and forward+backward time and peak
 memory of moekit's MoE layer (fast path and naive reference), the dense SwiGLU with
@@ -11,7 +11,9 @@ d_ff = top_k * d_expert (the same matmul FLOPs as the routed experts), and, when
 once per ``experts_implementation`` it registers (its Python loop ``eager``, ``batched_mm``,
 ``grouped_mm``, and kernels such as ``deepgemm`` / ``sonicmoe`` where the machine has them). A peer is timed
 only after its float32 output and gradients (input, router, experts) agree with moekit's layer to 1e-5
-relative; one that fails or cannot run is listed under ``skipped`` with the reason, never timed. Every row
+relative; one that fails or cannot run is listed under ``skipped`` with the reason, never timed, and so is
+``batched_mm`` where its per-assignment weight copies would pass ``--peer-max-gib`` (at d_model 512 it
+needs ~24 GiB already at 1,024 tokens: it is a decoding path, not a training one). Every row
 names the version it ran (``transformers 5.x`` for peers, ``torch 2.x`` for moekit and dense). Each timing is
 the median of ``--repeats`` runs after a warm-up, with implementations interleaved so drift hits all alike.
 The JSON is ``{"rows": [...], "skipped": [...]}``.
@@ -179,6 +181,12 @@ def peers(layer: MoELayer, families: list[str], experts_impls: list[str] | None)
     return found, skipped
 
 
+def batched_mm_gib(cfg: MoEConfig, d_model: int, tokens: int, dtype: torch.dtype) -> float:
+    """transformers' ``batched_mm`` copies every assignment's expert weights (gate, up, down) before its bmm,
+    and backward allocates their gradients alike: GiB of those copies, which exceed memory quickly."""
+    return 2 * tokens * cfg.top_k * 3 * cfg.d_expert * d_model * dtype.itemsize / 2**30
+
+
 def _version(impl: str) -> str:
     if impl.startswith("transformers"):
         import transformers
@@ -215,6 +223,17 @@ def bench(args: argparse.Namespace) -> dict:
                 x = torch.randn(1, n, args.d_model, device=device, dtype=dtype)
                 # The reference loops in Python; past --reference-max-tokens it only costs minutes.
                 run = {k: m for k, m in impls.items() if k != "moekit-reference" or n <= args.reference_max_tokens}
+                gib = batched_mm_gib(cfg, args.d_model, n, dtype)
+                for name in [k for k in run if k.endswith("-batched_mm") and gib > args.peer_max_gib]:
+                    reason = (
+                        f"its per-assignment weight copies need ~{gib:.1f} GiB > --peer-max-gib {args.peer_max_gib}"
+                    )
+                    del run[name]
+                    skipped.append(
+                        dict(impl=name, version=_version(name), reason=reason, dtype=dtype_name, tokens=n)
+                        | dict(num_experts=num_experts, top_k=top_k, d_expert=d_expert)
+                    )
+                    print(f"skipped {name} at {n} tokens: {reason}", flush=True)
                 res = {name: measure(m, x, device, args.repeats) for name, m in run.items()}
                 for name, r in res.items():
                     row = dict(
@@ -258,6 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     p.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS), help="transformers' MoE blocks")
     p.add_argument("--experts-impls", nargs="+", help="experts_implementation values (default: all transformers has)")
+    p.add_argument("--peer-max-gib", type=float, default=2.0, help="skip batched_mm where its copies exceed this")
     p.add_argument("--d-model", type=int, default=D_MODEL)
     p.add_argument("--grid", nargs="+", type=_grid_point, default=GRID, metavar="ExKxF", help="e.g. 8x2x1024 64x16x128")
     p.add_argument("--tokens", nargs="+", type=int, help="token counts (default: 1024 4096 16384; --quick: 1024 4096)")

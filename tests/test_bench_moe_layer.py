@@ -76,3 +76,21 @@ def test_rows_name_their_version_and_skips_say_why(recipe, tmp_path):
             assert impls[f"transformers-{family}-{impl}"] == f"transformers {transformers.__version__}"
     assert impls["moekit-sorted"].startswith("torch ") and "dense" in impls
     assert all(s["reason"] and s["impl"] not in impls for s in result["skipped"])
+
+
+def test_batched_mm_is_skipped_past_its_memory_budget(recipe):
+    threads = torch.get_num_threads()
+    argv = ["--repeats", "1", "--threads", "1", "--d-model", "32", "--grid", "4x2x16", "--tokens", "64", "128"]
+    gib = recipe.batched_mm_gib(MoEConfig(num_experts=4, top_k=2, d_expert=16), 32, 128, torch.float32)
+    try:
+        result = recipe.main(
+            argv
+            + ["--dtypes", "float32", "--peers", "mixtral", "--experts-impls", "batched_mm"]
+            + ["--peer-max-gib", str(gib * 0.75)]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    timed = [r["tokens"] for r in result["rows"] if r["impl"] == "transformers-mixtral-batched_mm"]
+    assert timed == [64]
+    (skip,) = result["skipped"]
+    assert skip["tokens"] == 128 and "--peer-max-gib" in skip["reason"]
