@@ -10,7 +10,8 @@ models come from the comparison's own plan (``moekit.experiment.plan.plan_runs``
 dotted overrides): the MoE base model and exactly the dense twin the comparison trains, at the
 comparison's batch size and sequence length. A fine-grained variant splits each expert ``--fine-experts /
 num_experts`` ways at the same active width (top_k * d_expert), against its own dense twin; every pair's
-active FLOPs per token must agree within ``compare.max_flops_mismatch``, as the comparison demands.
+active FLOPs per token must agree within ``compare.max_flops_mismatch``, as the comparison demands. For a
+multimodal comparison (``compare.task: multimodal``) it times the decoder alone, on token inputs.
 
 Each implementation keeps its own model and optimizer; rounds interleave them (order alternating by round)
 so machine drift hits all alike, the first round is the warm-up, and a timing is the median of
