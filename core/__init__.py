@@ -24,6 +24,7 @@ from moekit.core.hf import (
     save_hf,
 )
 from moekit.core.layers import Attention, RMSNorm, SwiGLU, apply_rope, rope_cos_sin
+from moekit.core.meter import SavedTensorBytes
 from moekit.core.model import IGNORE_INDEX, ModelOutput, Transformer, lm_loss
 from moekit.core.objective import LMObjective, Objective, StepOutput
 from moekit.core.tokenizer import ByteTokenizer
@@ -51,6 +52,7 @@ __all__ = [
     "ModelOutput",
     "ParamCount",
     "RMSNorm",
+    "SavedTensorBytes",
     "SwiGLU",
     "Transformer",
     "TrainingDiverged",

@@ -1,11 +1,11 @@
 """Throughput bookkeeping of the training loop: the log window (loss sums, tokens, paused clock) and the
-matmul probe that gives MFU its denominator."""
+matmul probe that gives MFU its denominator; and the CPU stand-in for peak memory that the benchmarks use."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from accelerate import Accelerator
@@ -36,6 +36,42 @@ def measure_matmul_flops(
         best = min(best, time.perf_counter() - t0)
         iters += 1
     return 2.0 * n**3 / max(best, 1e-9)
+
+
+class SavedTensorBytes:
+    """Context manager: unique storage bytes autograd saves for backward while it is active.
+
+    CPU has no allocator statistics; what a forward keeps for backward is the activation memory that
+    differs between implementations. It is a lower bound of a step's peak: temporaries freed within the
+    forward and the gradients are not in it. Views of one storage count once; storages of ``exclude`` (the
+    parameters, whose bytes a caller states separately) do not count.
+    """
+
+    def __init__(self, exclude: Iterable[Tensor] = ()) -> None:
+        self._skip = {t.untyped_storage().data_ptr() for t in exclude}
+        self.seen: dict[int, int] = {}  # storage address -> bytes
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: Tensor) -> Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in self._skip:
+            self.seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    def __enter__(self) -> SavedTensorBytes:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.seen.values())
+
+    @property
+    def mib(self) -> float:
+        return self.nbytes / 2**20
 
 
 class LogWindow:

