@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from moekit.core.files import atomic_write_json
 from moekit.core.guard import TrainingDiverged
@@ -137,6 +138,11 @@ def run_one(
     return row
 
 
+def _final(row: Row) -> str:
+    loss = row.get("final_val_loss")
+    return f"val {loss:.4f}" if isinstance(loss, float) else str(row.get("status", "?"))
+
+
 def run_comparison(
     cmp: Comparison,
     out_dir: str | os.PathLike,
@@ -176,8 +182,13 @@ def run_comparison(
         # would make the later runs' peak memory (RSS above the start value) read far too low.
         ctx = multiprocessing.get_context("spawn")  # fork would copy this process's threads and torch state
         with concurrent.futures.ProcessPoolExecutor(min(c.workers, len(todo)), ctx, max_tasks_per_child=1) as pool:
-            futures = [(s, pool.submit(run_one, s, out / "runs" / s.folder, c, facts[s.name])) for s in todo]
-            rows.update((s.folder, fut.result()) for s, fut in futures)
+            futures = {pool.submit(run_one, s, out / "runs" / s.folder, c, facts[s.name]): s for s in todo}
+            # One bar for the whole comparison: the workers' own per-step bars would interleave.
+            with tqdm(total=len(todo), desc="runs", unit="run", disable=not verbose) as bar:
+                for fut in concurrent.futures.as_completed(futures):
+                    row = rows[futures[fut].folder] = fut.result()
+                    bar.set_postfix_str(f"{row['name']} seed {row['seed']}: {_final(row)}")
+                    bar.update()
     else:
         for s in todo:
             rows[s.folder] = run_one(s, out / "runs" / s.folder, c, facts[s.name], expect_processes, state)
