@@ -3,10 +3,13 @@ matmul probe that gives MFU its denominator; and the CPU stand-in for peak memor
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
+import psutil
 import torch
 from accelerate import Accelerator
 from torch import Tensor
@@ -120,3 +123,40 @@ class LogWindow:
         total = accelerator.reduce(stacked, reduction="sum")
         self.global_tokens = int(total[-1].item())
         return dict(zip(keys, (total[:-1] / (self.count * accelerator.num_processes)).tolist()))
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device) -> Iterator[list[float]]:
+    """``[MiB]``, set when the block ends: CUDA's allocator peak, or on CPU the process RSS peak above its
+    start value, sampled every 50 ms (RSS because CPU tensors live on the process heap)."""
+    out = [0.0]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        yield out
+        out[0] = torch.cuda.max_memory_allocated(device) / 2**20
+        return
+    proc, stop = psutil.Process(), threading.Event()
+    base = proc.memory_info().rss
+
+    def watch() -> None:
+        while not stop.wait(0.05):
+            out[0] = max(out[0], (proc.memory_info().rss - base) / 2**20)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextlib.contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    """torch intra-op threads set to ``n`` inside the block (None: unchanged), restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n or old)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -103,8 +103,8 @@ def write_report(
     lines += ["## What was held equal", "", *matching_lines(matching, task), ""]
     if c.dense_overrides or c.moe_overrides:
         lines += [
-            f"Not equal by design (each model's own tuned settings): dense runs {c.dense_overrides or 'base'}, "
-            f"MoE runs {c.moe_overrides or 'base'}.",
+            f"Not equal by design (each model's own tuned settings): dense runs {c.dense_overrides or 'base'}, MoE "
+            f"runs {c.moe_overrides or 'base'} (base: the config's own, train.lr={cmp.base.train.lr:g}).",
             "",
         ]
     recorded = ", ".join(f"seed {d['seed']} {d['model']}: {d['moe']} vs dense {d['dense']}" for d in digests)
@@ -115,8 +115,9 @@ def write_report(
         else f"Data digests recorded by the training loops (hash of every consumed batch's indices) are equal "
         f"per seed for the dense twin and every MoE ({recorded or 'no pairs'}).",
         "",
-        "Same initial-weight seed, optimizer, learning-rate schedule and budget. The dense twin's SwiGLU width is "
-        "chosen so that its forward FLOPs per token equal the MoE decoder's (router and active experts included). "
+        "Same seed (identical initial weights in every shared parameter), optimizer, schedule and budget. "
+        "The dense twin's SwiGLU width is chosen so that its forward FLOPs per token equal the MoE decoder's "
+        "(router and active experts included). "
         "Forward FLOPs: 2 per multiply-add, training = 3x forward.",
         "",
         "## Results",

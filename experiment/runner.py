@@ -9,14 +9,11 @@ that diverges (``TrainingDiverged``) is a result, not a crash: its row says ``st
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import functools
 import json
 import multiprocessing
 import os
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +23,7 @@ from tqdm.auto import tqdm
 from moekit.core.files import atomic_write_json
 from moekit.core.guard import TrainingDiverged
 from moekit.core.layering import config_to_dict
+from moekit.core.meter import num_threads, peak_memory
 from moekit.core.run_folder import diff_trees, migrate_placement, read_completed_config
 from moekit.experiment.adapter import Row, RunSpec
 from moekit.experiment.plan import TASKS, CompareConfig, Comparison, matching_table, plan_runs
@@ -33,45 +31,6 @@ from moekit.experiment.report import divergence_text, headline, matching_lines, 
 from moekit.experiment.verdict import comparison_verdicts, verdicts_sentence
 
 RESULT_FILE = "result.json"
-
-
-@contextlib.contextmanager
-def peak_memory(device: torch.device) -> Iterator[list[float]]:
-    """``[MiB]``, set when the block ends: CUDA's allocator peak, or on CPU the process RSS peak above its
-    start value, sampled every 50 ms (RSS because CPU tensors live on the process heap)."""
-    out = [0.0]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        yield out
-        out[0] = torch.cuda.max_memory_allocated(device) / 2**20
-        return
-    import psutil
-
-    proc, stop = psutil.Process(), threading.Event()
-    base = proc.memory_info().rss
-
-    def watch() -> None:
-        while not stop.wait(0.05):
-            out[0] = max(out[0], (proc.memory_info().rss - base) / 2**20)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    try:
-        yield out
-    finally:
-        stop.set()
-        thread.join()
-
-
-@contextlib.contextmanager
-def num_threads(n: int | None) -> Iterator[None]:
-    """torch intra-op threads set to ``n`` inside the block (None: unchanged), restored afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(n or old)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def check_planned(spec: RunSpec, run_dir: Path) -> None:

@@ -147,7 +147,9 @@ def test_a_nan_on_one_process_stops_every_process_at_the_same_step(tmp_path):
     assert diverged.returncode != 0
     # Both ranks took the same decision at the same step (else one would hang in the next collective).
     assert diverged.stderr.count("train_lm: error: training diverged at step 3: the gradient norm is nan") == 2
-    assert diverged.stderr.count("exitcode  : 3 (pid") == 2  # torchrun's report: the recipe's code on both
+    # torchrun's report: the recipe's code (it lists the second rank only when it exits before torchrun
+    # tears the group down, which depends on timing)
+    assert diverged.stderr.count("exitcode  : 3 (pid") >= 1
     assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["latest", "step_0000001", "step_0000002"]
 
 
