@@ -90,7 +90,9 @@ class LMTask(TaskAdapter):
     def results(self, trainer: Any, summary: Row, spec: RunSpec, facts: Row, compare: Any) -> Row:
         full = trainer.gather_full_model()  # collective (expert-parallel shards); the model on the main process
         prompts, n = [compare.prompt], compare.sample_tokens
-        sample = "" if full is None else sample_text(full, ByteTokenizer(), prompts, max_new_tokens=n, seed=0)[0]
+        sample = (
+            "" if full is None or n == 0 else sample_text(full, ByteTokenizer(), prompts, max_new_tokens=n, seed=0)[0]
+        )
         return dict(
             train_flops=3 * facts["flops_per_token"] * summary["tokens_seen"],
             val_bits_per_byte=summary.get("val_bpb"),
@@ -99,6 +101,8 @@ class LMTask(TaskAdapter):
 
     def sections(self, out: Path, specs: list[RunSpec], rows: list[Row], matching: list[Row]) -> list[str]:
         lines = ["## Samples (same prompt, same sampling seed)", ""]
+        if not any(r.get("sample") for r in rows):
+            return []  # compare.sample_tokens=0: nothing sampled
         for name, rs in group_rows(rows).items():
             lines += [f"**{name}**", "", "```text", (rs[0].get("sample") or "").strip()[:600], "```", ""]
         return lines
