@@ -39,6 +39,7 @@ __all__ = [
     "MAY_CHANGE",
     "RESUME_RULES",
     "read_completed_config",
+    "saved_config_diffs",
     "RunFolderError",
     "RUN_ERRORS",
     "check_out_folder",
@@ -158,6 +159,15 @@ def read_completed_config(
     return config_to_dict(load_run_file(cls, path, migrate=migrate))
 
 
+def saved_config_diffs(
+    cfg: Any, run_dir: str | os.PathLike, migrate: Migration | None = None
+) -> list[tuple[str, Any, Any]]:
+    """``(field, saved value, cfg's value)`` for every field where ``cfg`` differs from the run folder's completed
+    saved config (:func:`read_completed_config`); empty when they agree or the folder has no ``config.yaml``."""
+    saved = read_completed_config(type(cfg), run_dir, migrate)
+    return [] if saved is None else diff_trees(saved, config_to_dict(cfg))
+
+
 def _read_tree(path: str | os.PathLike, migrate: Migration | None) -> dict[str, Any]:
     tree = read_yaml(path)
     if tree is None:
@@ -264,11 +274,7 @@ def check_resumable(cfg: Any, run_dir: str | os.PathLike, migrate: Migration | N
     """Refuse to resume ``run_dir`` when ``cfg`` changes a field that :data:`RESUME_RULES` fixes (or does not
     classify) against the saved ``config.yaml`` (read through ``migrate``); the error names every such field
     with both values. A folder without ``config.yaml`` has nothing to compare."""
-    saved = read_completed_config(type(cfg), run_dir, migrate)
-    if saved is None:
-        return
-    current = config_to_dict(cfg)
-    refused = [d for d in diff_trees(saved, current) if resume_rule(d[0]) != MAY_CHANGE]
+    refused = [d for d in saved_config_diffs(cfg, run_dir, migrate) if resume_rule(d[0]) != MAY_CHANGE]
     if refused:
         listed = "; ".join(f"{k}: run has {_short(a)}, now {_short(b)}" for k, a, b in refused)
         raise RunFolderError(

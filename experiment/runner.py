@@ -22,9 +22,8 @@ from tqdm.auto import tqdm
 
 from moekit.core.files import atomic_write_json
 from moekit.core.guard import TrainingDiverged
-from moekit.core.layering import config_to_dict
 from moekit.core.meter import num_threads, peak_memory
-from moekit.core.run_folder import diff_trees, migrate_placement, read_completed_config
+from moekit.core.run_folder import migrate_placement, saved_config_diffs
 from moekit.experiment.adapter import Row, RunSpec
 from moekit.experiment.plan import TASKS, CompareConfig, Comparison, matching_table, plan_runs
 from moekit.experiment.report import divergence_text, headline, matching_lines, write_report
@@ -39,10 +38,7 @@ def check_planned(spec: RunSpec, run_dir: Path) -> None:
     before placement left the model section is read migrated."""
     moe_path = f"{TASKS[spec.task].decoder_key}.moe"
     migrate = functools.partial(migrate_placement, moe_path=moe_path)
-    saved = read_completed_config(type(spec.run), run_dir, migrate=migrate)
-    if saved is None:
-        return
-    diffs = [d for d in diff_trees(saved, config_to_dict(spec.run)) if not d[0].startswith("parallel.")]
+    diffs = [d for d in saved_config_diffs(spec.run, run_dir, migrate) if not d[0].startswith("parallel.")]
     if diffs:
         (key, old, new), more = diffs[0], f" (and {len(diffs) - 1} more field(s))" if len(diffs) > 1 else ""
         raise ValueError(
