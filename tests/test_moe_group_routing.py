@@ -171,3 +171,12 @@ def test_ungrouped_configs_mask_nothing():
     # n_group=1 (the default) and topk_group=n_group mask nothing: valid for every router.
     assert not MoEConfig(num_experts=8, top_k=1, d_expert=4, router="switch").grouped_routing
     assert not MoEConfig(num_experts=8, top_k=2, d_expert=4, n_group=2, topk_group=2).grouped_routing
+
+
+def test_a_loaded_selection_bias_trains_with_the_aux_loss_free_update():
+    cfg = MoEConfig(num_experts=4, top_k=1, d_expert=4, selection_bias=True, bias_update_rate=0.5)
+    router = Router(D, cfg).train()
+    router.load_state_dict({**router.state_dict(), "expert_bias": torch.tensor([1.0, 0.0, 0.0, 0.0])})
+    router.record_load(router(torch.randn(N, D)))  # the +1 bias sends every token to expert 0
+    router.update_bias()
+    assert router.expert_bias.tolist() == [0.5, 0.5, 0.5, 0.5]  # overloaded 0 down, idle 1..3 up
