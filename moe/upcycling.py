@@ -11,6 +11,15 @@ split the output evenly: the routed experts' ``w_down`` and the shared experts' 
 scaled so that routed and shared halves each contribute ``FFN(x) / 2`` (``n`` shared experts each give
 ``FFN(x) / (2n)``). Both paths therefore start identical in function and receive gradient from the start.
 
+The other routing options keep the dense function as follows:
+
+- ``shared_gate`` (Qwen2-MoE): the gate weight starts at zero, so ``sigmoid(0) = 1/2`` on every token, and
+  the shared ``w_down`` is doubled to make up for it; the gate's gradient is not zero, so it learns.
+- ``routed_scaling_factor`` ``s``: the routed weights sum to ``s``, so the routed ``w_down`` is divided by ``s``.
+- ``selection_bias`` / ``bias_update_rate``: the fresh bias is zero and never enters the combine weights.
+- group-limited top-k (``n_group``/``topk_group``): it narrows which experts a token picks, all copies of
+  the same FFN, and the renormalised weights still sum to 1.
+
 This module is duck-typed on the model so that ``moekit.moe`` stays a leaf (it imports nothing from
 ``moekit.core``): the dense model must carry its config dataclass as ``model.cfg`` with a ``moe`` field
 (``None`` for dense), ``type(model)(cfg)`` must build the model, and each dense FFN slot must expose
@@ -38,7 +47,9 @@ def function_preserving(cfg: MoEConfig) -> tuple[bool, str]:
     """Whether an upcycled layer with this config computes the dense FFN exactly: ``(ok, why_not)``.
 
     Needs token-choice routing whose selected weights sum to 1 (renormalised top-k with ``top_k > 1``,
-    ``topk_order='topk_then_softmax'``, or a single softmax expert) and no capacity drops. Top-1 with
+    ``topk_order='topk_then_softmax'``, or a single softmax expert) and no capacity drops; a
+    ``routed_scaling_factor``, ``shared_gate``, selection bias and group-limited top-k are compensated or
+    harmless (module docstring). Top-1 with
     ``renormalize=True`` and several experts is *not* renormalised (see ``MoEConfig``): its weight is the
     raw router probability, so the upcycled output starts at ``p * FFN(x)``.
     """
@@ -130,16 +141,21 @@ def upcycle(dense: M, moe_config: MoEConfig, *, seed: int | None = None) -> M:
 
 def _copy_into_layer(layer: MoELayer, w_gate: nn.Linear, w_up: nn.Linear, w_down: nn.Linear) -> None:
     """Every routed expert (and the shared experts) of ``layer`` := the dense SwiGLU, outputs split evenly."""
-    experts, shared = layer.experts, layer.shared
+    experts, shared, cfg = layer.experts, layer.shared, layer.cfg
     n_paths = 2 if shared is not None else 1
     # nn.Linear weights are [out, in]; stacked experts are [E, in, out].
     experts.w_gate.copy_(w_gate.weight.T.expand_as(experts.w_gate))
     experts.w_up.copy_(w_up.weight.T.expand_as(experts.w_up))
-    experts.w_down.copy_((w_down.weight.T / n_paths).expand_as(experts.w_down))
+    routed_down = w_down.weight.T / (n_paths * cfg.routed_scaling_factor)  # weights sum to the factor
+    experts.w_down.copy_(routed_down.expand_as(experts.w_down))
     if shared is not None:
-        n_shared, d_ff = layer.cfg.num_shared_experts, w_gate.weight.shape[0]
+        n_shared, d_ff = cfg.num_shared_experts, w_gate.weight.shape[0]
+        gate_scale = 1.0
+        if layer.shared_gate is not None:  # a zero gate is sigmoid(0) = 1/2 everywhere
+            layer.shared_gate.weight.zero_()
+            gate_scale = 0.5
         for n in range(n_shared):  # fused shared experts: block n of the hidden units is expert n
             rows = slice(n * d_ff, (n + 1) * d_ff)
             shared.w_gate.weight[rows].copy_(w_gate.weight)
             shared.w_up.weight[rows].copy_(w_up.weight)
-            shared.w_down.weight[:, rows].copy_(w_down.weight / (n_paths * n_shared))
+            shared.w_down.weight[:, rows].copy_(w_down.weight / (n_paths * n_shared * gate_scale))

@@ -159,6 +159,9 @@ ROUTER_CASES = {
     "noisy_topk_jitter": _moe(router="noisy_topk", router_noise=1.0, router_jitter=0.1),
     "switch_eval_capacity": _moe(router="switch", top_k=1, capacity_factor=1.0, eval_capacity_factor=2.0),
     "modality_entropy": _moe(modality_experts=[1, 1], local_entropy_coef=0.1, global_entropy_coef=0.1),
+    "deepseek_groups": _moe(
+        num_experts=8, score_func="sigmoid", n_group=4, topk_group=2, routed_scaling_factor=2.5, selection_bias=True
+    ),
 }
 
 

@@ -29,12 +29,27 @@ EXACT = [
     dict(num_experts=4, top_k=1, topk_order="topk_then_softmax"),  # top-1 whose weight is exactly 1
     dict(num_experts=1, top_k=1),  # a single softmax expert: weight exactly 1
     dict(num_experts=4, top_k=2, bias_update_rate=0.01),  # the bias moves the selection only
+    dict(num_experts=4, top_k=2, num_shared_experts=1, shared_gate=True),  # zero gate, doubled shared w_down
+    dict(num_experts=4, top_k=2, num_shared_experts=2, shared_gate=True, routed_scaling_factor=0.5),
+    # DeepSeek-V3 routing: groups, scaled weights, fixed selection bias, shared experts
+    dict(
+        num_experts=8,
+        top_k=3,
+        score_func="sigmoid",
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        selection_bias=True,
+        num_shared_experts=2,
+    ),  # fmt: skip
+    dict(num_experts=8, top_k=2, n_group=4, topk_group=1, group_score="max", routed_scaling_factor=16.0),
 ]
 INEXACT = [
     dict(num_experts=4, top_k=2, renormalize=False),
     dict(num_experts=4, top_k=1),  # top-1 is never renormalised (MoEConfig): weight = router probability
     dict(num_experts=4, top_k=2, capacity_factor=0.5),  # drops assignments
     dict(num_experts=1, top_k=1, score_func="sigmoid"),
+    dict(num_experts=8, top_k=2, n_group=4, topk_group=1, renormalize=False, routed_scaling_factor=2.5),
 ]
 
 
@@ -115,3 +130,49 @@ def test_upcycling_imports_nothing_from_core():
     assert imported and all(
         m == "__future__" or not m.startswith("moekit.") or m.startswith("moekit.moe.") for m in imported
     )
+
+
+def test_shared_gate_starts_at_one_half_and_learns():
+    moe = make(dict(num_experts=4, top_k=2, num_shared_experts=1, shared_gate=True)).train()
+    gates = [blk.ffn.shared_gate.weight for blk in moe.layers]
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in gates)
+    moe(torch.randint(0, 97, (2, 8))).logits.sum().backward()
+    assert all(g.grad is not None and g.grad.abs().sum() > 0 for g in gates)
+
+
+def test_upcycled_converted_qwen2_equals_the_dense_checkpoint(tmp_path):
+    """A dense HF checkpoint (Qwen2: q/k/v biases, tied embeddings) converted by moekit.core.hf, then
+    upcycled with Qwen2-MoE- and DeepSeek-style routing: the logits are the dense model's at initialisation."""
+    transformers = pytest.importorskip("transformers")
+    from moekit.core.hf import load_hf
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.Qwen2Config(
+        vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-2, rope_theta=500.0,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    hf = transformers.Qwen2ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # non-zero biases, so that a lost bias shows
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.5)
+    hf.save_pretrained(tmp_path / "hf")
+    dense = load_hf(tmp_path / "hf").eval()
+    assert dense.cfg.qkv_bias and dense.cfg.tie_embeddings
+    x = torch.randint(0, 61, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x).logits, hf(x).logits, rtol=1e-4, atol=1e-4)
+    dense = dense.double()
+    want = dense(x).logits
+    for moe_kw in (
+        dict(num_experts=4, top_k=2, num_shared_experts=1, shared_gate=True, layers=[1, 2]),
+        dict(
+            num_experts=8, top_k=2, score_func="sigmoid", n_group=4, topk_group=2, routed_scaling_factor=2.5,
+            selection_bias=True, num_shared_experts=1, layers=[1, 2],  # layer 0 dense: first_k_dense_replace=1
+        ),
+    ):  # fmt: skip
+        moe = upcycle(dense, MoEConfig(d_expert=40, router_dtype="float64", **moe_kw), seed=3)
+        assert [blk.is_moe for blk in moe.layers] == [False, True, True]
+        assert torch.equal(moe.layers[1].attn.q_proj.bias, dense.layers[1].attn.q_proj.bias)
+        torch.testing.assert_close(moe(x).logits, want, rtol=1e-10, atol=1e-10)
