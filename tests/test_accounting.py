@@ -118,3 +118,23 @@ def test_gated_shared_expert_params_and_flops_are_exact():
     assert_params_and_flops_exact(cfg, T=16)
     ungated = ModelConfig(**DENSE_CONFIGS[0], moe=MoEConfig(**{**moe.to_dict(), "shared_gate": False}))
     assert count_params(cfg).total - count_params(ungated).total == 2 * cfg.d_model  # [1, D] gate in 2 layers
+
+
+MLA_OPTIONS = [
+    dict(kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6),  # V2-Lite
+    dict(kv_lora_rank=24, q_lora_rank=20, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=16),  # V3
+]
+
+
+@pytest.mark.parametrize("mla", MLA_OPTIONS)
+def test_latent_attention_params_and_flops_are_exact(mla):
+    from moekit.core.config import MLAConfig
+
+    base = {**DENSE_CONFIGS[1], "n_kv_heads": None}
+    cfg = ModelConfig(**base, mla=MLAConfig(**mla))
+    assert_params_and_flops_exact(cfg)
+    # Each width enters the count: widening any one changes both numbers.
+    for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        wider = ModelConfig(**base, mla=MLAConfig(**{**mla, name: mla[name] + 2}))
+        assert count_params(wider).total > count_params(cfg).total
+        assert flops_per_token(wider, 32) > flops_per_token(cfg, 32)
