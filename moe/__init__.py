@@ -23,7 +23,7 @@ from moekit.moe.parallel import (
     shard_experts,
     unshard_experts,
 )
-from moekit.moe.router import Router, Routing
+from moekit.moe.router import Router, Routing, group_limited
 from moekit.moe.telemetry import RoutingStats, summarize_routing
 from moekit.moe.upcycling import function_preserving, upcycle
 
@@ -47,6 +47,7 @@ __all__ = [
     "exclude_experts_from_ddp",
     "expert_parameters",
     "gather_full_model",
+    "group_limited",
     "init_expert_parallel",
     "load_balance_loss",
     "load_expert_state",

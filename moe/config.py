@@ -17,6 +17,7 @@ DROP_POLICIES = ("score", "position")
 DISPATCH_IMPLS = ("auto", "reference", "sorted", "grouped_mm")
 BALANCE_SCOPES = ("local", "global")
 ROUTER_DTYPES = ("float32", "float64", "model")
+GROUP_SCORES = ("max", "top2_sum")  # DeepSeek-V2 group_limited_greedy, DeepSeek-V3 noaux_tc
 # MoEConfig fields of earlier versions that described placement, not the model (now ParallelConfig's, or gone).
 LEGACY_PLACEMENT_FIELDS = ("dispatch", "expert_parallel_size", "extra")
 
@@ -29,6 +30,10 @@ def _fail(name: str, value: Any, allowed: str) -> None:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -58,6 +63,18 @@ class MoEConfig:
     - ``local_entropy_coef`` / ``global_entropy_coef``: LIMoE's per-modality entropy losses (Mustafa et al.
       2022) for the groups in ``entropy_groups`` (``None`` = every group in ``[0, num_groups)``), with
       ``global_entropy_threshold`` (nats) as LIMoE's threshold ``tau``; formulas in ``moekit.moe.losses``.
+
+    DeepSeek routing (token-choice routers ``topk`` / ``noisy_topk``; see ``moekit.moe.router``):
+
+    - group-limited top-k: the experts form ``n_group`` contiguous equal blocks; each token scores every
+      block (``group_score``: ``"max"`` selection score, DeepSeek-V2's ``group_limited_greedy``, or
+      ``"top2_sum"``, the sum of the two best, DeepSeek-V3's ``noaux_tc``), keeps its ``topk_group`` best
+      blocks (``None`` = all) and picks its ``top_k`` experts among theirs. Group scores use the selection
+      scores (with the bias, as in V3). Not combinable with ``modality_experts`` (two competing masks).
+    - ``routed_scaling_factor`` multiplies the routed combine weights after renormalisation.
+    - ``selection_bias=True`` keeps the persistent ``expert_bias [E]`` buffer even without aux-loss-free
+      updates: a fixed selection bias (HF's ``e_score_correction_bias``) for the top-k and group choice,
+      never in the combine weights; ``bias_update_rate > 0`` also trains it.
     """
 
     num_experts: int = 8
@@ -89,6 +106,11 @@ class MoEConfig:
     global_entropy_coef: float = 0.0  # LIMoE global entropy loss (per group marginal, entropy maximised)
     global_entropy_threshold: float | None = None  # tau in nats: global loss max(0, tau - H); None = -H
     entropy_groups: list[int] | None = None  # groups the entropy losses apply to; None = all of [0, num_groups)
+    n_group: int = 1  # DeepSeek group-limited routing: experts split into n_group contiguous equal blocks
+    topk_group: int | None = None  # blocks a token may pick experts from; None = all
+    group_score: str = "top2_sum"  # one of GROUP_SCORES: how a block is scored per token
+    routed_scaling_factor: float = 1.0  # multiplies the routed combine weights (after renormalisation)
+    selection_bias: bool = False  # keep expert_bias (a fixed selection bias) even with bias_update_rate=0
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -151,6 +173,47 @@ class MoEConfig:
         if self.shared_gate and self.num_shared_experts < 1:
             _fail("shared_gate", self.shared_gate, "gates the shared experts; needs num_shared_experts >= 1")
         self._check_modality_fields()
+        self._check_deepseek_fields()
+
+    def _check_deepseek_fields(self) -> None:
+        token_choice = ("topk", "noisy_topk")
+        g = self.n_group
+        if not _is_int(g) or g < 1 or self.num_experts % g:
+            _fail("n_group", g, f"must be an integer >= 1 that divides num_experts={self.num_experts}")
+        if self.group_score not in GROUP_SCORES:
+            _fail("group_score", self.group_score, f"allowed values are {', '.join(GROUP_SCORES)}")
+        tg = self.topk_group
+        if tg is not None and (not _is_int(tg) or not 1 <= tg <= g):
+            _fail("topk_group", tg, f"must be an integer in [1, n_group={g}], or None for all groups")
+        per_group = self.num_experts // g
+        if g > 1:
+            if self.router not in token_choice:
+                _fail("n_group", g, f"group-limited routing needs router in {token_choice}; got {self.router!r}")
+            if self.modality_experts is not None:
+                _fail("n_group", g, "group-limited routing cannot be combined with modality_experts (set one)")
+            if self.group_score == "top2_sum" and per_group < 2:
+                _fail("group_score", self.group_score, f"needs >= 2 experts per group (have {per_group}); use 'max'")
+            if tg is not None and tg * per_group < self.top_k:
+                _fail(
+                    "topk_group",
+                    tg,
+                    f"{tg} groups of {per_group} experts hold fewer than top_k={self.top_k}; need topk_group * "
+                    f"num_experts / n_group >= top_k",
+                )
+        rsf = self.routed_scaling_factor
+        if not _is_finite_number(rsf) or rsf <= 0:
+            _fail("routed_scaling_factor", rsf, "must be a finite number > 0")
+        if rsf != 1 and self.router == "expert_choice":
+            _fail("routed_scaling_factor", rsf, "scales token-choice combine weights; use 1.0 with expert_choice")
+        if not isinstance(self.selection_bias, bool):
+            _fail("selection_bias", self.selection_bias, "must be true or false")
+        if self.selection_bias and self.router == "expert_choice":
+            _fail("selection_bias", True, "the selection bias applies to token-choice routers")
+
+    @property
+    def grouped_routing(self) -> bool:
+        """Whether group-limited top-k masks any experts (``n_group > 1`` and fewer than all groups kept)."""
+        return self.n_group > 1 and self.topk_group is not None and self.topk_group < self.n_group
 
     def _check_modality_fields(self) -> None:
         me = self.modality_experts

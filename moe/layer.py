@@ -45,8 +45,8 @@ class MoELayer(nn.Module):
     Parameters: ``router.weight [E, D]`` (+ ``router.w_noise`` for noisy top-k), ``experts.w_gate
     [E, D, F]``, ``experts.w_up [E, D, F]``, ``experts.w_down [E, F, D]``, ``shared.{w_gate,w_up,w_down}
     .weight`` (nn.Linear), ``shared_gate.weight [1, D]`` (``cfg.shared_gate``). Buffers:
-    ``router.expert_bias [E]`` (persistent, only with ``bias_update_rate > 0``), ``router.load_counts [E]``
-    and ``steps_since_used [E]`` (not persistent).
+    ``router.expert_bias [E]`` (persistent, with ``bias_update_rate > 0`` or ``selection_bias``),
+    ``router.load_counts [E]`` and ``steps_since_used [E]`` (not persistent).
     Training forwards update the last two; activation checkpointing that re-runs the forward counts
     a micro-batch twice (harmless for the sign update, visible in the dead-expert age).
 

@@ -1,7 +1,8 @@
 """Routers: score every (token, expert) pair and pick the assignments the experts will process.
 
 Shapes: ``N`` flattened tokens (B*T), ``D`` d_model, ``E`` experts, ``K`` top-k, ``C`` expert capacity,
-``A`` assignments (``N*K`` for token choice, ``E*C`` for expert choice).
+``A`` assignments (``N*K`` for token choice, ``E*C`` for expert choice), ``Gx`` expert groups (``n_group``),
+``M`` experts per group (``E / Gx``).
 
 Every router returns the same flat :class:`Routing` (one row per assignment), so the dispatch code
 does not care which router made the decision. Router math runs in ``cfg.router_dtype`` with autocast
@@ -52,6 +53,21 @@ def capacity_tensor(cfg: MoEConfig, num_real: Tensor, training: bool) -> Tensor 
     return raw.ceil().clamp(min=1).long()
 
 
+def group_limited(select_ne: Tensor, n_group: int, topk_group: int, group_score: str) -> Tensor:
+    """DeepSeek group-limited selection: ``select_ne`` with every expert outside each token's ``topk_group``
+    best groups set to ``-inf``. A group's score is its best selection score (``'max'``, V2) or the sum of its
+    two best (``'top2_sum'``, V3); ``-inf`` entries (other modalities, other groups) never win a top-k."""
+    n, e = select_ne.shape
+    sel_ngm = select_ne.view(n, n_group, e // n_group)  # [N, Gx, M]
+    if group_score == "max":
+        group_ng = sel_ngm.amax(dim=-1)
+    else:
+        group_ng = sel_ngm.topk(2, dim=-1).values.sum(dim=-1)
+    keep_idx = group_ng.topk(topk_group, dim=-1).indices  # [N, topk_group]
+    keep_ng = torch.zeros_like(group_ng, dtype=torch.bool).scatter_(1, keep_idx, True)
+    return sel_ngm.masked_fill(~keep_ng[:, :, None], -math.inf).view(n, e)
+
+
 def router_compute_dtype(cfg: MoEConfig, x: Tensor) -> torch.dtype:
     return x.dtype if cfg.router_dtype == "model" else _ROUTER_DTYPES[cfg.router_dtype]
 
@@ -71,12 +87,19 @@ class Router(nn.Module):
       for encoders, ablations and non-causal spans.
 
     ``router_jitter`` multiplies the router input by U(1-eps, 1+eps) while training (Switch).
-    With ``bias_update_rate > 0`` (DeepSeek-V3 aux-loss-free balancing) the buffer ``expert_bias [E]``
-    is added to the scores for the top-k SELECTION only; combine weights use the unbiased scores.
+    With ``bias_update_rate > 0`` (DeepSeek-V3 aux-loss-free balancing) or ``selection_bias`` (a fixed bias,
+    HF's ``e_score_correction_bias``) the buffer ``expert_bias [E]`` is added to the scores for the top-k
+    SELECTION only (and the group scores); combine weights use the unbiased scores.
+
     ``load_counts [E]`` accumulates selected real assignments of training forwards until
     :meth:`update_bias` consumes them, so gradient accumulation sees every micro-batch. ``expert_bias``
     follows ``module.to(dtype)``: keep the weights in fp32 (autocast for speed), or the +-rate steps
     round away in bf16.
+
+    DeepSeek group-limited top-k (``cfg.grouped_routing``, token choice only): :func:`group_limited`
+    masks the selection scores of experts outside a token's ``topk_group`` best groups before the top-k;
+    ``probs_ne`` (load balance, entropy) stays over all experts. Token-choice combine weights are multiplied
+    by ``routed_scaling_factor`` after renormalisation (DeepSeek-V2/V3).
 
     With ``cfg.modality_experts`` the bool buffer ``allowed_experts [G + 1, E]`` (not persistent) masks
     the logits of experts outside a token's modality group to ``-inf`` before anything else reads them
@@ -93,13 +116,12 @@ class Router(nn.Module):
             self.w_noise = nn.Parameter(torch.zeros(cfg.num_experts, d_model))  # [E, D]
         self.expert_bias: Tensor | None
         self.load_counts: Tensor | None
-        if cfg.bias_update_rate > 0:
-            self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))  # learned state: persistent
-            # Integer counts: exact at any size, and untouched by module.to(dtype).
-            self.register_buffer("load_counts", torch.zeros(cfg.num_experts, dtype=torch.long), persistent=False)
-        else:
-            self.expert_bias = None
-            self.load_counts = None
+        # Persistent: learned (aux-loss-free) or loaded (a checkpoint's correction bias) model state.
+        bias_e = torch.zeros(cfg.num_experts) if cfg.bias_update_rate > 0 or cfg.selection_bias else None
+        self.register_buffer("expert_bias", bias_e)
+        # Integer counts: exact at any size, and untouched by module.to(dtype).
+        counts_e = torch.zeros(cfg.num_experts, dtype=torch.long) if cfg.bias_update_rate > 0 else None
+        self.register_buffer("load_counts", counts_e, persistent=False)
         self.allowed_experts: Tensor | None
         if cfg.modality_experts is not None:
             # Derived from the config (not learned state): rebuilt at construction, kept out of checkpoints.
@@ -158,6 +180,8 @@ class Router(nn.Module):
             select_ne = select_ne + self.expert_bias.to(select_ne.dtype)
             if allowed_ne is not None:  # a forbidden expert's score is 0, but the bias could still lift it
                 select_ne = select_ne.masked_fill(~allowed_ne, -math.inf)
+        if cfg.grouped_routing:
+            select_ne = group_limited(select_ne, cfg.n_group, cfg.topk_group, cfg.group_score)
         expert_idx_nk = select_ne.topk(k, dim=-1).indices  # [N, K]
         score_nk = scores_ne.gather(1, expert_idx_nk)  # [N, K] unbiased
         if cfg.topk_order == "topk_then_softmax":
@@ -166,6 +190,8 @@ class Router(nn.Module):
             weight_nk = score_nk / score_nk.sum(-1, keepdim=True)
         else:
             weight_nk = score_nk
+        if cfg.routed_scaling_factor != 1.0:
+            weight_nk = weight_nk * cfg.routed_scaling_factor
         device = scores_ne.device
         token_a = torch.arange(n, device=device).repeat_interleave(k)  # [A] = [N*K], token-major
         if mask_n is None:

@@ -68,13 +68,48 @@ def _matrix() -> list[MoEConfig]:
     return cfgs
 
 
-MATRIX = _matrix()
+def _deepseek_matrix() -> list[MoEConfig]:
+    """DeepSeek routing (group-limited top-k, routed scaling, fixed selection bias, gated shared experts) on
+    the token-choice routers, dropless and capacity-limited."""
+    axes = itertools.product(("topk", "noisy_topk"), ("softmax", "sigmoid"), ("max", "top2_sum"), (None, 1.0))
+    cfgs = []
+    for i, (router, score, group_score, cap) in enumerate(axes):
+        cfgs.append(
+            MoEConfig(
+                num_experts=16,
+                top_k=4,
+                d_expert=4,
+                num_shared_experts=(0, 1, 2)[i % 3],
+                d_shared=4,
+                shared_gate=i % 3 == 1,
+                router=router,
+                score_func=score,
+                renormalize=i % 2 == 0,
+                capacity_factor=cap,
+                router_noise=0.5 if router == "noisy_topk" else 0.0,
+                router_dtype="model",
+                z_loss_coef=0.01,
+                n_group=4,
+                topk_group=2 if i % 4 else 1,
+                group_score=group_score,
+                routed_scaling_factor=2.5 if i % 2 else 1.0,
+                selection_bias=i % 4 != 3,
+                bias_update_rate=0.01 if i % 4 == 3 else 0.0,
+            )
+        )
+    return cfgs
+
+
+MATRIX = _matrix() + _deepseek_matrix()
 
 
 def _cfg_id(cfg: MoEConfig) -> str:
     return (
         f"{cfg.router}-{cfg.score_func}-{cfg.topk_order[:4]}-rn{int(cfg.renormalize)}-cap{cfg.capacity_factor}"
         f"-{cfg.drop_policy}-sh{cfg.num_shared_experts}-E{cfg.num_experts}K{cfg.top_k}"
+        + (f"-G{cfg.n_group}of{cfg.topk_group}{cfg.group_score}" if cfg.n_group > 1 else "")
+        + (f"-rsf{cfg.routed_scaling_factor}" if cfg.routed_scaling_factor != 1 else "")
+        + ("-gate" if cfg.shared_gate else "")
     )
 
 
@@ -101,6 +136,8 @@ def _inputs(dtype: torch.dtype, cfg: MoEConfig):
     proj = torch.randn(2, 5, D, generator=gen, dtype=dtype)
     torch.default_generator.manual_seed(0)
     state = MoELayer(D, cfg, init_std=0.5).to(dtype).state_dict()
+    if "router.expert_bias" in state:  # a non-zero selection bias, so that it changes the routing
+        state["router.expert_bias"] = torch.randn(cfg.num_experts, generator=gen, dtype=dtype) * 0.2
     return x_btd, mask_bt, proj, state
 
 

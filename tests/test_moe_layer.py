@@ -35,6 +35,8 @@ MASK = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
         {"router": "expert_choice", "capacity_factor": 1.0},
         {"router": "switch", "top_k": 1, "capacity_factor": 1.0},
         {"num_shared_experts": 1, "capacity_factor": 1.0, "dispatch": "reference"},
+        {"num_experts": 8, "n_group": 4, "topk_group": 2, "score_func": "sigmoid", "selection_bias": True},
+        {"num_experts": 8, "n_group": 4, "topk_group": 1, "routed_scaling_factor": 2.5, "capacity_factor": 1.0},
     ],
 )
 def test_padded_tokens_are_invisible(kw):
