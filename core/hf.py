@@ -17,6 +17,7 @@ the moekit checkpoint, so that ``moekit_to_hf`` writes the same family back with
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ from moekit.core.hf_io import (
 from moekit.core.model import Transformer
 
 SOURCE_FILE = "hf_source.json"
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 __all__ = [
     "DTYPES",
     "FAMILIES",
@@ -138,6 +140,8 @@ def _from_hf(
     skip = {n for n in headers if n.endswith(IGNORED_SUFFIXES)}
     if cfg.tie_embeddings and "lm_head.weight" in headers:
         skip.add("lm_head.weight")  # HF ties it to the embedding on load, whatever the file holds
+    if fam.extra_layers_ignored:  # DeepSeek-V3's multi-token-prediction layers: transformers drops them too
+        skip |= {n for n in headers if (m := _LAYER.match(n)) and int(m.group(1)) >= cfg.n_layers}
     plan = _plan(cfg, fam, set(headers))
     owner = {n: k for k, (rule, i) in enumerate(plan) for n in rule.hf_names(i, cfg)}
     missing = [n for n in owner if n not in headers]

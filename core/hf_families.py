@@ -109,6 +109,9 @@ class Family:
     training_only: tuple[str, ...] = ("attention_dropout",)
     # "v2" / "v3": multi-head latent attention and DeepSeek routing (config mapping in moekit.core.hf_deepseek)
     deepseek: str | None = None
+    # Tensors of layers past num_hidden_layers are not read (DeepSeek-V3's multi-token-prediction modules,
+    # which transformers ignores too); a round trip does not write them back.
+    extra_layers_ignored: bool = False
     missing: str | None = None
     note: str = ""  # what converts, for --help
 
@@ -318,6 +321,7 @@ FAMILIES: dict[str, Family] = {
             expert_width_field="moe_intermediate_size",
             norm_topk=True,
             deepseek="v3",
+            extra_layers_ignored=True,
             note="MLA (rope_interleave, yarn), sigmoid group-limited (top-2 sum) routing with the correction "
             "bias, shared experts, first_k_dense_replace",
         ),

@@ -27,6 +27,7 @@ from hf_checks import (  # noqa: E402
 )
 from hf_checks import SHAPE as BASE_SHAPE  # noqa: E402
 
+from moekit.core.generate import generate  # noqa: E402
 from moekit.core.hf import config_from_hf, config_to_hf, load_hf_state_dict  # noqa: E402
 from moekit.core.model import Transformer  # noqa: E402
 
@@ -93,6 +94,10 @@ def test_deepseek_converts_both_ways_through_the_cli(tmp_path, case):
     assert_cache_matches_recompute(ours)
     assert max_rel_logit_diff(ours, back) < 1e-4
     assert_same_tensors(load_hf_state_dict(tmp_path / "back"), load_hf_state_dict(tmp_path / "hf"))
+    # Greedy decoding through moekit's latent cache gives transformers' tokens.
+    ids = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(7))
+    theirs = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(generate(ours, ids, max_new_tokens=8, temperature=0), theirs)
 
 
 @pytest.mark.parametrize(
@@ -116,6 +121,26 @@ def test_the_test_models_exercise_each_routing_feature(tmp_path, case, changes):
     sd = {k: v for k, v in ours.state_dict().items() if k in other.state_dict()}
     other.load_state_dict(sd)
     assert max_rel_logit_diff(other.eval(), hf) > 1e-3
+
+
+@pytest.mark.parametrize("case", ["deepseek_v3", "deepseek_v2"])
+def test_v3_multi_token_prediction_layers_are_ignored_as_transformers_does(tmp_path, capsys, case):
+    """A DeepSeek-V3 checkpoint carries its MTP module as layer num_hidden_layers; it is not read (V2 has none:
+    such a tensor is refused)."""
+    from safetensors.torch import load_file, save_file
+
+    hf = hf_model(case)
+    hf.save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(path)
+    save_file({**tensors, "model.layers.3.eh_proj.weight": torch.ones(32, 64)}, path, metadata={"format": "pt"})
+    if case == "deepseek_v2":
+        with pytest.raises(SystemExit):
+            MAIN(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")])
+        assert re.search(r"tensors moekit cannot represent.*model.layers.3.eh_proj.weight", capsys.readouterr().err)
+        return
+    MAIN(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")])
+    assert max_rel_logit_diff(Transformer.from_pretrained(tmp_path / "m").eval(), hf) < 1e-4
 
 
 def test_in_memory_fused_expert_layout_converts():
