@@ -138,3 +138,15 @@ def test_latent_attention_params_and_flops_are_exact(mla):
         wider = ModelConfig(**base, mla=MLAConfig(**{**mla, name: mla[name] + 2}))
         assert count_params(wider).total > count_params(cfg).total
         assert flops_per_token(wider, 32) > flops_per_token(cfg, 32)
+
+
+def test_deepseek_shaped_model_params_and_flops_are_exact():
+    """MLA with the q bottleneck, a dense first layer, then MoE with shared experts, groups and the selection bias
+    (a buffer, not a parameter)."""
+    from moekit.core.config import MLAConfig
+    from moekit.moe.config import MoEConfig
+
+    moe = MoEConfig(num_experts=8, top_k=3, d_expert=6, num_shared_experts=2, score_func="sigmoid", n_group=4,
+                    topk_group=2, routed_scaling_factor=2.5, selection_bias=True, layers=[1, 2])  # fmt: skip
+    cfg = ModelConfig(**{**DENSE_CONFIGS[1], "n_kv_heads": None}, mla=MLAConfig(**MLA_OPTIONS[1]), moe=moe)
+    assert_params_and_flops_exact(cfg, T=16)

@@ -111,6 +111,12 @@ def test_mla_kv_cache_generation_equals_full_recompute(name):
     assert_cached_generation_equals_recompute(mla_model(name))
 
 
+def test_sliding_window_generation_with_the_latent_cache_equals_recompute():
+    torch.manual_seed(1)
+    model = Transformer(ModelConfig(**SHAPE, mla=MLAConfig(**V3), sliding_window=3, init_std=0.3)).eval()
+    assert_cached_generation_equals_recompute(model)  # 13 tokens, past the window
+
+
 def test_the_cache_holds_the_latent_not_the_expanded_keys_and_values():
     model = mla_model("v3")
     m = model.cfg.mla
