@@ -2,6 +2,7 @@
 by name whatever one side cannot represent: the HF config field and its value (HF -> moekit), or the
 ``ModelConfig`` field (moekit -> HF). Any ``ModelConfig``/``MoEConfig`` field this module does not know
 (added to moekit later) must keep its default to be exported, so a new feature never exports silently wrong.
+DeepSeek's latent attention and routing: :mod:`moekit.core.hf_deepseek`.
 """
 
 from __future__ import annotations
