@@ -327,8 +327,12 @@ def save_hf(
 
 
 def load_hf(hf_dir: str | Path, dtype: torch.dtype | None = None) -> Transformer:
-    """A :class:`Transformer` with the weights of an HF folder, in the checkpoint's dtype unless ``dtype``."""
+    """A :class:`Transformer` with the weights of an HF folder, in the checkpoint's dtype unless ``dtype``; each
+    tensor keeps its own (DeepSeek's bf16 checkpoints hold the router and its bias in float32)."""
     cfg, _, _, sd = _read_hf(hf_dir, dtype)
     model = Transformer(cfg).to(sd["embed.weight"].dtype)
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name in sd and sd[name].dtype != t.dtype:
+            t.data = t.data.to(sd[name].dtype)
     model.load_state_dict(sd, strict=not cfg.tie_embeddings)  # tied: lm_head.weight is embed.weight
     return model

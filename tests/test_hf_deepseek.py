@@ -155,13 +155,23 @@ def test_in_memory_fused_expert_layout_converts():
 
 
 @pytest.mark.slow
-def test_bf16_stays_bf16_and_the_round_trip_keeps_every_dtype(tmp_path):
-    hf = hf_model("deepseek_v3").to(torch.bfloat16)
+def test_bf16_checkpoint_keeps_every_tensors_dtype(tmp_path):
+    """transformers loads DeepSeek-V3 in bf16 with the router and its correction bias kept in float32, and saves
+    it so: the conversion keeps each tensor's dtype both ways (bit-exact), and load_hf keeps them in memory."""
+    from moekit.core.hf import load_hf
+
+    hf_model("deepseek_v3").save_pretrained(tmp_path / "f32")
+    hf = V3.from_pretrained(tmp_path / "f32", dtype=torch.bfloat16).eval()
     hf.save_pretrained(tmp_path / "hf")
     MAIN(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")])
-    assert torch.bfloat16 in {t.dtype for t in load_hf_state_dict(tmp_path / "m").values()}
+    ours = load_hf_state_dict(tmp_path / "m")
+    assert ours["layers.1.ffn.router.weight"].dtype == ours["layers.1.ffn.router.expert_bias"].dtype == torch.float32
+    assert ours["layers.1.attn.kv_b_proj.weight"].dtype == torch.bfloat16
     MAIN(["--to-hf", str(tmp_path / "m"), "--out", str(tmp_path / "back")])
     assert_same_tensors(load_hf_state_dict(tmp_path / "back"), load_hf_state_dict(tmp_path / "hf"))
+    model = load_hf(tmp_path / "hf")
+    assert model.layers[1].ffn.router.weight.dtype == torch.float32 and model.embed.weight.dtype == torch.bfloat16
+    assert max_rel_logit_diff(model.eval(), hf) < 3e-2  # bf16 rounding, both sides
 
 
 def _hf_config(case: str, **changes) -> dict:
