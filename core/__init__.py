@@ -1,7 +1,7 @@
 """moekit.core: the dense decoder-only transformer, its accounting, data and training loop."""
 
 from moekit.core.accounting import ParamCount, comm_volume, count_params, flops_per_token, train_flops_per_token
-from moekit.core.config import ModelConfig, RopeScaling
+from moekit.core.config import MLAConfig, ModelConfig, RopeScaling
 from moekit.core.data import (
     CORPORA,
     CorpusSplits,
@@ -25,6 +25,7 @@ from moekit.core.hf import (
 )
 from moekit.core.layers import Attention, RMSNorm, SwiGLU, apply_rope, rope_cos_sin
 from moekit.core.meter import SavedTensorBytes
+from moekit.core.mla import LatentKV, MLAttention
 from moekit.core.model import IGNORE_INDEX, ModelOutput, Transformer, lm_loss
 from moekit.core.objective import LMObjective, Objective, StepOutput
 from moekit.core.tokenizer import ByteTokenizer
@@ -47,6 +48,9 @@ __all__ = [
     "tokenize_splits",
     "IGNORE_INDEX",
     "Attention",
+    "LatentKV",
+    "MLAConfig",
+    "MLAttention",
     "ModelConfig",
     "RopeScaling",
     "ModelOutput",

@@ -4,6 +4,9 @@ FLOP convention: a matmul of [m, k] x [k, n] costs 2*m*k*n. Forward FLOPs per to
   attention projections  2*D*(H*Dh) + 2*2*D*(G*Dh) + 2*(H*Dh)*D
   attention scores+mix   2*2*H*Dh*S   with S = seq_len (the full T x T score matrix, as SDPA computes it
                          and as FlopCounterMode and PaLM's MFU formula count it; causal masking is not halved)
+  latent attention (MLA) 2*(q params) + 2*D*(R+Dr) + 2*R*H*(Dn+Dv) + 2*H*Dv*D + 2*H*(Dn+Dr)*S + 2*H*Dv*S,
+                         q params = D*H*(Dn+Dr), or D*Rq + Rq*H*(Dn+Dr) with the q bottleneck (the latent is
+                         expanded once per token, as the forward does without a cache)
   dense SwiGLU           3 * 2*D*F
   MoE layer              router 2*D*E + top_k * 3*2*D*d_expert + shared 3*2*D*(n_shared*d_shared)
                          (+ 2*D for the sigmoid shared-expert gate)
@@ -35,8 +38,19 @@ class ParamCount:
         return asdict(self)
 
 
+def _mla_matmul_params(cfg: ModelConfig) -> int:
+    """Weights of one latent-attention layer's projections (every one is a matmul per token)."""
+    m, D, H = cfg.mla, cfg.d_model, cfg.n_heads
+    assert m is not None
+    q = D * H * m.qk_head_dim if m.q_lora_rank is None else m.q_lora_rank * (D + H * m.qk_head_dim)
+    kv = D * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank * H * (m.qk_nope_head_dim + m.v_head_dim)
+    return q + kv + H * m.v_head_dim * D
+
+
 def _attn_params(cfg: ModelConfig) -> int:
     """Projections, their biases, and the QK-norm gains of one attention layer."""
+    if cfg.mla is not None:  # + the latent norms' gains
+        return _mla_matmul_params(cfg) + cfg.mla.kv_lora_rank + (cfg.mla.q_lora_rank or 0)
     q, kv = cfg.n_heads * cfg.dh, cfg.n_kv_heads * cfg.dh
     n = cfg.d_model * (q + kv) * 2
     if cfg.qkv_bias:
@@ -87,6 +101,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
     S = cfg.max_seq_len if seq_len is None else seq_len
     D, H, G, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dh
     attn = 2 * D * H * hd + 2 * 2 * D * G * hd + 2 * H * hd * D + 2 * 2 * H * hd * S
+    if cfg.mla is not None:
+        attn = 2 * _mla_matmul_params(cfg) + 2 * H * (cfg.mla.qk_head_dim + cfg.mla.v_head_dim) * S
     total = 0
     for i in range(cfg.n_layers):
         total += attn

@@ -85,6 +85,46 @@ class RopeScaling:
 
 
 @dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3), nested as ``ModelConfig(mla=MLAConfig(...))``.
+
+    Queries come from ``x`` directly (``q_lora_rank=None``, DeepSeek-V2-Lite) or through a rank-``q_lora_rank``
+    bottleneck with an RMSNorm; keys and values come from one shared latent ``c_kv`` of width ``kv_lora_rank``
+    (RMSNorm'd) expanded per head, plus one rotary key of width ``qk_rope_head_dim`` shared by all heads. Each
+    head's query/key is ``qk_nope_head_dim`` position-free dims then ``qk_rope_head_dim`` rotary dims; values
+    have ``v_head_dim``. ``rope_interleave``: the rotary dims are rotated in adjacent pairs ``(x0, x1), (x2,
+    x3), ...`` (DeepSeek's layout) instead of Llama's half split. ``latent_norm_eps``: the eps of the two
+    latent norms (transformers fixes it at 1e-6 whatever ``rms_norm_eps`` says).
+    """
+
+    kv_lora_rank: int = 512
+    q_lora_rank: int | None = 1536  # None = a plain q projection
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    rope_interleave: bool = True
+    latent_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 1:
+                fail("MLAConfig", name, value, "must be a positive integer")
+        if self.q_lora_rank is not None and (not is_int(self.q_lora_rank) or self.q_lora_rank < 1):
+            fail("MLAConfig", "q_lora_rank", self.q_lora_rank, "must be a positive integer, or None (no q bottleneck)")
+        if not is_int(self.qk_rope_head_dim) or self.qk_rope_head_dim < 2 or self.qk_rope_head_dim % 2:
+            fail("MLAConfig", "qk_rope_head_dim", self.qk_rope_head_dim, "must be an even integer >= 2 (RoPE)")
+        if not isinstance(self.rope_interleave, bool):
+            fail("MLAConfig", "rope_interleave", self.rope_interleave, "must be true or false")
+        if not is_finite_number(self.latent_norm_eps) or self.latent_norm_eps <= 0:
+            fail("MLAConfig", "latent_norm_eps", self.latent_norm_eps, "must be a finite number > 0")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass
 class ModelConfig:
     """Decoder-only transformer shape. ``moe=None`` is a dense model.
 
@@ -96,7 +136,9 @@ class ModelConfig:
     ``qk_norm`` ("head": RMSNorm over each head's Dh, Qwen3; "full": over the whole q and k projection
     width, OLMoE), ``clip_qkv`` (clamp q, k, v projections to [-c, c] before the norm, OLMoE) and
     ``rope_scaling`` (:class:`RopeScaling`), ``sliding_window`` (each query sees itself and the
-    ``sliding_window - 1`` keys before it, in every layer; Mistral).
+    ``sliding_window - 1`` keys before it, in every layer; Mistral). ``mla`` (:class:`MLAConfig`) replaces
+    the q/k/v projections by multi-head latent attention (DeepSeek); ``n_kv_heads`` must then equal
+    ``n_heads`` and ``head_dim``, the biases, QK-norm and clipping keep their defaults.
     """
 
     vocab_size: int = 512
@@ -119,12 +161,15 @@ class ModelConfig:
     clip_qkv: float | None = None
     rope_scaling: RopeScaling | None = None
     sliding_window: int | None = None  # every layer: query i sees keys j with i - window < j <= i
+    mla: MLAConfig | None = None  # None = grouped-query attention
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig.from_dict(self.moe)
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
+        if isinstance(self.mla, dict):
+            self.mla = MLAConfig(**self.mla)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
@@ -150,13 +195,13 @@ class ModelConfig:
 
     def _check_attention(self) -> None:
         # head_dim stays None when unset, so that dataclasses.replace(cfg, d_model=...) moves the head dim along.
-        if self.head_dim is None:
+        if self.head_dim is None and self.mla is None:  # MLA sizes its heads itself
             if self.d_model % self.n_heads:
                 _fail("d_model", self.d_model, f"must be divisible by n_heads={self.n_heads} (or set head_dim)")
             if (self.d_model // self.n_heads) % 2:
                 hd = self.d_model // self.n_heads
                 _fail("d_model", self.d_model, f"head dim d_model/n_heads={hd} must be even (RoPE)")
-        elif not is_int(self.head_dim) or self.head_dim < 2 or self.head_dim % 2:
+        elif self.head_dim is not None and (not is_int(self.head_dim) or self.head_dim < 2 or self.head_dim % 2):
             _fail("head_dim", self.head_dim, "must be an even integer >= 2 (RoPE), or None for d_model // n_heads")
         for name in ("qkv_bias", "out_bias"):
             if not isinstance(getattr(self, name), bool):
@@ -169,11 +214,28 @@ class ModelConfig:
             _fail("sliding_window", self.sliding_window, "must be a positive integer (keys per query), or None")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             _fail("rope_scaling", self.rope_scaling, "must be a RopeScaling (or its dict), or None")
+        if self.mla is not None:
+            self._check_mla()
+
+    def _check_mla(self) -> None:
+        if not isinstance(self.mla, MLAConfig):
+            _fail("mla", self.mla, "must be an MLAConfig (or its dict), or None")
+        if self.n_kv_heads != self.n_heads:
+            _fail("n_kv_heads", self.n_kv_heads, f"must equal n_heads={self.n_heads} with mla (every head has its kv)")
+        defaults = dict(head_dim=None, qkv_bias=False, out_bias=False, qk_norm="none", clip_qkv=None)
+        for name, default in defaults.items():
+            if getattr(self, name) != default:
+                _fail(name, getattr(self, name), f"only {default!r} with mla (latent attention has no such option)")
 
     @property
     def dh(self) -> int:
         """The attention head dim in use: ``head_dim``, or ``d_model // n_heads`` when that is None."""
         return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """The rotated width of each query/key head: ``mla.qk_rope_head_dim`` with MLA, else :attr:`dh`."""
+        return self.dh if self.mla is None else self.mla.qk_rope_head_dim
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe is not None and self.moe.is_moe_layer(i)

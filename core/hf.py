@@ -17,6 +17,7 @@ the moekit checkpoint, so that ``moekit_to_hf`` writes the same family back with
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ from moekit.core.hf_io import (
 from moekit.core.model import Transformer
 
 SOURCE_FILE = "hf_source.json"
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 __all__ = [
     "DTYPES",
     "FAMILIES",
@@ -138,6 +140,8 @@ def _from_hf(
     skip = {n for n in headers if n.endswith(IGNORED_SUFFIXES)}
     if cfg.tie_embeddings and "lm_head.weight" in headers:
         skip.add("lm_head.weight")  # HF ties it to the embedding on load, whatever the file holds
+    if fam.extra_layers_ignored:  # DeepSeek-V3's multi-token-prediction layers: transformers drops them too
+        skip |= {n for n in headers if (m := _LAYER.match(n)) and int(m.group(1)) >= cfg.n_layers}
     plan = _plan(cfg, fam, set(headers))
     owner = {n: k for k, (rule, i) in enumerate(plan) for n in rule.hf_names(i, cfg)}
     missing = [n for n in owner if n not in headers]
@@ -323,8 +327,12 @@ def save_hf(
 
 
 def load_hf(hf_dir: str | Path, dtype: torch.dtype | None = None) -> Transformer:
-    """A :class:`Transformer` with the weights of an HF folder, in the checkpoint's dtype unless ``dtype``."""
+    """A :class:`Transformer` with the weights of an HF folder, in the checkpoint's dtype unless ``dtype``; each
+    tensor keeps its own (DeepSeek's bf16 checkpoints hold the router and its bias in float32)."""
     cfg, _, _, sd = _read_hf(hf_dir, dtype)
     model = Transformer(cfg).to(sd["embed.weight"].dtype)
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name in sd and sd[name].dtype != t.dtype:
+            t.data = t.data.to(sd[name].dtype)
     model.load_state_dict(sd, strict=not cfg.tie_embeddings)  # tied: lm_head.weight is embed.weight
     return model

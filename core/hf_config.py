@@ -2,6 +2,7 @@
 by name whatever one side cannot represent: the HF config field and its value (HF -> moekit), or the
 ``ModelConfig`` field (moekit -> HF). Any ``ModelConfig``/``MoEConfig`` field this module does not know
 (added to moekit later) must keep its default to be exported, so a new feature never exports silently wrong.
+DeepSeek's latent attention and routing: :mod:`moekit.core.hf_deepseek`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,16 @@ from typing import Any
 import torch
 
 from moekit.core.config import ModelConfig, RopeScaling
+from moekit.core.hf_deepseek import (
+    DEEPSEEK_MOE_MAPPED,
+    check_deepseek_exportable,
+    deepseek_moe_from_hf,
+    deepseek_to_hf,
+    mla_from_hf,
+)
 from moekit.core.hf_families import FAMILIES, WRITABLE_DENSE, WRITABLE_MOE, Family, detect_family, refuse
 from moekit.core.hf_moe_config import MOE_INERT, MOE_MAPPED, check_moe_exportable, moe_from_hf, moe_to_hf
+from moekit.moe.config import MoEConfig
 
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -195,6 +204,8 @@ def _window_from_hf(hf: dict[str, Any], fam: Family) -> int | None:
 
 def _attention_from_hf(hf: dict[str, Any], fam: Family) -> dict[str, Any]:
     """ModelConfig's attention fields for ``hf`` (class defaults filled in)."""
+    if fam.deepseek is not None:  # head_dim is transformers' rotary width there, not a head size
+        return dict(mla=mla_from_hf(hf, fam), n_kv_heads=hf["num_attention_heads"])
     d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim")
     if head_dim is not None and (d_model % n_heads or head_dim != d_model // n_heads):
@@ -210,6 +221,7 @@ def _attention_from_hf(hf: dict[str, Any], fam: Family) -> dict[str, Any]:
         on = True if flag is None else bool(hf.get(flag, False))
         qkv_bias, out_bias = on, on and scope == "all"
     return dict(
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
         head_dim=head_dim,
         qkv_bias=qkv_bias,
         out_bias=out_bias,
@@ -235,7 +247,6 @@ def config_from_hf(hf_cfg: dict[str, Any]) -> ModelConfig:
         d_model=hf["hidden_size"],
         n_layers=hf["num_hidden_layers"],
         n_heads=hf["num_attention_heads"],
-        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         d_ff=hf["intermediate_size"],
         max_seq_len=hf["max_position_embeddings"],
         rope_theta=theta,
@@ -243,10 +254,16 @@ def config_from_hf(hf_cfg: dict[str, Any]) -> ModelConfig:
         norm_eps=float(hf["rms_norm_eps"]),
         tie_embeddings=bool(hf["tie_word_embeddings"]),
         init_std=float(hf["initializer_range"]),
-        moe=moe_from_hf(hf_cfg, hf, fam) if fam.is_moe else None,
+        moe=_moe_from_hf(hf_cfg, hf, fam),
         sliding_window=_window_from_hf(hf, fam),
         **_attention_from_hf(hf, fam),
     )
+
+
+def _moe_from_hf(hf_cfg: dict[str, Any], hf: dict[str, Any], fam: Family) -> MoEConfig | None:
+    if not fam.is_moe:
+        return None
+    return deepseek_moe_from_hf(hf, fam) if fam.deepseek is not None else moe_from_hf(hf_cfg, hf, fam)
 
 
 # ---- configs: moekit -> HF -----------------------------------------------------------------------
@@ -292,8 +309,11 @@ def _check_attention_exportable(cfg: ModelConfig, fam: Family) -> None:
 
 
 def check_exportable(cfg: ModelConfig, fam: Family) -> None:
-    _check_unknown_fields(cfg, _MODEL_MAPPED | _MODEL_INERT, "")
+    deepseek = fam.deepseek is not None
+    _check_unknown_fields(cfg, _MODEL_MAPPED | _MODEL_INERT | ({"mla"} if deepseek else set()), "")
     _check_attention_exportable(cfg, fam)
+    if deepseek:
+        check_deepseek_exportable(cfg, fam)
     if cfg.moe is None:
         if fam.is_moe:
             raise ValueError(
@@ -302,8 +322,9 @@ def check_exportable(cfg: ModelConfig, fam: Family) -> None:
         return
     if not fam.is_moe:
         raise ValueError(f"ModelConfig.moe is set: {fam.title} has no MoE layers; use one of {WRITABLE_MOE}")
-    _check_unknown_fields(cfg.moe, MOE_MAPPED | MOE_INERT, "moe.")
-    check_moe_exportable(cfg, fam)
+    _check_unknown_fields(cfg.moe, MOE_MAPPED | MOE_INERT | (DEEPSEEK_MOE_MAPPED if deepseek else set()), "moe.")
+    if not deepseek:
+        check_moe_exportable(cfg, fam)
 
 
 def choose_family(cfg: ModelConfig, family: str | None, source: dict[str, Any] | None) -> Family:
@@ -363,7 +384,7 @@ def config_to_hf(
     if fam.window_flag:  # every layer slides (max_window_layers 0), or none
         hf.update(use_sliding_window=cfg.sliding_window is not None, max_window_layers=0)
     if cfg.moe is not None:
-        hf.update(moe_to_hf(cfg, fam))
+        hf.update(deepseek_to_hf(cfg, fam) if fam.deepseek is not None else moe_to_hf(cfg, fam))
     old = (source or {}).get("config") or {}
     hf.update({k: old.get(k) for k in _TOKEN_FIELDS})
     if source is not None and source.get("family") == fam.name:

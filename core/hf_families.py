@@ -1,172 +1,48 @@
-"""The HF converter's family table: for each Hugging Face ``*ForCausalLM`` family, its tensor names next to
-moekit's, the config defaults of its transformers class, and what is refused (with the field, its value and
-the missing feature).
+"""The HF converter's family table: for each Hugging Face ``*ForCausalLM`` family, its tensor names (weight
+rules of :mod:`moekit.core.hf_rules`), the config defaults of its transformers class, and what is refused (with
+the field, its value and the missing feature).
 
-Shapes: V vocab, D d_model, H/G query/kv heads, Dh head dim, F FFN / expert hidden width, E experts.
-
-A weight layout is a list of :class:`Rule`; each rule names HF tensors and moekit tensors and converts one
-way and back, so the two directions cannot drift apart:
-
-- :class:`Same`: one tensor, renamed (both sides use ``nn.Linear`` ``[out, in]`` and the half-split RoPE
-  convention, so attention needs no q/k permutation);
-- :class:`Fused`: one HF tensor = moekit tensors concatenated along rows (Phi-3 ``qkv_proj``, ``gate_up_proj``);
-- :class:`PerExpert`: per-expert HF Linear weights (``experts.{e}.w1.weight [F, D]``) <-> one stacked moekit
-  tensor of ``x @ w`` matrices (``experts.w_gate [E, D, F]``), i.e. stacked and transposed;
-- :class:`StackedExperts`: transformers 5's in-memory fused experts (``gate_up_proj [E, 2F, D]``) <-> moekit's
-  stacked ones; read only by default (the classic per-expert layout is written, every version loads it).
-
-Templates use ``{i}`` for the layer and ``{e}`` for the expert. Families whose checkpoints need a feature
-moekit does not have yet are listed with ``missing`` so that the refusal names it.
+Families whose checkpoints need a feature moekit does not have yet are listed with ``missing`` so that the
+refusal names it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from torch import Tensor
-
 from moekit.core.config import ModelConfig
-
-
-# ---- weight rules --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Rule:
-    """HF tensors ``hf`` <-> moekit tensors ``ours`` (name templates with ``{i}``/``{e}``)."""
-
-    hf: tuple[str, ...]
-    ours: tuple[str, ...]
-
-    def hf_names(self, i: int, cfg: ModelConfig) -> list[str]:
-        return [t.format(i=i) for t in self.hf]
-
-    def ours_names(self, i: int, cfg: ModelConfig) -> list[str]:
-        return [t.format(i=i) for t in self.ours]
-
-    def to_ours(self, ts: list[Tensor], cfg: ModelConfig) -> list[Tensor]:
-        raise NotImplementedError
-
-    def to_hf(self, ts: list[Tensor], cfg: ModelConfig) -> list[Tensor]:
-        raise NotImplementedError
-
-
-class Same(Rule):
-    def __init__(self, hf: str, ours: str) -> None:
-        super().__init__((hf,), (ours,))
-
-    def to_ours(self, ts: list[Tensor], cfg: ModelConfig) -> list[Tensor]:
-        return ts
-
-    def to_hf(self, ts: list[Tensor], cfg: ModelConfig) -> list[Tensor]:
-        return ts
-
-
-class Fused(Rule):
-    """``hf = cat(ours, dim=0)``, with row counts ``sizes(cfg)``; parts are cloned so they own their memory."""
-
-    def __init__(self, hf: str, ours: tuple[str, ...], sizes: Callable[[ModelConfig], tuple[int, ...]]) -> None:
-        super().__init__((hf,), ours)
-        object.__setattr__(self, "sizes", sizes)
-
-    def to_ours(self, ts: list[Tensor], cfg: ModelConfig) -> list[Tensor]:
-        sizes = self.sizes(cfg)
-        if ts[0].shape[0] != sum(sizes):
-            raise ValueError(f"has {ts[0].shape[0]} rows; the config implies {sum(sizes)} = {sizes}")
-        return [p.clone() for p in ts[0].split(list(sizes), dim=0)]
-
-    def to_hf(self, ts: list[Tensor], cfg: ModelConfig) -> list[Tensor]:
-        return [torch.cat(ts, dim=0)]
-
-
-class PerExpert(Rule):
-    """HF ``{e}``-templated ``[out, in]`` Linear weights <-> moekit ``[E, in, out]``."""
-
-    def __init__(self, hf: str, ours: str) -> None:
-        super().__init__((hf,), (ours,))
-
-    def hf_names(self, i: int, cfg: ModelConfig) -> list[str]:
-        return [self.hf[0].format(i=i, e=e) for e in range(cfg.moe.num_experts)]
-
-    def to_ours(self, ts: list[Tensor], cfg: ModelConfig) -> list[Tensor]:
-        return [torch.stack([t.t() for t in ts])]
-
-    def to_hf(self, ts: list[Tensor], cfg: ModelConfig) -> list[Tensor]:
-        return [w.t().contiguous() for w in ts[0]]
-
-
-class StackedExperts(Rule):
-    """HF ``[E, k*out, in]`` (k parts along dim 1) <-> k moekit ``[E, in, out]`` tensors."""
-
-    def __init__(self, hf: str, ours: tuple[str, ...]) -> None:
-        super().__init__((hf,), ours)
-
-    def to_ours(self, ts: list[Tensor], cfg: ModelConfig) -> list[Tensor]:
-        return [p.transpose(1, 2).contiguous() for p in ts[0].chunk(len(self.ours), dim=1)]
-
-    def to_hf(self, ts: list[Tensor], cfg: ModelConfig) -> list[Tensor]:
-        return [torch.cat([w.transpose(1, 2) for w in ts], dim=1).contiguous()]
-
-
-L, M = "model.layers.{i}", "layers.{i}"
-GLOBAL_RULES: tuple[Rule, ...] = (
-    Same("model.embed_tokens.weight", "embed.weight"),
-    Same("model.norm.weight", "norm.weight"),
+from moekit.core.hf_rules import (
+    ATTN,
+    CORRECTION_BIAS,
+    DEEPSEEK_SHARED,
+    DENSE_MLP,
+    GLOBAL_RULES,
+    IGNORED_SUFFIXES,
+    LM_HEAD,
+    MIXTRAL_MOE,
+    MLA_KV,
+    MLA_Q,
+    MLA_Q_LORA,
+    MOE_FUSED,
+    NORMS,
+    OUT_BIAS,
+    PHI3_ATTN,
+    PHI3_MLP,
+    QK_NORM,
+    QKV_BIAS,
+    QWEN2_SHARED,
+    QWEN_MOE,
+    Fused,
+    PerExpert,
+    Rule,
+    Same,
+    StackedExperts,
 )
-LM_HEAD = Same("lm_head.weight", "lm_head.weight")
-NORMS = (
-    Same(f"{L}.input_layernorm.weight", f"{M}.attn_norm.weight"),
-    Same(f"{L}.post_attention_layernorm.weight", f"{M}.ffn_norm.weight"),
-)
-ATTN = tuple(
-    Same(f"{L}.self_attn.{n}.weight", f"{M}.attn.{n}.weight") for n in ("q_proj", "k_proj", "v_proj", "o_proj")
-)
-QKV_BIAS = tuple(Same(f"{L}.self_attn.{n}.bias", f"{M}.attn.{n}.bias") for n in ("q_proj", "k_proj", "v_proj"))
-OUT_BIAS = (Same(f"{L}.self_attn.o_proj.bias", f"{M}.attn.o_proj.bias"),)
-QK_NORM = tuple(Same(f"{L}.self_attn.{n}.weight", f"{M}.attn.{n}.weight") for n in ("q_norm", "k_norm"))
-DENSE_MLP = tuple(
-    Same(f"{L}.mlp.{h}.weight", f"{M}.ffn.{o}.weight")
-    for h, o in (("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_down"))
-)
-_X = f"{M}.ffn.experts"
-MIXTRAL_MOE = (
-    Same(f"{L}.block_sparse_moe.gate.weight", f"{M}.ffn.router.weight"),  # [E, D]
-    PerExpert(f"{L}.block_sparse_moe.experts.{{e}}.w1.weight", f"{_X}.w_gate"),
-    PerExpert(f"{L}.block_sparse_moe.experts.{{e}}.w3.weight", f"{_X}.w_up"),
-    PerExpert(f"{L}.block_sparse_moe.experts.{{e}}.w2.weight", f"{_X}.w_down"),
-)
-MOE_FUSED = (  # transformers 5's in-memory layout (what model.state_dict() gives), every MoE family
-    Same(f"{L}.mlp.gate.weight", f"{M}.ffn.router.weight"),
-    StackedExperts(f"{L}.mlp.experts.gate_up_proj", (f"{_X}.w_gate", f"{_X}.w_up")),  # [E, 2F, D]: gate, then up
-    StackedExperts(f"{L}.mlp.experts.down_proj", (f"{_X}.w_down",)),  # [E, D, F]
-)
-QWEN_MOE = (  # Qwen2-MoE, Qwen3-MoE and OLMoE checkpoints on disk
-    Same(f"{L}.mlp.gate.weight", f"{M}.ffn.router.weight"),  # [E, D]
-    PerExpert(f"{L}.mlp.experts.{{e}}.gate_proj.weight", f"{_X}.w_gate"),
-    PerExpert(f"{L}.mlp.experts.{{e}}.up_proj.weight", f"{_X}.w_up"),
-    PerExpert(f"{L}.mlp.experts.{{e}}.down_proj.weight", f"{_X}.w_down"),
-)
-QWEN2_SHARED = tuple(  # the shared expert (width shared_expert_intermediate_size) and its sigmoid gate [1, D]
-    Same(f"{L}.mlp.shared_expert.{h}.weight", f"{M}.ffn.shared.{o}.weight")
-    for h, o in (("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_down"))
-) + (Same(f"{L}.mlp.shared_expert_gate.weight", f"{M}.ffn.shared_gate.weight"),)
-PHI3_ATTN = (
-    Fused(
-        f"{L}.self_attn.qkv_proj.weight",  # rows: q (H*Dh), k (G*Dh), v (G*Dh)
-        tuple(f"{M}.attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj")),
-        lambda c: (c.n_heads * c.dh, c.n_kv_heads * c.dh, c.n_kv_heads * c.dh),
-    ),
-    Same(f"{L}.self_attn.o_proj.weight", f"{M}.attn.o_proj.weight"),
-)
-PHI3_MLP = (
-    Fused(
-        f"{L}.mlp.gate_up_proj.weight", (f"{M}.ffn.w_gate.weight", f"{M}.ffn.w_up.weight"), lambda c: (c.d_ff, c.d_ff)
-    ),
-    Same(f"{L}.mlp.down_proj.weight", f"{M}.ffn.w_down.weight"),
-)
-# Buffers some old checkpoints carry; moekit recomputes RoPE tables on the fly.
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+__all__ = [  # the weight rules stay importable from here
+    "GLOBAL_RULES", "IGNORED_SUFFIXES", "LM_HEAD", "NORMS", "Fused", "PerExpert", "Rule", "Same", "StackedExperts",
+]  # fmt: skip
 
 
 # ---- families ------------------------------------------------------------------------------------
@@ -181,6 +57,13 @@ _QWEN_MOE_DEFAULTS = dict(
     mlp_only_layers=[],
     router_aux_loss_coef=0.001,
 )
+
+
+# transformers 5.24 class defaults shared by DeepSeek-V2 and V3 (what a config.json without the field means).
+_DEEPSEEK_DEFAULTS = dict(
+    rms_norm_eps=1e-6, attention_bias=False, kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128,
+    qk_rope_head_dim=64, v_head_dim=128,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -224,6 +107,11 @@ class Family:
     shared_expert: bool = False
     # Training-only fields (dropouts, router jitter): dropped on the way in, written as 0 on the way out.
     training_only: tuple[str, ...] = ("attention_dropout",)
+    # "v2" / "v3": multi-head latent attention and DeepSeek routing (config mapping in moekit.core.hf_deepseek)
+    deepseek: str | None = None
+    # Tensors of layers past num_hidden_layers are not read (DeepSeek-V3's multi-token-prediction modules,
+    # which transformers ignores too); a round trip does not write them back.
+    extra_layers_ignored: bool = False
     missing: str | None = None
     note: str = ""  # what converts, for --help
 
@@ -376,22 +264,68 @@ FAMILIES: dict[str, Family] = {
             shared_expert=True,
             note="q/k/v biases, sigmoid-gated shared expert",
         ),
-        # ---- refused until moekit has the feature (issue 13) ----
         Family(
             "deepseek_v2",
             "DeepSeek-V2",
             "DeepseekV2ForCausalLM",
             "deepseek_v2",
-            missing="multi-head latent attention (MLA), interleaved RoPE and group-limited routing",
+            dict(
+                _DEEPSEEK_DEFAULTS,
+                max_position_embeddings=2048,
+                first_k_dense_replace=0,
+                n_group=None,
+                n_routed_experts=64,
+                n_shared_experts=2,
+                routed_scaling_factor=1.0,
+                topk_group=None,
+                topk_method="greedy",
+                norm_topk_prob=False,
+                num_experts_per_tok=None,
+                moe_intermediate_size=1407,
+                mlp_bias=False,
+            ),  # fmt: skip
+            moe_layouts=(QWEN_MOE + DEEPSEEK_SHARED, MOE_FUSED + DEEPSEEK_SHARED),
+            rope_types=("default", "yarn"),
+            experts_field="n_routed_experts",
+            expert_width_field="moe_intermediate_size",
+            deepseek="v2",
+            note="MLA (interleaved RoPE, yarn), greedy or group-limited (max) softmax routing, shared experts, "
+            "first_k_dense_replace",
         ),
         Family(
             "deepseek_v3",
             "DeepSeek-V3",
             "DeepseekV3ForCausalLM",
             "deepseek_v3",
-            missing="multi-head latent attention (MLA), interleaved RoPE, group-limited routing with "
-            "routed_scaling_factor and a score-correction bias",
+            dict(
+                _DEEPSEEK_DEFAULTS,
+                max_position_embeddings=4096,
+                first_k_dense_replace=3,
+                n_group=8,
+                n_routed_experts=256,
+                n_shared_experts=1,
+                routed_scaling_factor=2.5,
+                topk_group=4,
+                norm_topk_prob=True,
+                num_experts_per_tok=8,
+                moe_intermediate_size=2048,
+                rope_interleave=True,
+            ),
+            # fmt: skip
+            moe_layouts=(
+                QWEN_MOE + DEEPSEEK_SHARED + CORRECTION_BIAS,
+                MOE_FUSED + DEEPSEEK_SHARED + CORRECTION_BIAS,
+            ),
+            rope_types=("default", "yarn"),
+            experts_field="n_routed_experts",
+            expert_width_field="moe_intermediate_size",
+            norm_topk=True,
+            deepseek="v3",
+            extra_layers_ignored=True,
+            note="MLA (rope_interleave, yarn), sigmoid group-limited (top-2 sum) routing with the correction "
+            "bias, shared experts, first_k_dense_replace",
         ),
+        # ---- refused until moekit has the feature (issue 13) ----
         Family(
             "gpt_oss",
             "GPT-OSS",
@@ -417,6 +351,8 @@ WRITABLE_MOE = tuple(f.name for f in FAMILIES.values() if f.missing is None and 
 
 def attention_rules(fam: Family, cfg: ModelConfig) -> tuple[Rule, ...]:
     """The family's attention tensors plus the biases and QK-norm gains ``cfg`` has."""
+    if cfg.mla is not None:
+        return (MLA_Q if cfg.mla.q_lora_rank is None else MLA_Q_LORA) + MLA_KV
     rules = fam.attn_layout
     if cfg.qkv_bias:
         rules += QKV_BIAS

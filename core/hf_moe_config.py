@@ -1,9 +1,10 @@
 """The MoE half of the HF config mapping (see :mod:`moekit.core.hf_config`): HF routing fields of each MoE
 family <-> :class:`MoEConfig`, refusing by name what the other side cannot represent.
 
-Every supported family routes the same way: softmax over all experts, top-k, the selected probabilities
-renormalised or not (Mixtral always; the others by ``norm_topk_prob``). moekit skips renormalisation at
-top-1, where HF's renormalised weight is 1.0: that is top-k-then-softmax. Layer selection: MoE at layer
+Every supported family but DeepSeek (:mod:`moekit.core.hf_deepseek`) routes the same way: softmax over all
+experts, top-k, the selected probabilities renormalised or not (Mixtral always; the others by
+``norm_topk_prob``). moekit skips renormalisation at top-1, where HF's renormalised weight is 1.0: that is
+top-k-then-softmax. Layer selection: MoE at layer
 ``i`` unless ``i in mlp_only_layers``, when ``(i + 1) % decoder_sparse_step == 0`` (Qwen) -> moekit's
 ``every_n_layers`` (no ``mlp_only_layers``) or an explicit ``layers`` list.
 """

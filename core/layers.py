@@ -90,6 +90,10 @@ class LayerKV:
     k: Tensor
     v: Tensor
 
+    @property
+    def seq_len(self) -> int:
+        return self.k.shape[2]
+
 
 class Attention(nn.Module):
     """Causal self-attention through SDPA with grouped-query attention (n_kv_heads <= n_heads).

@@ -19,12 +19,14 @@ from moekit.core.config import ModelConfig
 from moekit.core.generate import generate
 from moekit.core.inputs import check_token_ids
 from moekit.core.layers import Attention, LayerKV, RMSNorm, SwiGLU, rope_cos_sin
+from moekit.core.mla import LatentKV, MLAttention
 from moekit.core.pretrained import load_weights, read_config, save_pretrained_folder
 from moekit.moe.layer import MoELayer
 
 IGNORE_INDEX = -100
 
-KVCache = list[LayerKV]
+# One entry per layer: expanded keys/values (Attention) or the compressed latent (MLAttention).
+KVCache = list[LayerKV | LatentKV]
 
 
 @dataclass
@@ -45,7 +47,7 @@ class Block(nn.Module):
         super().__init__()
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention.from_config(cfg)
+        self.attn: nn.Module = Attention.from_config(cfg) if cfg.mla is None else MLAttention.from_config(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if self.is_moe:
             out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
@@ -60,10 +62,10 @@ class Block(nn.Module):
         cos: Tensor,
         sin: Tensor,
         mask_b1ts: Tensor | None,
-        past: LayerKV | None,
+        past: LayerKV | LatentKV | None,
         token_mask_bt: Tensor | None,
         group_ids_bt: Tensor | None,
-    ) -> tuple[Tensor, LayerKV, Any]:
+    ) -> tuple[Tensor, LayerKV | LatentKV, Any]:
         a, kv = self.attn(self.attn_norm(x_btd), cos, sin, mask_b1ts, past)
         x_btd = x_btd + self.drop(a)
         h = self.ffn_norm(x_btd)
@@ -140,7 +142,8 @@ def build_attention_mask(
 
 
 class Transformer(nn.Module):
-    """Decoder-only LM: embeddings, RoPE, pre-norm blocks (GQA attention + dense/MoE FFN), tied or untied head."""
+    """Decoder-only LM: embeddings, RoPE, pre-norm blocks (GQA or latent attention + dense/MoE FFN), tied or
+    untied head."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -209,7 +212,7 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"past_key_values has {len(past_key_values)} layers; the model has n_layers={self.cfg.n_layers}"
             )
-        past_len = 0 if not past_key_values else past_key_values[0].k.shape[2]
+        past_len = 0 if not past_key_values else past_key_values[0].seq_len
         if past_len + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {past_len + T} exceeds ModelConfig.max_seq_len={self.cfg.max_seq_len}")
         if attention_mask is not None:
@@ -220,7 +223,8 @@ class Transformer(nn.Module):
         x_btd = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=x_btd.device).expand(B, T)
-        cos, sin = rope_cos_sin(position_ids, self.cfg.dh, self.cfg.rope_theta, x_btd.dtype, self.cfg.rope_scaling)
+        cfg = self.cfg
+        cos, sin = rope_cos_sin(position_ids, cfg.rope_dim, cfg.rope_theta, x_btd.dtype, cfg.rope_scaling)
         mask = build_attention_mask(attention_mask, B, T, past_len, x_btd.device, self.cfg.sliding_window)
         if token_mask is None and attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, past_len:].to(torch.bool)

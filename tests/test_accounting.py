@@ -118,3 +118,35 @@ def test_gated_shared_expert_params_and_flops_are_exact():
     assert_params_and_flops_exact(cfg, T=16)
     ungated = ModelConfig(**DENSE_CONFIGS[0], moe=MoEConfig(**{**moe.to_dict(), "shared_gate": False}))
     assert count_params(cfg).total - count_params(ungated).total == 2 * cfg.d_model  # [1, D] gate in 2 layers
+
+
+MLA_OPTIONS = [
+    dict(kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6),  # V2-Lite
+    dict(kv_lora_rank=24, q_lora_rank=20, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=16),  # V3
+]
+
+
+@pytest.mark.parametrize("mla", MLA_OPTIONS)
+def test_latent_attention_params_and_flops_are_exact(mla):
+    from moekit.core.config import MLAConfig
+
+    base = {**DENSE_CONFIGS[1], "n_kv_heads": None}
+    cfg = ModelConfig(**base, mla=MLAConfig(**mla))
+    assert_params_and_flops_exact(cfg)
+    # Each width enters the count: widening any one changes both numbers.
+    for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        wider = ModelConfig(**base, mla=MLAConfig(**{**mla, name: mla[name] + 2}))
+        assert count_params(wider).total > count_params(cfg).total
+        assert flops_per_token(wider, 32) > flops_per_token(cfg, 32)
+
+
+def test_deepseek_shaped_model_params_and_flops_are_exact():
+    """MLA with the q bottleneck, a dense first layer, then MoE with shared experts, groups and the selection bias
+    (a buffer, not a parameter)."""
+    from moekit.core.config import MLAConfig
+    from moekit.moe.config import MoEConfig
+
+    moe = MoEConfig(num_experts=8, top_k=3, d_expert=6, num_shared_experts=2, score_func="sigmoid", n_group=4,
+                    topk_group=2, routed_scaling_factor=2.5, selection_bias=True, layers=[1, 2])  # fmt: skip
+    cfg = ModelConfig(**{**DENSE_CONFIGS[1], "n_kv_heads": None}, mla=MLAConfig(**MLA_OPTIONS[1]), moe=moe)
+    assert_params_and_flops_exact(cfg, T=16)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from generation_checks import assert_cached_generation_equals_recompute
 
 from moekit.core.config import ModelConfig, RopeScaling
 from moekit.core.generate import generate, greedy_recompute
@@ -163,14 +164,7 @@ def test_kv_cache_generation_equals_full_recompute(name):
     for p in model.parameters():
         if p.dim() == 1:
             torch.nn.init.normal_(p, 1.0, 0.2)
-    ids = torch.randint(0, SHAPE["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(2))
-    seq = greedy_recompute(model, ids, 8)
-    assert torch.equal(generate(model, ids, max_new_tokens=8, temperature=0), seq)
-    with torch.no_grad():
-        # Logits too, not just argmax: one cached step against the recomputed last position.
-        out = model(input_ids=seq[:, :-1], use_cache=True)
-        step = model(input_ids=seq[:, -1:], past_key_values=out.past_key_values).logits[:, -1]
-        torch.testing.assert_close(step, model(input_ids=seq).logits[:, -1], rtol=1e-5, atol=1e-5)
+    assert_cached_generation_equals_recompute(model)
 
 
 def test_options_change_the_function():

@@ -11,6 +11,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from hf_checks import SHAPE, V, batches, randomize  # noqa: E402
+
 from moekit.core.config import ModelConfig  # noqa: E402
 from moekit.core.hf import (  # noqa: E402
     config_from_hf,
@@ -26,27 +28,6 @@ from moekit.core.model import Transformer  # noqa: E402
 from moekit.moe.config import MoEConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-V, T = 61, 12
-# Non-default eps and theta so that a field the converter forgets to map shows up in the logits.
-SHAPE = dict(
-    vocab_size=V,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-2,
-    rope_theta=500.0,
-)
-
-
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """O(1) weights, and norm gains away from 1, so that any misplaced or transposed tensor moves the logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.2 * noise if p.dim() == 1 else 0.3 * noise)
 
 
 def hf_llama(tied: bool) -> torch.nn.Module:
@@ -63,16 +44,6 @@ def hf_mixtral(top_k: int, tied: bool) -> torch.nn.Module:
     model = transformers.MixtralForCausalLM(cfg)
     randomize(model, seed=2)
     return model.eval()
-
-
-def batches() -> list[dict[str, torch.Tensor]]:
-    """A full batch, and a left-padded one with the usual position ids (count real tokens)."""
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, V, (2, T), generator=g)
-    mask = torch.ones(2, T, dtype=torch.long)
-    mask[1, :4] = 0
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    return [dict(input_ids=ids), dict(input_ids=ids, attention_mask=mask, position_ids=pos)]
 
 
 def assert_same_logits(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:

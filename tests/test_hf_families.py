@@ -4,7 +4,6 @@ families moekit cannot represent yet are refused, naming the missing feature."""
 
 import json
 import re
-import runpy
 from pathlib import Path
 
 import pytest
@@ -12,27 +11,22 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from moekit.core.generate import generate, greedy_recompute  # noqa: E402
+from hf_checks import (  # noqa: E402
+    MAIN,
+    SHAPE,
+    V,
+    assert_cache_matches_recompute,
+    assert_same_tensors,
+    convert_both_ways,
+    max_rel_logit_diff,
+    measure,
+    print_table,
+    randomize,
+)
+
 from moekit.core.hf import config_from_hf, load_hf_state_dict  # noqa: E402
 from moekit.core.model import Transformer  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-MAIN = runpy.run_path(str(REPO / "recipes" / "convert_hf.py"))["main"]
-V, T = 61, 12
-# Non-default eps and theta so that a field the converter forgets to map shows up in the logits.
-SHAPE = dict(
-    vocab_size=V,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-2,
-    rope_theta=500.0,
-    pad_token_id=None,
-    bos_token_id=1,
-    eos_token_id=2,
-)
 LLAMA3 = {
     "rope_type": "llama3",
     "rope_theta": 500.0,
@@ -131,55 +125,11 @@ FAMILIES = {
 }
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """O(1) weights, and norm gains away from 1, so that any misplaced or transposed tensor moves the logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.2 * noise if p.dim() == 1 else 0.3 * noise)
-
-
 def hf_model(family: str, tied: bool = False, **changes) -> torch.nn.Module:
     config_cls, model_cls, extra = FAMILIES[family]
     model = model_cls(config_cls(**{**SHAPE, **extra, **changes}, tie_word_embeddings=tied))
     randomize(model, seed=len(family))
     return model.eval()
-
-
-def batches() -> list[dict[str, torch.Tensor]]:
-    """A full batch, and a left-padded one with the usual position ids (count real tokens)."""
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, V, (2, T), generator=g)
-    mask = torch.ones(2, T, dtype=torch.long)
-    mask[1, :4] = 0
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    return [dict(input_ids=ids), dict(input_ids=ids, attention_mask=mask, position_ids=pos)]
-
-
-def max_rel_logit_diff(ours: torch.nn.Module, theirs: torch.nn.Module) -> float:
-    """max |ours - theirs| / max |theirs| over every real position (padded query rows are unspecified)."""
-    worst = 0.0
-    with torch.no_grad():
-        for batch in batches():
-            a, b = ours(**batch).logits, theirs(**batch).logits
-            real = batch.get("attention_mask", torch.ones(a.shape[:2])).bool()
-            scale = b[real].abs().max().item()
-            assert scale > 1, "logits too small for a relative check to mean anything"
-            worst = max(worst, (a[real] - b[real]).abs().max().item() / scale)
-    return worst
-
-
-def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-
-
-def assert_cache_matches_recompute(model: Transformer) -> None:
-    """Greedy decoding with the KV cache gives the tokens that recomputing the whole prefix gives."""
-    ids = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(7))
-    assert torch.equal(generate(model, ids, max_new_tokens=8, temperature=0), greedy_recompute(model, ids, 8))
 
 
 TIED = ("phi3", "qwen2", "qwen3_moe")  # tie_word_embeddings, as the small Qwen checkpoints do
@@ -205,18 +155,10 @@ EXPECTED = {
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_converts_both_ways_through_the_cli(tmp_path, family):
     hf = hf_model(family, tied=family in TIED)
-    hf.save_pretrained(tmp_path / "hf")
-    MAIN(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")])
-    ours = Transformer.from_pretrained(tmp_path / "m").eval()
+    ours, back = convert_both_ways(hf, tmp_path)
     assert EXPECTED.get(family, lambda c: True)(ours.cfg)
     assert max_rel_logit_diff(ours, hf) < 1e-4
     assert_cache_matches_recompute(ours)
-
-    MAIN(["--to-hf", str(tmp_path / "m"), "--out", str(tmp_path / "back")])
-    hf_cfg = json.loads((tmp_path / "back" / "config.json").read_text())
-    assert hf_cfg["architectures"] == [type(hf).__name__]  # the family comes back from hf_source.json
-    assert (hf_cfg["bos_token_id"], hf_cfg["eos_token_id"]) == (1, 2)
-    back = type(hf).from_pretrained(tmp_path / "back").eval()
     assert max_rel_logit_diff(ours, back) < 1e-4
     # Lossless: the very same tensors, names and dtypes (Phi-3's fused qkv/gate_up re-fused exactly).
     assert_same_tensors(load_hf_state_dict(tmp_path / "back"), load_hf_state_dict(tmp_path / "hf"))
@@ -274,8 +216,6 @@ def _config(cls_name: str, **kw) -> dict:
 
 
 REFUSED = [
-    ("DeepseekV2Config", "DeepSeek-V2 needs multi-head latent attention (MLA)"),
-    ("DeepseekV3Config", "DeepSeek-V3 needs multi-head latent attention (MLA)"),
     ("GptOssConfig", "GPT-OSS needs attention sinks"),
     ("GraniteMoeConfig", "Granite-MoE needs Granite's embedding/residual/attention/logit multipliers"),
 ]
@@ -293,12 +233,12 @@ def test_families_needing_missing_features_are_refused_by_name(cls_name, message
 
 def test_refusal_through_the_cli_names_the_feature_and_writes_nothing(tmp_path, capsys):
     (tmp_path / "hf").mkdir()
-    d = transformers.DeepseekV3Config(**{**SHAPE, "intermediate_size": 40}).to_dict()
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({**d, "architectures": ["DeepseekV3ForCausalLM"]}))
+    d = transformers.GraniteMoeConfig(**{**SHAPE, "intermediate_size": 40}).to_dict()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**d, "architectures": ["GraniteMoeForCausalLM"]}))
     with pytest.raises(SystemExit) as exc:
         MAIN(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")])
     assert exc.value.code == 2
-    assert "DeepSeek-V3 needs multi-head latent attention (MLA)" in capsys.readouterr().err
+    assert "Granite-MoE needs Granite's embedding/residual/attention/logit multipliers" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no output, no temporary folder
 
 
@@ -370,10 +310,11 @@ def test_help_lists_the_families_and_directions(capsys):
         MAIN(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    convertible = ("Llama", "Mistral", "Phi3", "Mixtral", "Qwen2", "Qwen3", "Qwen3Moe", "Olmoe", "Qwen2Moe")
+    convertible = ("Llama", "Mistral", "Phi3", "Mixtral", "Qwen2", "Qwen3", "Qwen3Moe", "Olmoe", "Qwen2Moe",
+                   "DeepseekV2", "DeepseekV3")  # fmt: skip
     for name in convertible:
         assert re.search(rf"{name}ForCausalLM +--from-hf and --to-hf", text), name
-    for title in ("DeepSeek-V2", "DeepSeek-V3", "GPT-OSS", "Granite-MoE"):
+    for title in ("GPT-OSS", "Granite-MoE"):
         assert re.search(rf"{title} .*refused: needs", text), title
 
 
@@ -518,26 +459,11 @@ def test_qwen2_moe_without_a_gated_shared_expert_is_refused():
 def measure_families(tmp: Path) -> list[tuple[str, str, float, float, bool]]:
     """(family key, HF class, max rel logit diff HF -> moekit, moekit -> HF, round trip bit-exact) per family,
     through the CLI as in :func:`test_family_converts_both_ways_through_the_cli`."""
-    rows = []
-    for family in sorted(FAMILIES):
-        hf = hf_model(family, tied=family in TIED)
-        hf.save_pretrained(tmp / family / "hf")
-        MAIN(["--from-hf", str(tmp / family / "hf"), "--out", str(tmp / family / "m")])
-        ours = Transformer.from_pretrained(tmp / family / "m").eval()
-        MAIN(["--to-hf", str(tmp / family / "m"), "--out", str(tmp / family / "back")])
-        back = type(hf).from_pretrained(tmp / family / "back").eval()
-        a, b = load_hf_state_dict(tmp / family / "back"), load_hf_state_dict(tmp / family / "hf")
-        exact = sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
-        rows.append((family, type(hf).__name__, max_rel_logit_diff(ours, hf), max_rel_logit_diff(ours, back), exact))
-    return rows
+    return [(family, *measure(hf_model(family, tied=family in TIED), tmp / family)) for family in sorted(FAMILIES)]
 
 
 if __name__ == "__main__":  # prints the README's table: python tests/test_hf_families.py
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        rows = measure_families(Path(tmp))
-    print("| family (test model) | HF class | HF -> moekit | moekit -> HF | round trip |")
-    print("|---|---|---|---|---|")
-    for family, cls, there, back, exact in rows:
-        print(f"| {family} | `{cls}` | {there:.1e} | {back:.1e} | {'bit-exact' if exact else 'DIFFERS'} |")
+        print_table(measure_families(Path(tmp)))
