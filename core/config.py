@@ -138,7 +138,13 @@ class ModelConfig:
     ``rope_scaling`` (:class:`RopeScaling`), ``sliding_window`` (each query sees itself and the
     ``sliding_window - 1`` keys before it, in every layer; Mistral). ``mla`` (:class:`MLAConfig`) replaces
     the q/k/v projections by multi-head latent attention (DeepSeek); ``n_kv_heads`` must then equal
-    ``n_heads`` and ``head_dim``, the biases, QK-norm and clipping keep their defaults.
+    ``n_heads`` and ``head_dim``, the biases, QK-norm, clipping and ``attn_scale`` keep their defaults.
+
+    Scalings (IBM Granite; HF field in brackets; the defaults change nothing): ``embed_scale`` multiplies the
+    input embeddings, ``inputs_embeds`` too (``embedding_multiplier``); ``residual_scale`` multiplies each
+    attention and feed-forward output before its residual add (``residual_multiplier``); ``attn_scale`` is
+    the softmax scale of q.k, None = 1/sqrt(Dh) (``attention_multiplier``); ``logit_divisor`` divides the
+    logits (``logits_scaling``).
     """
 
     vocab_size: int = 512
@@ -162,6 +168,10 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     sliding_window: int | None = None  # every layer: query i sees keys j with i - window < j <= i
     mla: MLAConfig | None = None  # None = grouped-query attention
+    embed_scale: float = 1.0
+    residual_scale: float = 1.0
+    attn_scale: float | None = None  # None = 1/sqrt(Dh)
+    logit_divisor: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
@@ -177,6 +187,7 @@ class ModelConfig:
             if not isinstance(value, int) or value < 1:
                 _fail(name, value, "must be a positive integer")
         self._check_attention()
+        self._check_scales()
         if self.n_heads % self.n_kv_heads:
             _fail("n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}")
         if self.rope_theta <= 0:
@@ -217,12 +228,20 @@ class ModelConfig:
         if self.mla is not None:
             self._check_mla()
 
+    def _check_scales(self) -> None:
+        for name in ("embed_scale", "residual_scale", "logit_divisor"):
+            value = getattr(self, name)
+            if not is_finite_number(value) or value <= 0:
+                _fail(name, value, "must be a finite number > 0 (1.0 = no scaling)")
+        if self.attn_scale is not None and (not is_finite_number(self.attn_scale) or self.attn_scale <= 0):
+            _fail("attn_scale", self.attn_scale, "must be a finite number > 0, or None for 1/sqrt(head dim)")
+
     def _check_mla(self) -> None:
         if not isinstance(self.mla, MLAConfig):
             _fail("mla", self.mla, "must be an MLAConfig (or its dict), or None")
         if self.n_kv_heads != self.n_heads:
             _fail("n_kv_heads", self.n_kv_heads, f"must equal n_heads={self.n_heads} with mla (every head has its kv)")
-        defaults = dict(head_dim=None, qkv_bias=False, out_bias=False, qk_norm="none", clip_qkv=None)
+        defaults = dict(head_dim=None, qkv_bias=False, out_bias=False, qk_norm="none", clip_qkv=None, attn_scale=None)
         for name, default in defaults.items():
             if getattr(self, name) != default:
                 _fail(name, getattr(self, name), f"only {default!r} with mla (latent attention has no such option)")

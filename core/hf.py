@@ -48,6 +48,7 @@ from moekit.core.hf_families import (
     attention_rules,
     detect_family,
     family_table,
+    shared_rules,
 )
 from moekit.core.hf_io import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -97,7 +98,7 @@ def _plan(cfg: ModelConfig, fam: Family, hf_names: set[str] | None) -> list[tupl
                 if all(n in hf_names for r in candidate for n in r.hf_names(i, cfg)):
                     layout = candidate
                     break
-            plan += [(r, i) for r in layout]
+            plan += [(r, i) for r in layout + shared_rules(fam, cfg)]
         else:
             if fam.dense_layout is None:
                 raise ValueError(f"{fam.title} has no dense layers, but layer {i} of the config is dense")

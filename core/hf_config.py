@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from moekit.core.checks import is_finite_number
 from moekit.core.config import ModelConfig, RopeScaling
 from moekit.core.hf_deepseek import (
     DEEPSEEK_MOE_MAPPED,
@@ -40,7 +41,12 @@ _MODEL_INERT = {"dropout"}
 _MODEL_MAPPED = {
     "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len", "rope_theta", "norm_eps",
     "tie_embeddings", "init_std", "moe", "head_dim", "qkv_bias", "out_bias", "qk_norm", "clip_qkv", "rope_scaling",
-    "sliding_window",
+    "sliding_window", "embed_scale", "residual_scale", "attn_scale", "logit_divisor",
+}  # fmt: skip
+# Granite's multipliers: ModelConfig field -> HF field (see ModelConfig; attention_multiplier is the softmax scale).
+GRANITE_SCALES = {
+    "embed_scale": "embedding_multiplier", "residual_scale": "residual_multiplier",
+    "attn_scale": "attention_multiplier", "logit_divisor": "logits_scaling",
 }  # fmt: skip
 _ROPE_KEYS = {  # HF rope_parameters keys of each scaling moekit represents
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
@@ -257,7 +263,21 @@ def config_from_hf(hf_cfg: dict[str, Any]) -> ModelConfig:
         moe=_moe_from_hf(hf_cfg, hf, fam),
         sliding_window=_window_from_hf(hf, fam),
         **_attention_from_hf(hf, fam),
+        **_scales_from_hf(hf, fam),
     )
+
+
+def _scales_from_hf(hf: dict[str, Any], fam: Family) -> dict[str, float]:
+    """Granite's multipliers (HF's attention_multiplier is the softmax scale itself: never None)."""
+    if not fam.granite:
+        return {}
+    scales = {}
+    for ours, name in GRANITE_SCALES.items():
+        value = hf[name]
+        if not is_finite_number(value) or value <= 0:
+            refuse(name, value, "must be a finite number > 0")
+        scales[ours] = float(value)
+    return scales
 
 
 def _moe_from_hf(hf_cfg: dict[str, Any], hf: dict[str, Any], fam: Family) -> MoEConfig | None:
@@ -306,6 +326,10 @@ def _check_attention_exportable(cfg: ModelConfig, fam: Family) -> None:
         bad("sliding_window", f"{fam.title} has no sliding-window attention; only None")
     if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type not in fam.rope_types:
         bad("rope_scaling", f"{fam.title} supports RoPE types {fam.rope_types}")
+    for name in GRANITE_SCALES if not fam.granite else ():
+        default = ModelConfig.__dataclass_fields__[name].default
+        if getattr(cfg, name) != default:
+            bad(name, f"only the default {default!r} (the Granite families have this multiplier)")
 
 
 def check_exportable(cfg: ModelConfig, fam: Family) -> None:
@@ -373,8 +397,11 @@ def config_to_hf(
         "torch_dtype": DTYPE_NAMES.get(dtype, "float32"),
         **{name: 0.0 for name in fam.training_only},
     }
-    if fam.name == "llama":
+    if fam.name in ("llama", "granite"):
         hf["mlp_bias"] = False
+    if fam.granite:
+        hf.update({name: getattr(cfg, ours) for ours, name in GRANITE_SCALES.items()})
+        hf["attention_multiplier"] = cfg.attn_scale if cfg.attn_scale is not None else cfg.dh**-0.5
     if fam.bias is not None and fam.bias[0] is not None:
         hf[fam.bias[0]] = cfg.qkv_bias
     if fam.clip_qkv:

@@ -18,6 +18,9 @@ from moekit.core.hf_rules import (
     DEEPSEEK_SHARED,
     DENSE_MLP,
     GLOBAL_RULES,
+    GRANITE_MOE,
+    GRANITE_MOE_FUSED,
+    GRANITE_SHARED,
     IGNORED_SUFFIXES,
     LM_HEAD,
     MIXTRAL_MOE,
@@ -60,6 +63,16 @@ _QWEN_MOE_DEFAULTS = dict(
 
 
 # transformers 5.24 class defaults shared by DeepSeek-V2 and V3 (what a config.json without the field means).
+# transformers 5.24 class defaults of the Granite families; the multipliers default to 1.0, attention's too.
+_GRANITE_DEFAULTS = dict(
+    max_position_embeddings=2048, rms_norm_eps=1e-6, attention_bias=False, embedding_multiplier=1.0,
+    logits_scaling=1.0, residual_multiplier=1.0, attention_multiplier=1.0,
+)  # fmt: skip
+_GRANITE_MOE_DEFAULTS = dict(
+    _GRANITE_DEFAULTS, num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.001
+)  # fmt: skip
+
+
 _DEEPSEEK_DEFAULTS = dict(
     rms_norm_eps=1e-6, attention_bias=False, kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128,
     qk_rope_head_dim=64, v_head_dim=128,
@@ -82,7 +95,9 @@ class Family:
     MoE: ``experts_field`` / ``expert_width_field`` name the expert count and width; ``norm_topk`` the
     family has ``norm_topk_prob`` (else the top-k weights are always renormalised, Mixtral);
     ``sparse_step`` it has ``decoder_sparse_step`` / ``mlp_only_layers``; ``shared_expert`` it has
-    Qwen2-MoE's gated shared expert.
+    Qwen2-MoE's gated shared expert; ``ungated_shared`` names the width field of an ungated shared expert
+    (0 = none; GraniteMoeShared); ``topk_first`` the router softmaxes the top-k logits (Granite-MoE).
+    ``granite``: the four Granite multipliers (embedding, residual, attention softmax scale, logits).
     """
 
     name: str
@@ -105,6 +120,9 @@ class Family:
     norm_topk: bool = False
     sparse_step: bool = False
     shared_expert: bool = False
+    ungated_shared: str | None = None
+    topk_first: bool = False
+    granite: bool = False
     # Training-only fields (dropouts, router jitter): dropped on the way in, written as 0 on the way out.
     training_only: tuple[str, ...] = ("attention_dropout",)
     # "v2" / "v3": multi-head latent attention and DeepSeek routing (config mapping in moekit.core.hf_deepseek)
@@ -122,6 +140,12 @@ class Family:
     def defaults_full(self) -> dict[str, Any]:
         return {**_COMMON_DEFAULTS, **self.defaults}
 
+
+# Both Granite-MoE classes: all four attention biases or none, every layer MoE, softmax over the top-k logits.
+_GRANITE_MOE_LAYOUT: dict[str, Any] = dict(
+    bias=("attention_bias", "all"), dense_layout=None, moe_layouts=(GRANITE_MOE, GRANITE_MOE_FUSED), topk_first=True,
+    granite=True,
+)  # fmt: skip
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -325,6 +349,35 @@ FAMILIES: dict[str, Family] = {
             note="MLA (rope_interleave, yarn), sigmoid group-limited (top-2 sum) routing with the correction "
             "bias, shared experts, first_k_dense_replace",
         ),
+        Family(
+            "granite",
+            "Granite",
+            "GraniteForCausalLM",
+            "granite",
+            dict(_GRANITE_DEFAULTS, mlp_bias=False),
+            bias=("attention_bias", "all"),
+            granite=True,
+            note="embedding/residual/attention/logit multipliers; attention_bias",
+        ),
+        Family(
+            "granitemoe",
+            "Granite-MoE",
+            "GraniteMoeForCausalLM",
+            "granitemoe",
+            _GRANITE_MOE_DEFAULTS,
+            **_GRANITE_MOE_LAYOUT,
+            note="Granite multipliers; every layer MoE, softmax over the top-k logits",
+        ),
+        Family(
+            "granitemoeshared",
+            "Granite-MoE-Shared",
+            "GraniteMoeSharedForCausalLM",
+            "granitemoeshared",
+            dict(_GRANITE_MOE_DEFAULTS, shared_intermediate_size=0),
+            **_GRANITE_MOE_LAYOUT,
+            ungated_shared="shared_intermediate_size",
+            note="Granite-MoE with an ungated shared expert",
+        ),
         # ---- refused until moekit has the feature (issue 13) ----
         Family(
             "gpt_oss",
@@ -332,13 +385,6 @@ FAMILIES: dict[str, Family] = {
             "GptOssForCausalLM",
             "gpt_oss",
             missing="attention sinks, alternating sliding-window attention, biases and clamped SwiGLU",
-        ),
-        Family(
-            "granitemoe",
-            "Granite-MoE",
-            "GraniteMoeForCausalLM",
-            "granitemoe",
-            missing="Granite's embedding/residual/attention/logit multipliers",
         ),
     )
 }
@@ -361,6 +407,12 @@ def attention_rules(fam: Family, cfg: ModelConfig) -> tuple[Rule, ...]:
     if cfg.qk_norm != "none":
         rules += QK_NORM
     return rules
+
+
+def shared_rules(fam: Family, cfg: ModelConfig) -> tuple[Rule, ...]:
+    """The ungated shared expert's tensors of an MoE layer, when the family has one and ``cfg`` uses it."""
+    has_shared = cfg.moe is not None and cfg.moe.num_shared_experts > 0
+    return GRANITE_SHARED if fam.ungated_shared is not None and has_shared else ()
 
 
 def refuse(field_name: str, value: Any, allowed: str) -> None:
@@ -398,7 +450,7 @@ def family_table() -> str:
     lines = []
     for f in FAMILIES.values():
         if f.missing is None:
-            lines.append(f"  {f.title:<12} {f.architecture:<24} --from-hf and --to-hf ({f.note})")
+            lines.append(f"  {f.title:<18} {f.architecture:<28} --from-hf and --to-hf ({f.note})")
         else:
-            lines.append(f"  {f.title:<12} {f.architecture:<24} refused: needs {f.missing}")
+            lines.append(f"  {f.title:<18} {f.architecture:<28} refused: needs {f.missing}")
     return "\n".join(lines)

@@ -3,10 +3,11 @@ family <-> :class:`MoEConfig`, refusing by name what the other side cannot repre
 
 Every supported family but DeepSeek (:mod:`moekit.core.hf_deepseek`) routes the same way: softmax over all
 experts, top-k, the selected probabilities renormalised or not (Mixtral always; the others by
-``norm_topk_prob``). moekit skips renormalisation at top-1, where HF's renormalised weight is 1.0: that is
-top-k-then-softmax. Layer selection: MoE at layer
-``i`` unless ``i in mlp_only_layers``, when ``(i + 1) % decoder_sparse_step == 0`` (Qwen) -> moekit's
-``every_n_layers`` (no ``mlp_only_layers``) or an explicit ``layers`` list.
+``norm_topk_prob``); Granite-MoE takes the top-k logits first and softmaxes them, the same weights computed
+in moekit's ``topk_then_softmax`` order. moekit skips renormalisation at top-1, where HF's renormalised
+weight is 1.0: that is top-k-then-softmax. Layer selection: MoE at layer ``i`` unless ``i in mlp_only_layers``,
+when ``(i + 1) % decoder_sparse_step == 0`` (Qwen) -> moekit's ``every_n_layers`` (no ``mlp_only_layers``) or
+an explicit ``layers`` list.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ def moe_from_hf(hf_cfg: dict[str, Any], hf: dict[str, Any], fam: Family) -> MoEC
         if not isinstance(width, int) or width < 1:
             refuse("shared_expert_intermediate_size", width, "must be an integer >= 1")
         shared = dict(num_shared_experts=1, d_shared=width, shared_gate=True)
+    elif fam.ungated_shared is not None:
+        width = hf[fam.ungated_shared]
+        if not isinstance(width, int) or width < 0:
+            refuse(fam.ungated_shared, width, "must be an integer >= 0 (0 = no shared expert)")
+        shared = dict(num_shared_experts=1, d_shared=width) if width else {}
     selection = _layer_selection(hf, fam)
     n_layers = hf["num_hidden_layers"]
     n_moe = len(selection["layers"]) if "layers" in selection else n_layers // selection["every_n_layers"]
@@ -74,7 +80,7 @@ def moe_from_hf(hf_cfg: dict[str, Any], hf: dict[str, Any], fam: Family) -> MoEC
         d_expert=hf[fam.expert_width_field],
         router="topk",
         score_func="softmax",
-        topk_order="topk_then_softmax" if renorm and top_k == 1 else "softmax_then_topk",
+        topk_order="topk_then_softmax" if fam.topk_first or (renorm and top_k == 1) else "softmax_then_topk",
         renormalize=renorm,
         capacity_factor=None,
         router_noise=0.0,
@@ -109,6 +115,9 @@ def check_moe_exportable(cfg: ModelConfig, fam: Family) -> None:
     if fam.shared_expert:
         if not (moe.num_shared_experts >= 1 and moe.shared_gate):
             bad("shared_gate", f"{fam.title} needs shared experts with shared_gate=True")
+    elif fam.ungated_shared is not None:
+        if moe.shared_gate:
+            bad("shared_gate", f"{fam.title}'s shared expert has no gate; only False")
     else:
         if moe.num_shared_experts:
             bad("num_shared_experts", "only 0")
@@ -143,4 +152,6 @@ def moe_to_hf(cfg: ModelConfig, fam: Family) -> dict[str, Any]:
             hf.update(decoder_sparse_step=1, mlp_only_layers=[i for i in range(cfg.n_layers) if i not in moe.layers])
     if fam.shared_expert:
         hf["shared_expert_intermediate_size"] = moe.num_shared_experts * moe.shared_width
+    if fam.ungated_shared is not None:  # the shared experts side by side are one expert of their total width
+        hf[fam.ungated_shared] = moe.num_shared_experts * moe.shared_width if moe.num_shared_experts else 0
     return hf

@@ -162,6 +162,25 @@ PHI3_MLP = (
     ),
     Same(f"{L}.mlp.down_proj.weight", f"{M}.ffn.w_down.weight"),
 )
+_G = f"{L}.block_sparse_moe"
+GRANITE_MOE = (  # Granite-MoE checkpoints on disk: experts stacked, [E, 2F, D] rows gate then up, [E, D, F]
+    Same(f"{_G}.router.layer.weight", f"{M}.ffn.router.weight"),
+    StackedExperts(f"{_G}.input_linear.weight", (f"{_X}.w_gate", f"{_X}.w_up")),
+    StackedExperts(f"{_G}.output_linear.weight", (f"{_X}.w_down",)),
+)
+GRANITE_MOE_FUSED = (  # transformers 5's in-memory names of the same tensors
+    Same(f"{_G}.router.weight", f"{M}.ffn.router.weight"),
+    StackedExperts(f"{_G}.experts.gate_up_proj", (f"{_X}.w_gate", f"{_X}.w_up")),
+    StackedExperts(f"{_G}.experts.down_proj", (f"{_X}.w_down",)),
+)
+GRANITE_SHARED = (  # GraniteMoeShared's ungated shared expert: input_linear rows gate, then up
+    Fused(
+        f"{L}.shared_mlp.input_linear.weight",
+        (f"{M}.ffn.shared.w_gate.weight", f"{M}.ffn.shared.w_up.weight"),
+        lambda c: (c.moe.num_shared_experts * c.moe.shared_width,) * 2,
+    ),
+    Same(f"{L}.shared_mlp.output_linear.weight", f"{M}.ffn.shared.w_down.weight"),
+)
 # DeepSeek's multi-head latent attention: the plain q projection (V2-Lite) or the q bottleneck, then the kv side.
 MLA_Q = (Same(f"{L}.self_attn.q_proj.weight", f"{M}.attn.q_proj.weight"),)
 MLA_Q_LORA = tuple(

@@ -101,7 +101,8 @@ class Attention(nn.Module):
     Options (see :class:`~moekit.core.config.ModelConfig`): ``head_dim`` (None = d_model / n_heads),
     ``qkv_bias`` / ``out_bias``, ``qk_norm`` ("head": ``q_norm.weight [Dh]``, ``k_norm.weight [Dh]``;
     "full": ``q_norm.weight [H*Dh]``, ``k_norm.weight [G*Dh]``), applied before RoPE, and ``clip_qkv``
-    (q, k, v clamped to [-c, c] after the norm, as OLMoE does). Keys are cached after norm and RoPE.
+    (q, k, v clamped to [-c, c] after the norm, as OLMoE does), ``scale`` (the softmax scale of q.k; None =
+    1/sqrt(Dh)). Keys are cached after norm and RoPE.
     """
 
     def __init__(
@@ -117,6 +118,7 @@ class Attention(nn.Module):
         qk_norm: str = "none",
         clip_qkv: float | None = None,
         norm_eps: float = 1e-5,
+        scale: float | None = None,
     ) -> None:
         super().__init__()
         if (head_dim is None and d_model % n_heads) or n_heads % n_kv_heads:
@@ -129,7 +131,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = d_model // n_heads if head_dim is None else head_dim
         self.dropout = dropout
-        self.qk_norm, self.clip_qkv = qk_norm, clip_qkv
+        self.qk_norm, self.clip_qkv, self.scale = qk_norm, clip_qkv, scale
         hq, hkv = n_heads * self.head_dim, n_kv_heads * self.head_dim
         self.q_proj = nn.Linear(d_model, hq, bias=qkv_bias)
         self.k_proj = nn.Linear(d_model, hkv, bias=qkv_bias)
@@ -142,7 +144,7 @@ class Attention(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> Attention:
-        """The attention layer ``cfg`` describes (heads, head dim, biases, QK-norm, clipping, dropout)."""
+        """The attention layer ``cfg`` describes (heads, head dim, biases, QK-norm, clipping, scale, dropout)."""
         return cls(
             cfg.d_model,
             cfg.n_heads,
@@ -154,6 +156,7 @@ class Attention(nn.Module):
             qk_norm=cfg.qk_norm,
             clip_qkv=cfg.clip_qkv,
             norm_eps=cfg.norm_eps,
+            scale=cfg.attn_scale,
         )
 
     def _project(self, x_btd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -194,6 +197,7 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=mask_b1ts is None and past is None,
             enable_gqa=self.n_kv_heads != self.n_heads,
+            scale=self.scale,
         )  # [B, H, T, Dh]
         return self.o_proj(rearrange(y, "b h t dh -> b t (h dh)")), kv
 

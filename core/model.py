@@ -41,7 +41,7 @@ class ModelOutput:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+    """Pre-norm residual block: x + s * attn(norm(x)), then x + s * ffn(norm(x)), s = ``cfg.residual_scale``."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -55,6 +55,12 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.d_ff)
         self.drop = nn.Dropout(cfg.dropout)
+        self.residual_scale = cfg.residual_scale
+
+    def _residual(self, x_btd: Tensor, out_btd: Tensor) -> Tensor:
+        out_btd = self.drop(out_btd)
+        # Skipped at 1.0 so that models without Granite's scaling compute exactly what they did before it.
+        return x_btd + (out_btd if self.residual_scale == 1.0 else out_btd * self.residual_scale)
 
     def forward(
         self,
@@ -67,7 +73,7 @@ class Block(nn.Module):
         group_ids_bt: Tensor | None,
     ) -> tuple[Tensor, LayerKV | LatentKV, Any]:
         a, kv = self.attn(self.attn_norm(x_btd), cos, sin, mask_b1ts, past)
-        x_btd = x_btd + self.drop(a)
+        x_btd = self._residual(x_btd, a)
         h = self.ffn_norm(x_btd)
         moe_out = None
         if self.is_moe:
@@ -75,7 +81,7 @@ class Block(nn.Module):
             f = moe_out.y
         else:
             f = self.ffn(h)
-        return x_btd + self.drop(f), kv, moe_out
+        return self._residual(x_btd, f), kv, moe_out
 
 
 def _check_like_bt(name: str, t: Tensor | None, B: int, T: int, batch_may_broadcast: bool = False) -> None:
@@ -221,6 +227,8 @@ class Transformer(nn.Module):
         for name, t in (("labels", labels), ("group_ids", group_ids), ("token_mask", token_mask)):
             _check_like_bt(name, t, B, T)
         x_btd = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.cfg.embed_scale != 1.0:  # on inputs_embeds too, as transformers' Granite does
+            x_btd = x_btd * self.cfg.embed_scale
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=x_btd.device).expand(B, T)
         cfg = self.cfg
@@ -246,6 +254,8 @@ class Transformer(nn.Module):
                 moe_stats.append(moe_out.stats)
         h = self.norm(x_btd)
         logits = self.lm_head(h)  # [B, T, V]
+        if cfg.logit_divisor != 1.0:
+            logits = logits / cfg.logit_divisor
         loss = None
         if labels is not None:
             loss = lm_loss(logits, labels)

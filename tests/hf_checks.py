@@ -2,9 +2,12 @@
 logit scale, bit-exact tensors, cached generation, and one family's trip through the CLI both ways."""
 
 import json
+import re
 import runpy
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 
 from moekit.core.generate import generate, greedy_recompute
@@ -89,6 +92,28 @@ def convert_both_ways(hf: torch.nn.Module, tmp: Path) -> tuple[Transformer, torc
     assert hf_cfg["architectures"] == [type(hf).__name__]
     assert (hf_cfg["bos_token_id"], hf_cfg["eos_token_id"]) == (hf.config.bos_token_id, hf.config.eos_token_id)
     return ours, type(hf).from_pretrained(tmp / "back").eval()
+
+
+def assert_converts_both_ways(hf: torch.nn.Module, tmp: Path) -> Transformer:
+    """Through the CLI both ways: logits as transformers' (1e-4 of the logit scale) each way, KV-cache generation
+    as recompute, the round trip bit-exact (names, dtypes, values). Returns the moekit model."""
+    ours, back = convert_both_ways(hf, tmp)
+    assert max_rel_logit_diff(ours, hf) < 1e-4
+    assert_cache_matches_recompute(ours)
+    assert max_rel_logit_diff(ours, back) < 1e-4
+    assert_same_tensors(load_hf_state_dict(tmp / "back"), load_hf_state_dict(tmp / "hf"))
+    return ours
+
+
+def assert_export_refused(hf: torch.nn.Module, tmp: Path, family: str, message: str, err: Callable[[], str]) -> None:
+    """``hf`` converted to moekit, then written as ``family``: exit code 2, nothing written, ``message`` (a regex)
+    in what ``err()`` returns (the captured stderr)."""
+    hf.save_pretrained(tmp / "hf")
+    MAIN(["--from-hf", str(tmp / "hf"), "--out", str(tmp / "m")])
+    with pytest.raises(SystemExit) as exc:
+        MAIN(["--to-hf", str(tmp / "m"), "--out", str(tmp / "x"), "--family", family])
+    assert exc.value.code == 2 and not (tmp / "x").exists()
+    assert re.search(message, err())
 
 
 def measure(hf: torch.nn.Module, tmp: Path) -> tuple[str, float, float, bool]:

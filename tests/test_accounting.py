@@ -99,6 +99,7 @@ ATTENTION_OPTIONS = [
     dict(rope_scaling=dict(factor=8.0, original_max_seq_len=16)),
     dict(rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_seq_len=16)),
     dict(qkv_bias=True, qk_norm="head", head_dim=8, n_kv_heads=1),
+    dict(embed_scale=12.0, residual_scale=0.22, attn_scale=0.05, logit_divisor=8.0),  # Granite: elementwise only
 ]
 
 

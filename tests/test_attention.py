@@ -1,6 +1,6 @@
 """Attention options (q/k/v and output biases, per-head and full-width QK-norm, clip_qkv, explicit head_dim,
-llama3 RoPE scaling): SDPA path vs a slow per-head float64 reference (outputs and gradients), KV-cache
-generation vs full recompute, config validation, and old configs loading unchanged."""
+llama3 RoPE scaling, Granite's softmax scale): SDPA path vs a slow per-head float64 reference (outputs and
+gradients), KV-cache generation vs full recompute, config validation, and old configs loading unchanged."""
 
 import dataclasses
 import math
@@ -24,6 +24,7 @@ OPTIONS = {
     "llama3": dict(rope_scaling=LLAMA3),
     "yarn": dict(rope_scaling=YARN, head_dim=16),
     "all": dict(qkv_bias=True, qk_norm="head", head_dim=6, clip_qkv=0.9, rope_scaling=LLAMA3),
+    "granite": dict(attn_scale=0.9),  # Granite's attention_multiplier: the softmax scale, not 1/sqrt(Dh)
 }
 
 
@@ -124,7 +125,7 @@ def reference_attention(
         for h in range(H):
             g = h // (H // G)
             qh, kh = rotate(q[b, :, h]), rotate(k[b, :, g])
-            scores = qh @ kh.T / math.sqrt(dh)
+            scores = qh @ kh.T * (1 / math.sqrt(dh) if attn.scale is None else attn.scale)
             scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), -math.inf)
             y[b, :, h] = scores.softmax(-1) @ v[b, :, g]
     out = y.reshape(B, T, H * dh) @ attn.o_proj.weight.T
@@ -174,7 +175,8 @@ def test_options_change_the_function():
     base = ModelConfig(**SHAPE, init_std=0.3)
     torch.manual_seed(4)
     ref = Transformer(base).eval()
-    options = (dict(qk_norm="full"), dict(qk_norm="head"), dict(clip_qkv=0.05), dict(rope_scaling=LLAMA3))
+    options = (dict(qk_norm="full"), dict(qk_norm="head"), dict(clip_qkv=0.05), dict(rope_scaling=LLAMA3),
+               dict(attn_scale=1.0))  # fmt: skip
     for kw in (*options, dict(rope_scaling=YARN)):
         m = Transformer(ModelConfig(**SHAPE, init_std=0.3, **kw)).eval()
         m.load_state_dict(ref.state_dict(), strict=False)
