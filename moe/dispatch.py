@@ -6,16 +6,22 @@ Shapes: ``N`` tokens, ``D`` d_model, ``E`` experts, ``A`` assignments (see :clas
   expert call per kept assignment. The yardstick of the fast paths' tests, and selectable
   (``MoELayer(dispatch='reference')``, ``parallel.dispatch=reference``) to check a run against it; it
   needs every expert on one rank, so expert parallelism refuses it (``moekit.moe.parallel.shard_experts``).
-- ``dispatch_fast(impl='sorted')``: one stable argsort of assignments by expert (dropped ones last), one
-  gather of the kept rows, per-expert matmuls on contiguous slices of ``unbind``-ed weights, one
-  ``index_add`` back. Combine weights scale the narrower of the hidden ``[A, F]`` and output ``[A, D]``
-  rows (memory traffic, not FLOPs, is what the gather/scatter side costs). One host sync:
-  :func:`expert_split_sizes` to slice per expert.
+- ``dispatch_fast(impl='sorted')``: one stable argsort of assignments by expert (dropped ones last), then
+  in eager mode one autograd node (``RoutedExperts.forward_fused``) that per expert gathers its rows,
+  runs its SwiGLU with the combine weight on the hidden rows and scatter-adds into the output, with a
+  hand-written backward (the transposed gather, weight grads written in place): no ``[A, D]`` buffer is
+  ever allocated (docs/perf.md: on CPU those fresh K*N-row buffers, page-faulted every call, and the
+  ``cat``/``split``/``unbind`` backward copies were most of the gap to dense). One host sync:
+  :func:`expert_split_sizes` to slice per expert. Under torch.compile it runs as ``sorted_autograd``.
+- ``dispatch_fast(impl='sorted_autograd')``: the same permutation through plain autograd: one gather of
+  the kept rows, per-expert matmuls on contiguous slices of ``unbind``-ed weights, one ``index_add``
+  back; combine weights scale the narrower of the hidden ``[A, F]`` and output ``[A, D]`` rows. What
+  torch.compile traces (a custom autograd node with a Python loop over host ints would not).
 - ``dispatch_fast(impl='grouped_mm')``: the same permutation, then ``torch._grouped_mm`` over all
   experts at once with device-side offsets; static shapes and no host sync. Dropped and padded
   assignments ride along as zero rows at the tail of the last group (zero in, zero out, zero grad).
 
-torch.compile: the grouped_mm path traces into one graph as is. The sorted path's per-expert slice
+torch.compile: the grouped_mm path traces into one graph as is. The sorted paths' per-expert slice
 sizes are data-dependent by nature; with ``torch._dynamo.config.capture_scalar_outputs = True`` they
 trace as unbacked SymInts and the whole layer is one graph, otherwise :func:`expert_split_sizes` is a
 graph break (one per MoE layer, and since it sits inside the model's loop over layers, Dynamo then
@@ -35,6 +41,9 @@ from torch import Tensor
 
 from moekit.moe.experts import RoutedExperts
 from moekit.moe.router import Routing
+
+# Concrete fast paths (MoELayer's 'auto' resolves to one of them); see the module docstring.
+FAST_IMPLS = ("sorted", "sorted_autograd", "grouped_mm")
 
 
 def select_capacity(
@@ -107,6 +116,8 @@ def dispatch_fast(
         idx_a = order_a[: sum(counts)]
         token_a = routing.token_a[idx_a]
         weight_a = routing.weight_a[idx_a]
+        if impl == "sorted" and not torch.compiler.is_compiling():
+            return experts.forward_fused(x_nd, token_a, counts, weight_a, compute_dtype or x_nd.dtype), keep_a
         ys_ad = experts.forward_sorted(x_nd.index_select(0, token_a), counts, weight_a if scale_hidden else None)
     if not scale_hidden:
         ys_ad = ys_ad * weight_a.to(ys_ad.dtype)[:, None]

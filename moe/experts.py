@@ -78,6 +78,15 @@ class RoutedExperts(nn.Module):
             h_af = h_af * scale_a.to(h_af.dtype)[:, None]
         return _grouped_mm(h_af, self.w_down.to(dtype), offs_e)
 
+    def forward_fused(
+        self, x_nd: Tensor, token_a: Tensor, counts: list[int], scale_a: Tensor, dtype: torch.dtype
+    ) -> Tensor:
+        """``y_nd [N, D]``: every row of ``token_a [A]`` (grouped by expert, ``counts[e]`` each) through its
+        expert, times ``scale_a [A]``, summed per token; gather, experts and scatter in one autograd node
+        (:class:`_FusedSortedExperts`). Computes in ``dtype`` (autocast's, cast once per call). Eager only:
+        its per-expert loop runs over host ints."""
+        return _FusedSortedExperts.apply(x_nd, token_a, scale_a, self.w_gate, self.w_up, self.w_down, counts, dtype)
+
 
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the incoming grad contiguous: ``_grouped_mm``'s backward rejects
@@ -90,6 +99,73 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
         return grad.contiguous()
+
+
+class _FusedSortedExperts(torch.autograd.Function):
+    """Gather -> per-expert SwiGLU -> scaled scatter-add, with a hand-written backward.
+
+    Why not autograd over the plain ops: on CPU every fresh buffer of K*N rows (the gathered rows, the
+    concatenated outputs, their grads, the stacked weight grads) is above glibc's mmap threshold, so it
+    is page-faulted anew each call, and ``cat``/``split``/``unbind`` backward materialise each twice.
+    Here nothing ``[A, D]`` wide exists: each expert gathers its own rows (small, heap-reused buffers),
+    scatters its output straight into ``y``, re-gathers in backward (a gather is cheaper than keeping
+    ``[A, D]`` alive) and writes its weight grads in place (``mm(out=)``). Saved: ``x``, the cast
+    weights and the per-expert pre-activations ``[M, F]`` (as much as a dense SwiGLU of width K*F).
+    The combine weight scales the hidden rows; its grad is ``rowsum(dh_unscaled * h)`` because
+    ``<dy, (s*h) @ w_down> = s * <dy @ w_down^T, h>``.
+    """
+
+    @staticmethod
+    def forward(ctx, x_nd, token_a, scale_a, w_gate, w_up, w_down, counts, dtype):  # type: ignore[override]
+        with torch.autocast(x_nd.device.type, enabled=False):
+            xc, wg, wu, wd = x_nd.to(dtype), w_gate.to(dtype), w_up.to(dtype), w_down.to(dtype)
+            s_a = scale_a.to(dtype)
+            y_nd = xc.new_zeros(x_nd.shape[0], w_down.shape[-1])
+            saved, start = [], 0
+            for e, m in enumerate(counts):
+                if m == 0:
+                    continue
+                idx_m, s_m = token_a[start : start + m], s_a[start : start + m, None]
+                x_md = xc.index_select(0, idx_m)
+                g_mf, u_mf = x_md @ wg[e], x_md @ wu[e]
+                y_nd.index_add_(0, idx_m, (F.silu(g_mf) * u_mf * s_m) @ wd[e])
+                saved += [g_mf, u_mf]
+                start += m
+        ctx.save_for_backward(xc, token_a, s_a, wg, wu, wd, *saved)
+        ctx.counts = counts
+        ctx.in_dtypes = (x_nd.dtype, scale_a.dtype, w_gate.dtype, w_up.dtype, w_down.dtype)
+        return y_nd
+
+    @staticmethod
+    def backward(ctx, dy_nd):  # type: ignore[override]
+        xc, token_a, s_a, wg, wu, wd, *saved = ctx.saved_tensors
+        dy_nd = dy_nd.to(xc.dtype)
+        dx_nd = torch.zeros_like(xc)
+        ds_a = torch.zeros_like(s_a)
+        dwg, dwu, dwd = (torch.empty_like(w) for w in (wg, wu, wd))
+        start, i = 0, 0
+        for e, m in enumerate(ctx.counts):
+            if m == 0:
+                for dw in (dwg, dwu, dwd):
+                    dw[e].zero_()
+                continue
+            idx_m, s_m = token_a[start : start + m], s_a[start : start + m, None]
+            g_mf, u_mf = saved[i], saved[i + 1]
+            x_md, dy_md = xc.index_select(0, idx_m), dy_nd.index_select(0, idx_m)
+            sg_mf = F.silu(g_mf)
+            h_mf = sg_mf * u_mf
+            dh_mf = dy_md @ wd[e].T
+            ds_a[start : start + m] = (dh_mf * h_mf).sum(1)
+            torch.mm((h_mf * s_m).T, dy_md, out=dwd[e])
+            dh_mf = dh_mf * s_m
+            du_mf = dh_mf * sg_mf
+            dg_mf = torch.ops.aten.silu_backward(dh_mf * u_mf, g_mf)
+            torch.mm(x_md.T, dg_mf, out=dwg[e])
+            torch.mm(x_md.T, du_mf, out=dwu[e])
+            dx_nd.index_add_(0, idx_m, torch.addmm(dg_mf @ wg[e].T, du_mf, wu[e].T))
+            start, i = start + m, i + 2
+        x_dt, s_dt, wg_dt, wu_dt, wd_dt = ctx.in_dtypes
+        return dx_nd.to(x_dt), None, ds_a.to(s_dt), dwg.to(wg_dt), dwu.to(wu_dt), dwd.to(wd_dt), None, None
 
 
 def _grouped_mm(x_ad: Tensor, w_eio: Tensor, offs_e: Tensor) -> Tensor:

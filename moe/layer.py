@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.moe.config import DISPATCH_IMPLS, MoEConfig
-from moekit.moe.dispatch import dispatch_fast, dispatch_reference
+from moekit.moe.dispatch import FAST_IMPLS, dispatch_fast, dispatch_reference
 from moekit.moe.experts import RoutedExperts, SharedExperts, grouped_mm_supported
 from moekit.moe.losses import (
     assignment_counts,
@@ -110,7 +110,7 @@ class MoELayer(nn.Module):
         per-expert BLAS calls on contiguous slices are as fast and need no 16-byte-aligned widths).
         """
         impl = self.dispatch_impl
-        if impl in ("reference", "sorted"):
+        if impl == "reference" or impl.startswith("sorted"):
             return impl
         dtype = self._compute_dtype(x)
         ok = grouped_mm_supported(x.device, dtype, self.d_model, self.cfg.d_expert)
@@ -203,9 +203,14 @@ class MoELayer(nn.Module):
         self.router.update_bias()
 
 
+# What a layer accepts: the run config's choices plus the concrete fast paths 'auto' picks between.
+LAYER_DISPATCH_IMPLS = DISPATCH_IMPLS + tuple(i for i in FAST_IMPLS if i not in DISPATCH_IMPLS)
+
+
 def _check_dispatch(impl: str) -> str:
-    if impl not in DISPATCH_IMPLS:
-        raise ValueError(f"MoELayer dispatch={impl!r} is invalid: allowed values are {', '.join(DISPATCH_IMPLS)}")
+    if impl not in LAYER_DISPATCH_IMPLS:
+        allowed = ", ".join(LAYER_DISPATCH_IMPLS)
+        raise ValueError(f"MoELayer dispatch={impl!r} is invalid: allowed values are {allowed}")
     if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
         raise ValueError("MoELayer dispatch='grouped_mm' is invalid: this torch has no torch._grouped_mm")
     return impl
