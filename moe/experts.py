@@ -78,6 +78,17 @@ class RoutedExperts(nn.Module):
             h_af = h_af * scale_a.to(h_af.dtype)[:, None]
         return _grouped_mm(h_af, self.w_down.to(dtype), offs_e)
 
+    def forward_padded(self, xs_sd: Tensor, scale_s: Tensor, cap: int, dtype: torch.dtype) -> Tensor:
+        """Rows ``xs_sd [E * cap, D]``, expert e's in rows ``[e * cap, (e + 1) * cap)``, times ``scale_s
+        [E * cap]`` (zero on padding rows) -> ``[E * cap, D]``: three ``torch.bmm`` over all experts."""
+        e, d = self.num_experts, xs_sd.shape[-1]
+        xs_ecd = xs_sd.to(dtype).view(e, cap, d)
+        h_ecf = F.silu(torch.bmm(xs_ecd, self.w_gate.to(dtype))) * torch.bmm(xs_ecd, self.w_up.to(dtype))
+        s_ec1 = scale_s.to(dtype).view(e, cap, 1)
+        if self.scale_hidden:
+            return torch.bmm(h_ecf * s_ec1, self.w_down.to(dtype)).view(e * cap, d)
+        return (torch.bmm(h_ecf, self.w_down.to(dtype)) * s_ec1).view(e * cap, d)
+
     def forward_fused(
         self, x_nd: Tensor, token_a: Tensor, counts: list[int], scale_a: Tensor, dtype: torch.dtype
     ) -> Tensor:

@@ -110,7 +110,7 @@ class MoELayer(nn.Module):
         per-expert BLAS calls on contiguous slices are as fast and need no 16-byte-aligned widths).
         """
         impl = self.dispatch_impl
-        if impl == "reference" or impl.startswith("sorted"):
+        if impl not in ("auto", "grouped_mm"):
             return impl
         dtype = self._compute_dtype(x)
         ok = grouped_mm_supported(x.device, dtype, self.d_model, self.cfg.d_expert)

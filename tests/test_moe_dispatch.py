@@ -123,7 +123,7 @@ def test_matrix_covers_the_axes():
 
 # 'sorted': the fused autograd node (eager); 'sorted_autograd': the same permutation through autograd,
 # the form torch.compile traces.
-@pytest.mark.parametrize("impl", ["sorted", "sorted_autograd"])
+@pytest.mark.parametrize("impl", ["sorted", "sorted_autograd", "padded_bmm"])
 @pytest.mark.parametrize("cfg", MATRIX, ids=_cfg_id)
 def test_sorted_matches_reference_float64(cfg: MoEConfig, impl: str):
     x_btd, mask_bt, proj, state = _inputs(torch.float64, cfg)
@@ -154,7 +154,7 @@ def test_grouped_mm_matches_reference_float32(cfg: MoEConfig):
     _assert_same(ref, _run(cfg, "grouped_mm", state, x_btd, mask_bt, proj), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["sorted", "sorted_autograd", "grouped_mm", "reference"])
+@pytest.mark.parametrize("impl", ["sorted", "sorted_autograd", "padded_bmm", "grouped_mm", "reference"])
 def test_bf16_autocast_close_to_float32(impl: str):
     cfg = MoEConfig(num_experts=4, top_k=2, d_expert=16, capacity_factor=1.0, num_shared_experts=1)
     torch.default_generator.manual_seed(0)
