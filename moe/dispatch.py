@@ -55,6 +55,27 @@ PAD_ROWS = 32
 FAST_IMPLS = ("sorted", "sorted_autograd", "grouped_mm", "padded_bmm")
 
 
+# 'auto' on CPU in bf16: padded_bmm while the gathered rows (assignments x d_model) stay at most this many
+# elements, sorted above. Measured (docs/perf.md): one bmm beats E small oneDNN bf16 matmuls by 1.1-3x up
+# to ~1M elements (demo model 1.42x vs 3.26x the dense step); from 4M on, the padded path's full-size
+# buffers and padding FLOPs cost more than the calls it saves. fp32 (MKL) never gains from it.
+PADDED_BMM_MAX_ELEMENTS = 2**21
+
+
+def auto_dispatch(device: torch.device, dtype: torch.dtype, rows: int, d_model: int, grouped_ok: bool) -> str:
+    """What ``dispatch='auto'`` runs for ``rows`` assignments of width ``d_model`` (measured rules above).
+
+    CUDA bf16 (where the kernel runs): grouped_mm. CPU bf16, few rows: padded_bmm (never under
+    torch.compile: its padded size is data-dependent). Everything else: sorted.
+    """
+    if device.type == "cuda" and dtype == torch.bfloat16 and grouped_ok:
+        return "grouped_mm"
+    small = rows * d_model <= PADDED_BMM_MAX_ELEMENTS
+    if device.type == "cpu" and dtype == torch.bfloat16 and small and not torch.compiler.is_compiling():
+        return "padded_bmm"
+    return "sorted"
+
+
 def select_capacity(
     expert_a: Tensor, score_a: Tensor, valid_a: Tensor, num_experts: int, capacity: Tensor | int, drop_policy: str
 ) -> Tensor:

@@ -96,7 +96,8 @@ class RoutedExperts(nn.Module):
         expert, times ``scale_a [A]``, summed per token; gather, experts and scatter in one autograd node
         (:class:`_FusedSortedExperts`). Computes in ``dtype`` (autocast's, cast once per call). Eager only:
         its per-expert loop runs over host ints."""
-        return _FusedSortedExperts.apply(x_nd, token_a, scale_a, self.w_gate, self.w_up, self.w_down, counts, dtype)
+        weights = (self.w_gate, self.w_up, self.w_down)
+        return _FusedSortedExperts.apply(x_nd, token_a, scale_a, *weights, counts, dtype)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -121,9 +122,10 @@ class _FusedSortedExperts(torch.autograd.Function):
     Here nothing ``[A, D]`` wide exists: each expert gathers its own rows (small, heap-reused buffers),
     scatters its output straight into ``y``, re-gathers in backward (a gather is cheaper than keeping
     ``[A, D]`` alive) and writes its weight grads in place (``mm(out=)``). Saved: ``x``, the cast
-    weights and the per-expert pre-activations ``[M, F]`` (as much as a dense SwiGLU of width K*F).
-    The combine weight scales the hidden rows; its grad is ``rowsum(dh_unscaled * h)`` because
-    ``<dy, (s*h) @ w_down> = s * <dy @ w_down^T, h>``.
+    weights and per expert ``g, u, silu(g), s*h`` ``[M, F]`` (what autograd saves for a dense SwiGLU of
+    width K*F; keeping the last two instead of recomputing them was ~2-3% faster, docs/perf.md).
+    The combine weight s scales the hidden rows; its grad is ``<dh, h> = <dh * u, silu(g)>`` (``dh``
+    the hidden row's grad before s) because ``<dy, (s*h) @ w_down> = s * <dy @ w_down^T, h>``.
     """
 
     @staticmethod
@@ -139,8 +141,10 @@ class _FusedSortedExperts(torch.autograd.Function):
                 idx_m, s_m = token_a[start : start + m], s_a[start : start + m, None]
                 x_md = xc.index_select(0, idx_m)
                 g_mf, u_mf = x_md @ wg[e], x_md @ wu[e]
-                y_nd.index_add_(0, idx_m, (F.silu(g_mf) * u_mf * s_m) @ wd[e])
-                saved += [g_mf, u_mf]
+                sg_mf = F.silu(g_mf)
+                hs_mf = sg_mf * u_mf * s_m
+                y_nd.index_add_(0, idx_m, hs_mf @ wd[e])
+                saved += [g_mf, u_mf, sg_mf, hs_mf]
                 start += m
         ctx.save_for_backward(xc, token_a, s_a, wg, wu, wd, *saved)
         ctx.counts = counts
@@ -161,22 +165,21 @@ class _FusedSortedExperts(torch.autograd.Function):
                     dw[e].zero_()
                 continue
             idx_m, s_m = token_a[start : start + m], s_a[start : start + m, None]
-            g_mf, u_mf = saved[i], saved[i + 1]
+            g_mf, u_mf, sg_mf, hs_mf = saved[i : i + 4]
             x_md, dy_md = xc.index_select(0, idx_m), dy_nd.index_select(0, idx_m)
-            sg_mf = F.silu(g_mf)
-            h_mf = sg_mf * u_mf
-            dh_mf = dy_md @ wd[e].T
-            ds_a[start : start + m] = (dh_mf * h_mf).sum(1)
-            torch.mm((h_mf * s_m).T, dy_md, out=dwd[e])
-            dh_mf = dh_mf * s_m
-            du_mf = dh_mf * sg_mf
-            dg_mf = torch.ops.aten.silu_backward(dh_mf * u_mf, g_mf)
+            torch.mm(hs_mf.T, dy_md, out=dwd[e])
+            dh_mf = dy_md @ wd[e].T  # grad of the hidden row before the combine weight
+            t_mf = dh_mf * u_mf
+            ds_a[start : start + m] = torch.linalg.vecdot(t_mf, sg_mf)
+            dg_mf = torch.ops.aten.silu_backward(t_mf * s_m, g_mf)
+            du_mf = dh_mf * s_m * sg_mf
             torch.mm(x_md.T, dg_mf, out=dwg[e])
             torch.mm(x_md.T, du_mf, out=dwu[e])
             dx_nd.index_add_(0, idx_m, torch.addmm(dg_mf @ wg[e].T, du_mf, wu[e].T))
-            start, i = start + m, i + 2
+            start, i = start + m, i + 4
         x_dt, s_dt, wg_dt, wu_dt, wd_dt = ctx.in_dtypes
-        return dx_nd.to(x_dt), None, ds_a.to(s_dt), dwg.to(wg_dt), dwu.to(wu_dt), dwd.to(wd_dt), None, None
+        grads = (dx_nd.to(x_dt), None, ds_a.to(s_dt), dwg.to(wg_dt), dwu.to(wu_dt), dwd.to(wd_dt))
+        return (*grads, None, None)
 
 
 def _grouped_mm(x_ad: Tensor, w_eio: Tensor, offs_e: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.moe.config import DISPATCH_IMPLS, MoEConfig
-from moekit.moe.dispatch import FAST_IMPLS, dispatch_fast, dispatch_reference
+from moekit.moe.dispatch import FAST_IMPLS, auto_dispatch, dispatch_fast, dispatch_reference
 from moekit.moe.experts import RoutedExperts, SharedExperts, grouped_mm_supported
 from moekit.moe.losses import (
     assignment_counts,
@@ -103,20 +103,22 @@ class MoELayer(nn.Module):
         return x.dtype
 
     def resolve_dispatch(self, x: Tensor) -> str:
-        """Which implementation runs for input ``x``: 'reference', 'sorted' or 'grouped_mm'.
+        """Which implementation runs for input ``x``: 'reference' or one of ``FAST_IMPLS``.
 
         'grouped_mm' falls back to 'sorted' where the kernel does not run (dtype, device, alignment,
-        fp32 under torch.compile); 'auto' picks grouped_mm on CUDA in bf16 and sorted elsewhere (on CPU,
-        per-expert BLAS calls on contiguous slices are as fast and need no 16-byte-aligned widths).
+        fp32 under torch.compile); 'auto' follows the measured rules of
+        :func:`moekit.moe.dispatch.auto_dispatch` (grouped_mm on CUDA in bf16, padded_bmm on CPU in
+        bf16 for small batches, sorted elsewhere). Other names run as given.
         """
         impl = self.dispatch_impl
         if impl not in ("auto", "grouped_mm"):
             return impl
         dtype = self._compute_dtype(x)
-        ok = grouped_mm_supported(x.device, dtype, self.d_model, self.cfg.d_expert)
-        if impl == "auto":
-            ok = ok and x.device.type == "cuda" and dtype == torch.bfloat16
-        return "grouped_mm" if ok else "sorted"
+        grouped_ok = grouped_mm_supported(x.device, dtype, self.d_model, self.cfg.d_expert)
+        if impl == "grouped_mm":
+            return "grouped_mm" if grouped_ok else "sorted"
+        rows = x.numel() // self.d_model * self.cfg.top_k
+        return auto_dispatch(x.device, dtype, rows, self.d_model, grouped_ok)
 
     def dispatch(self, x_nd: Tensor, routing: Routing, impl: str | None = None) -> tuple[Tensor, Tensor]:
         """Routed-expert output ``[N, D]`` and ``keep_a [A]`` for a routing decision."""

@@ -187,6 +187,20 @@ def test_grouped_mm_falls_back_to_sorted_where_unsupported():
     assert auto.resolve_dispatch(torch.zeros(1, 8)) == "sorted"  # auto: grouped_mm only on CUDA bf16
 
 
+def test_auto_follows_the_measured_cpu_rules():
+    layer = MoELayer(64, MoEConfig(num_experts=16, top_k=2, d_expert=86))  # the demo's layer
+    demo_batch = torch.zeros(32, 128, 64)  # 8,192 assignments x 64 wide: 0.5M elements
+    assert layer.resolve_dispatch(demo_batch) == "sorted"  # fp32: per-expert MKL matmuls
+    assert layer.resolve_dispatch(demo_batch.bfloat16()) == "padded_bmm"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.resolve_dispatch(demo_batch) == "padded_bmm"  # autocast's dtype counts, not x's
+    wide = MoELayer(512, MoEConfig(num_experts=8, top_k=2, d_expert=1024))
+    assert wide.resolve_dispatch(torch.zeros(1, 1024, 512, dtype=torch.bfloat16)) == "padded_bmm"  # 1M
+    assert wide.resolve_dispatch(torch.zeros(1, 4096, 512, dtype=torch.bfloat16)) == "sorted"  # 4M
+    pinned = MoELayer(64, MoEConfig(num_experts=16, top_k=2, d_expert=86), dispatch="sorted_autograd")
+    assert pinned.resolve_dispatch(demo_batch.bfloat16()) == "sorted_autograd"  # a named path runs as given
+
+
 # Hand-made keep rule: 6 tokens, top-1, every assignment's expert and score chosen by hand.
 EXPERT_A = torch.tensor([0, 0, 1, 0, 0, 1])
 SCORE_A = torch.tensor([0.1, 0.9, 0.5, 0.9, 0.3, 0.7])
