@@ -184,13 +184,14 @@ def test_grouped_mm_falls_back_to_sorted_where_unsupported():
     assert layer.resolve_dispatch(torch.zeros(1, 6)) == "sorted"  # 6 floats: row stride not 16-byte aligned
     assert layer.resolve_dispatch(torch.zeros(1, 6, dtype=torch.float64)) == "sorted"
     auto = MoELayer(8, MoEConfig(num_experts=4, top_k=2, d_expert=8), dispatch="auto")
-    assert auto.resolve_dispatch(torch.zeros(1, 8)) == "sorted"  # auto: grouped_mm only on CUDA bf16
+    assert auto.resolve_dispatch(torch.zeros(1, 8)) == "sorted_autograd"  # CPU fp32: no grouped_mm; tiny batch
 
 
 def test_auto_follows_the_measured_cpu_rules():
     layer = MoELayer(64, MoEConfig(num_experts=16, top_k=2, d_expert=86))  # the demo's layer
     demo_batch = torch.zeros(32, 128, 64)  # 8,192 assignments x 64 wide: 0.5M elements
-    assert layer.resolve_dispatch(demo_batch) == "sorted"  # fp32: per-expert MKL matmuls
+    assert layer.resolve_dispatch(demo_batch) == "sorted_autograd"  # fp32, small: no page-faulting buffers
+    assert layer.resolve_dispatch(torch.zeros(64, 128, 64)) == "sorted"  # fp32, 1M elements: the fused node
     assert layer.resolve_dispatch(demo_batch.bfloat16()) == "padded_bmm"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer.resolve_dispatch(demo_batch) == "padded_bmm"  # autocast's dtype counts, not x's
