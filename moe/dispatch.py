@@ -47,8 +47,9 @@ from torch import Tensor
 from moekit.moe.experts import RoutedExperts
 from moekit.moe.router import Routing
 
-# padded_bmm rounds the per-expert capacity up to this many rows: the weight-grad bmm reduces over it,
-# and oneDNN's bf16 kernels run ~1.6x faster at multiples of 32 (272 -> 288 rows: 512 -> 822 GFLOP/s).
+# padded_bmm rounds the per-expert capacity up to this many rows: the weight-grad bmm reduces over it, and
+# oneDNN's bf16 kernel ran 1.6x faster at a multiple of 32 (272 -> 288 rows: 512 -> 822 GFLOP/s); the
+# demo's bf16 step 1.45x -> 1.33x the dense twin's (docs/perf.md, with the one point where it lost).
 PAD_ROWS = 32
 
 # Concrete fast paths (MoELayer's 'auto' resolves to one of them); see the module docstring.

@@ -108,9 +108,12 @@ class MoELayer(nn.Module):
         'grouped_mm' falls back to 'sorted' where the kernel does not run (dtype, device, alignment,
         fp32 under torch.compile); 'auto' follows the measured rules of
         :func:`moekit.moe.dispatch.auto_dispatch` (grouped_mm on CUDA in bf16, padded_bmm on CPU in
-        bf16 for small batches, sorted elsewhere). Other names run as given.
+        bf16 for small batches, sorted elsewhere). Other names run as given, except padded_bmm under
+        torch.compile, which runs as sorted.
         """
         impl = self.dispatch_impl
+        if impl == "padded_bmm" and torch.compiler.is_compiling():
+            return "sorted"  # its padded size is data-dependent: eager only
         if impl not in ("auto", "grouped_mm"):
             return impl
         dtype = self._compute_dtype(x)

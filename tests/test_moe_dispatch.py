@@ -227,3 +227,21 @@ def test_keep_rule_by_hand(capacity, policy, valid, expected):
     if capacity is not None:
         fast = select_capacity(EXPERT_A, SCORE_A, valid_a, 2, torch.tensor(capacity), policy)
         assert torch.equal(fast, want)
+
+
+def test_padded_bmm_compiles_as_sorted():
+    torch.default_generator.manual_seed(0)
+    layer = MoELayer(D, MoEConfig(num_experts=4, top_k=2, d_expert=8, capacity_factor=1.0), dispatch="padded_bmm")
+    x = torch.randn(2, 6, D)
+    want = layer(x).y
+    seen = []
+
+    def spy(x_nd, routing, impl=None):
+        seen.append(layer.resolve_dispatch(x_nd))
+        return MoELayer.dispatch(layer, x_nd, routing, impl)
+
+    layer.dispatch = spy
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        got = torch.compile(layer, backend="aot_eager", fullgraph=True)(x).y
+    assert seen == ["sorted"]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
