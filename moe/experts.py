@@ -134,18 +134,19 @@ class _FusedSortedExperts(torch.autograd.Function):
             xc, wg, wu, wd = x_nd.to(dtype), w_gate.to(dtype), w_up.to(dtype), w_down.to(dtype)
             s_a = scale_a.to(dtype)
             y_nd = xc.new_zeros(x_nd.shape[0], w_down.shape[-1])
-            saved, start = [], 0
-            for e, m in enumerate(counts):
+            saved = []
+            # Split and unbind once: per-expert slicing and indexing ops cost as much as the small matmuls.
+            for m, idx_m, s_m, wg_e, wu_e, wd_e in zip(
+                counts, token_a.split(counts), s_a[:, None].split(counts), wg.unbind(0), wu.unbind(0), wd.unbind(0)
+            ):
                 if m == 0:
                     continue
-                idx_m, s_m = token_a[start : start + m], s_a[start : start + m, None]
                 x_md = xc.index_select(0, idx_m)
-                g_mf, u_mf = x_md @ wg[e], x_md @ wu[e]
+                g_mf, u_mf = torch.mm(x_md, wg_e), torch.mm(x_md, wu_e)
                 sg_mf = F.silu(g_mf)
-                hs_mf = sg_mf * u_mf * s_m
-                y_nd.index_add_(0, idx_m, hs_mf @ wd[e])
+                hs_mf = torch.mul(sg_mf, u_mf).mul_(s_m)
+                y_nd.index_add_(0, idx_m, torch.mm(hs_mf, wd_e))
                 saved += [g_mf, u_mf, sg_mf, hs_mf]
-                start += m
         ctx.save_for_backward(xc, token_a, s_a, wg, wu, wd, *saved)
         ctx.counts = counts
         ctx.in_dtypes = (x_nd.dtype, scale_a.dtype, w_gate.dtype, w_up.dtype, w_down.dtype)
@@ -154,29 +155,36 @@ class _FusedSortedExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy_nd):  # type: ignore[override]
         xc, token_a, s_a, wg, wu, wd, *saved = ctx.saved_tensors
+        counts = ctx.counts
         dy_nd = dy_nd.to(xc.dtype)
         dx_nd = torch.zeros_like(xc)
-        ds_a = torch.zeros_like(s_a)
+        ds_a = torch.empty_like(s_a)
         dwg, dwu, dwd = (torch.empty_like(w) for w in (wg, wu, wd))
-        start, i = 0, 0
-        for e, m in enumerate(ctx.counts):
+        i = 0
+        per_expert = zip(
+            counts,
+            token_a.split(counts),
+            s_a[:, None].split(counts),
+            ds_a.split(counts),
+            *(w.unbind(0) for w in (wg, wu, wd, dwg, dwu, dwd)),
+        )
+        for m, idx_m, s_m, ds_m, wg_e, wu_e, wd_e, dwg_e, dwu_e, dwd_e in per_expert:
             if m == 0:
-                for dw in (dwg, dwu, dwd):
-                    dw[e].zero_()
+                for dw_e in (dwg_e, dwu_e, dwd_e):
+                    dw_e.zero_()
                 continue
-            idx_m, s_m = token_a[start : start + m], s_a[start : start + m, None]
             g_mf, u_mf, sg_mf, hs_mf = saved[i : i + 4]
             x_md, dy_md = xc.index_select(0, idx_m), dy_nd.index_select(0, idx_m)
-            torch.mm(hs_mf.T, dy_md, out=dwd[e])
-            dh_mf = dy_md @ wd[e].T  # grad of the hidden row before the combine weight
+            torch.mm(hs_mf.T, dy_md, out=dwd_e)
+            dh_mf = torch.mm(dy_md, wd_e.T)  # grad of the hidden row before the combine weight
             t_mf = dh_mf * u_mf
-            ds_a[start : start + m] = torch.linalg.vecdot(t_mf, sg_mf)
-            dg_mf = torch.ops.aten.silu_backward(t_mf * s_m, g_mf)
-            du_mf = dh_mf * s_m * sg_mf
-            torch.mm(x_md.T, dg_mf, out=dwg[e])
-            torch.mm(x_md.T, du_mf, out=dwu[e])
-            dx_nd.index_add_(0, idx_m, torch.addmm(dg_mf @ wg[e].T, du_mf, wu[e].T))
-            start, i = start + m, i + 4
+            torch.linalg.vecdot(t_mf, sg_mf, out=ds_m)
+            dg_mf = torch.ops.aten.silu_backward(t_mf.mul_(s_m), g_mf)
+            du_mf = dh_mf.mul_(s_m).mul_(sg_mf)
+            torch.mm(x_md.T, dg_mf, out=dwg_e)
+            torch.mm(x_md.T, du_mf, out=dwu_e)
+            dx_nd.index_add_(0, idx_m, torch.mm(dg_mf, wg_e.T).addmm_(du_mf, wu_e.T))
+            i += 4
         x_dt, s_dt, wg_dt, wu_dt, wd_dt = ctx.in_dtypes
         grads = (dx_nd.to(x_dt), None, ds_a.to(s_dt), dwg.to(wg_dt), dwu.to(wu_dt), dwd.to(wd_dt))
         return (*grads, None, None)
