@@ -20,11 +20,12 @@ Shapes: ``N`` tokens, ``D`` d_model, ``E`` experts, ``A`` assignments (see :clas
 - ``dispatch_fast(impl='grouped_mm')``: the same permutation, then ``torch._grouped_mm`` over all
   experts at once with device-side offsets; static shapes and no host sync. Dropped and padded
   assignments ride along as zero rows at the tail of the last group (zero in, zero out, zero grad).
-
 - ``dispatch_fast(impl='padded_bmm')``: the same permutation into a zero-padded ``[E, C, D]`` batch
   (``C`` = the fullest expert's load, one host sync), three ``torch.bmm`` for all experts at once, one
   ``index_add`` back. Wasted FLOPs grow with load imbalance; it pays where one batched call beats E
   small ones by more than that (CPU bf16: oneDNN's per-call weight packing; docs/perf.md).
+
+Which one ``MoELayer(dispatch='auto')`` runs: :func:`auto_dispatch`, rules measured in docs/perf.md.
 
 torch.compile: the grouped_mm path traces into one graph as is. The sorted paths' per-expert slice
 sizes are data-dependent by nature; with ``torch._dynamo.config.capture_scalar_outputs = True`` they
