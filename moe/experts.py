@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 
 class RoutedExperts(nn.Module):
@@ -153,6 +154,7 @@ class _FusedSortedExperts(torch.autograd.Function):
         return y_nd
 
     @staticmethod
+    @once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx, dy_nd):  # type: ignore[override]
         xc, token_a, s_a, wg, wu, wd, *saved = ctx.saved_tensors
         counts = ctx.counts
