@@ -62,28 +62,24 @@ FAST_IMPLS = ("sorted", "sorted_autograd", "grouped_mm", "padded_bmm")
 # to ~1M elements (demo model 1.42x vs 3.26x the dense step); from 4M on, the padded path's full-size
 # buffers and padding FLOPs cost more than the calls it saves. fp32 (MKL) never gains from it.
 PADDED_BMM_MAX_ELEMENTS = 2**21
-# Below this many elements (assignments x d_model) 'auto' runs sorted_autograd instead of the fused node:
-# its few large buffers stay under glibc's mmap threshold, so they cost no page faults, and the fused
-# node's per-expert gathers are pure overhead (demo model, 0.5M: 1.23-1.33x vs 1.28-1.38x the dense step
-# in three runs; its fine-grained variant, 1M, already favours the fused node: 1.53-1.58x vs 1.62x).
-FUSED_MIN_ELEMENTS = 2**20
+# The fused sorted node gathers and scatters all rows at once below this many bytes of gathered rows
+# (assignments x d_model x itemsize), per expert above: small ``[A, D]`` buffers come from the heap for
+# free, large ones are page-faulted every call. Measured (docs/perf.md): 2-8 MiB won 3-5% (demo and
+# fine-grained steps, coarse layer at 1,024 tokens, bf16 at 4,096), 16 MiB tied or lost 18%, 32 MiB lost 30%.
+GATHER_ONCE_MAX_BYTES = 2**24
 
 
 def auto_dispatch(device: torch.device, dtype: torch.dtype, rows: int, d_model: int, grouped_ok: bool) -> str:
     """What ``dispatch='auto'`` runs for ``rows`` assignments of width ``d_model`` (measured rules above).
 
     CUDA bf16 (where the kernel runs): grouped_mm. CPU bf16, few rows: padded_bmm (never under
-    torch.compile: its padded size is data-dependent). CPU otherwise: sorted, or sorted_autograd for
-    tiny batches. CUDA otherwise: sorted (not measured here).
+    torch.compile: its padded size is data-dependent). Otherwise sorted (CUDA fp32 not measured here).
     """
     if device.type == "cuda" and dtype == torch.bfloat16 and grouped_ok:
         return "grouped_mm"
-    elements = rows * d_model
-    if device.type == "cpu" and not torch.compiler.is_compiling():
-        if dtype == torch.bfloat16 and elements <= PADDED_BMM_MAX_ELEMENTS:
-            return "padded_bmm"
-        if dtype != torch.bfloat16 and elements < FUSED_MIN_ELEMENTS:
-            return "sorted_autograd"
+    small = rows * d_model <= PADDED_BMM_MAX_ELEMENTS
+    if device.type == "cpu" and dtype == torch.bfloat16 and small and not torch.compiler.is_compiling():
+        return "padded_bmm"
     return "sorted"
 
 
@@ -171,7 +167,9 @@ def dispatch_fast(
         token_a = routing.token_a[idx_a]
         weight_a = routing.weight_a[idx_a]
         if impl == "sorted" and not torch.compiler.is_compiling():
-            return experts.forward_fused(x_nd, token_a, counts, weight_a, compute_dtype or x_nd.dtype), keep_a
+            dtype = compute_dtype or x_nd.dtype
+            once = token_a.numel() * d * dtype.itemsize < GATHER_ONCE_MAX_BYTES
+            return experts.forward_fused(x_nd, token_a, counts, weight_a, dtype, gather_once=once), keep_a
         ys_ad = experts.forward_sorted(x_nd.index_select(0, token_a), counts, weight_a if scale_hidden else None)
     if not scale_hidden:
         ys_ad = ys_ad * weight_a.to(ys_ad.dtype)[:, None]

@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 
+from moekit.moe import dispatch
 from moekit.moe.config import MoEConfig
 from moekit.moe.dispatch import reference_keep, select_capacity
 from moekit.moe.experts import grouped_mm_supported
@@ -121,11 +122,15 @@ def test_matrix_covers_the_axes():
     assert len(MATRIX) > 300
 
 
-# 'sorted': the fused autograd node (eager); 'sorted_autograd': the same permutation through autograd,
+# 'sorted': the fused autograd node (eager), gathering all rows at once at these sizes, and per expert
+# ('sorted-per-expert', the large-batch form); 'sorted_autograd': the same permutation through autograd,
 # the form torch.compile traces.
-@pytest.mark.parametrize("impl", ["sorted", "sorted_autograd", "padded_bmm"])
+@pytest.mark.parametrize("impl", ["sorted", "sorted-per-expert", "sorted_autograd", "padded_bmm"])
 @pytest.mark.parametrize("cfg", MATRIX, ids=_cfg_id)
-def test_sorted_matches_reference_float64(cfg: MoEConfig, impl: str):
+def test_sorted_matches_reference_float64(cfg: MoEConfig, impl: str, monkeypatch):
+    if impl == "sorted-per-expert":
+        monkeypatch.setattr(dispatch, "GATHER_ONCE_MAX_BYTES", 0)
+        impl = "sorted"
     x_btd, mask_bt, proj, state = _inputs(torch.float64, cfg)
     ref = _run(cfg, "reference", state, x_btd, mask_bt, proj)
     if cfg.capacity_factor == 0.5 and cfg.router != "expert_choice":
@@ -154,8 +159,13 @@ def test_grouped_mm_matches_reference_float32(cfg: MoEConfig):
     _assert_same(ref, _run(cfg, "grouped_mm", state, x_btd, mask_bt, proj), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["sorted", "sorted_autograd", "padded_bmm", "grouped_mm", "reference"])
-def test_bf16_autocast_close_to_float32(impl: str):
+@pytest.mark.parametrize(
+    "impl", ["sorted", "sorted-per-expert", "sorted_autograd", "padded_bmm", "grouped_mm", "reference"]
+)
+def test_bf16_autocast_close_to_float32(impl: str, monkeypatch):
+    if impl == "sorted-per-expert":
+        monkeypatch.setattr(dispatch, "GATHER_ONCE_MAX_BYTES", 0)
+        impl = "sorted"
     cfg = MoEConfig(num_experts=4, top_k=2, d_expert=16, capacity_factor=1.0, num_shared_experts=1)
     torch.default_generator.manual_seed(0)
     layer = MoELayer(D, cfg, dispatch=impl, init_std=0.3)
@@ -184,14 +194,13 @@ def test_grouped_mm_falls_back_to_sorted_where_unsupported():
     assert layer.resolve_dispatch(torch.zeros(1, 6)) == "sorted"  # 6 floats: row stride not 16-byte aligned
     assert layer.resolve_dispatch(torch.zeros(1, 6, dtype=torch.float64)) == "sorted"
     auto = MoELayer(8, MoEConfig(num_experts=4, top_k=2, d_expert=8), dispatch="auto")
-    assert auto.resolve_dispatch(torch.zeros(1, 8)) == "sorted_autograd"  # CPU fp32: no grouped_mm; tiny batch
+    assert auto.resolve_dispatch(torch.zeros(1, 8)) == "sorted"  # auto: grouped_mm only on CUDA bf16
 
 
 def test_auto_follows_the_measured_cpu_rules():
     layer = MoELayer(64, MoEConfig(num_experts=16, top_k=2, d_expert=86))  # the demo's layer
     demo_batch = torch.zeros(32, 128, 64)  # 8,192 assignments x 64 wide: 0.5M elements
-    assert layer.resolve_dispatch(demo_batch) == "sorted_autograd"  # fp32, small: no page-faulting buffers
-    assert layer.resolve_dispatch(torch.zeros(64, 128, 64)) == "sorted"  # fp32, 1M elements: the fused node
+    assert layer.resolve_dispatch(demo_batch) == "sorted"  # fp32: per-expert MKL matmuls
     assert layer.resolve_dispatch(demo_batch.bfloat16()) == "padded_bmm"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer.resolve_dispatch(demo_batch) == "padded_bmm"  # autocast's dtype counts, not x's
