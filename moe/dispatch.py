@@ -6,16 +6,28 @@ Shapes: ``N`` tokens, ``D`` d_model, ``E`` experts, ``A`` assignments (see :clas
   expert call per kept assignment. The yardstick of the fast paths' tests, and selectable
   (``MoELayer(dispatch='reference')``, ``parallel.dispatch=reference``) to check a run against it; it
   needs every expert on one rank, so expert parallelism refuses it (``moekit.moe.parallel.shard_experts``).
-- ``dispatch_fast(impl='sorted')``: one stable argsort of assignments by expert (dropped ones last), one
-  gather of the kept rows, per-expert matmuls on contiguous slices of ``unbind``-ed weights, one
-  ``index_add`` back. Combine weights scale the narrower of the hidden ``[A, F]`` and output ``[A, D]``
-  rows (memory traffic, not FLOPs, is what the gather/scatter side costs). One host sync:
-  :func:`expert_split_sizes` to slice per expert.
+- ``dispatch_fast(impl='sorted')``: one stable argsort of assignments by expert (dropped ones last), then
+  in eager mode one autograd node (``RoutedExperts.forward_fused``) that per expert gathers its rows,
+  runs its SwiGLU with the combine weight on the hidden rows and scatter-adds into the output, with a
+  hand-written backward (the transposed gather, weight grads written in place): no ``[A, D]`` buffer is
+  ever allocated (docs/perf.md: on CPU those fresh K*N-row buffers, page-faulted every call, and the
+  ``cat``/``split``/``unbind`` backward copies were most of the gap to dense). One host sync:
+  :func:`expert_split_sizes` to slice per expert. Under torch.compile it runs as ``sorted_autograd``.
+- ``dispatch_fast(impl='sorted_autograd')``: the same permutation through plain autograd: one gather of
+  the kept rows, per-expert matmuls on contiguous slices of ``unbind``-ed weights, one ``index_add``
+  back; combine weights scale the narrower of the hidden ``[A, F]`` and output ``[A, D]`` rows. What
+  torch.compile traces (a custom autograd node with a Python loop over host ints would not).
 - ``dispatch_fast(impl='grouped_mm')``: the same permutation, then ``torch._grouped_mm`` over all
   experts at once with device-side offsets; static shapes and no host sync. Dropped and padded
   assignments ride along as zero rows at the tail of the last group (zero in, zero out, zero grad).
+- ``dispatch_fast(impl='padded_bmm')``: the same permutation into a zero-padded ``[E, C, D]`` batch
+  (``C`` = the fullest expert's load, one host sync), three ``torch.bmm`` for all experts at once, one
+  ``index_add`` back. Wasted FLOPs grow with load imbalance; it pays where one batched call beats E
+  small ones by more than that (CPU bf16: oneDNN's per-call weight packing; docs/perf.md).
 
-torch.compile: the grouped_mm path traces into one graph as is. The sorted path's per-expert slice
+Which one ``MoELayer(dispatch='auto')`` runs: :func:`auto_dispatch`, rules measured in docs/perf.md.
+
+torch.compile: the grouped_mm path traces into one graph as is. The sorted paths' per-expert slice
 sizes are data-dependent by nature; with ``torch._dynamo.config.capture_scalar_outputs = True`` they
 trace as unbacked SymInts and the whole layer is one graph, otherwise :func:`expert_split_sizes` is a
 graph break (one per MoE layer, and since it sits inside the model's loop over layers, Dynamo then
@@ -35,6 +47,40 @@ from torch import Tensor
 
 from moekit.moe.experts import RoutedExperts
 from moekit.moe.router import Routing
+
+# padded_bmm rounds the per-expert capacity up to this many rows: the weight-grad bmm reduces over it, and
+# oneDNN's bf16 kernel ran 1.6x faster at a multiple of 32 (272 -> 288 rows: 512 -> 822 GFLOP/s); the
+# demo's bf16 step 1.45x -> 1.33x the dense twin's (docs/perf.md, with the one point where it lost).
+PAD_ROWS = 32
+
+# Concrete fast paths (MoELayer's 'auto' resolves to one of them); see the module docstring.
+FAST_IMPLS = ("sorted", "sorted_autograd", "grouped_mm", "padded_bmm")
+
+
+# 'auto' on CPU in bf16: padded_bmm while the gathered rows (assignments x d_model) stay at most this many
+# elements, sorted above. Measured (docs/perf.md): one bmm beats E small oneDNN bf16 matmuls by 1.1-3x up
+# to ~1M elements (demo model 1.42x vs 3.26x the dense step); from 4M on, the padded path's full-size
+# buffers and padding FLOPs cost more than the calls it saves. fp32 (MKL) never gains from it.
+PADDED_BMM_MAX_ELEMENTS = 2**21
+# The fused sorted node gathers and scatters all rows at once below this many bytes of gathered rows
+# (assignments x d_model x itemsize), per expert above: small ``[A, D]`` buffers come from the heap for
+# free, large ones are page-faulted every call. Measured (docs/perf.md): 2-8 MiB won 3-5% (demo and
+# fine-grained steps, coarse layer at 1,024 tokens, bf16 at 4,096), 16 MiB tied or lost 18%, 32 MiB lost 30%.
+GATHER_ONCE_MAX_BYTES = 2**24
+
+
+def auto_dispatch(device: torch.device, dtype: torch.dtype, rows: int, d_model: int, grouped_ok: bool) -> str:
+    """What ``dispatch='auto'`` runs for ``rows`` assignments of width ``d_model`` (measured rules above).
+
+    CUDA bf16 (where the kernel runs): grouped_mm. CPU bf16, few rows: padded_bmm (never under
+    torch.compile: its padded size is data-dependent). Otherwise sorted (CUDA fp32 not measured here).
+    """
+    if device.type == "cuda" and dtype == torch.bfloat16 and grouped_ok:
+        return "grouped_mm"
+    small = rows * d_model <= PADDED_BMM_MAX_ELEMENTS
+    if device.type == "cpu" and dtype == torch.bfloat16 and small and not torch.compiler.is_compiling():
+        return "padded_bmm"
+    return "sorted"
 
 
 def select_capacity(
@@ -102,11 +148,28 @@ def dispatch_fast(
         weight_a = routing.weight_a[order_a] * kept_a
         dtype = compute_dtype or x_nd.dtype
         ys_ad = experts.forward_grouped(xs_ad, offs_e, dtype, weight_a if scale_hidden else None)
+    elif impl == "padded_bmm":
+        counts = expert_split_sizes(counts_e)
+        kept, cap = sum(counts), -(-max(counts, default=0) // PAD_ROWS) * PAD_ROWS
+        idx_a = order_a[:kept]
+        expert_s = routing.expert_a[idx_a]
+        rank_s = torch.arange(kept, device=x_nd.device) - (counts_e.cumsum(0) - counts_e)[expert_s]
+        slot_a = expert_s * cap + rank_s  # [kept] row of the [E * cap] padded batch
+        # Empty slots read token 0 and carry combine weight 0: zero output, zero grads, nothing to mask.
+        token_s = torch.zeros(num_experts * cap, dtype=torch.long, device=x_nd.device)
+        token_s = token_s.index_copy(0, slot_a, routing.token_a[idx_a])
+        weight_s = routing.weight_a.new_zeros(num_experts * cap).index_copy(0, slot_a, routing.weight_a[idx_a])
+        ys_sd = experts.forward_padded(x_nd.index_select(0, token_s), weight_s, cap, compute_dtype or x_nd.dtype)
+        return ys_sd.new_zeros(n, d).index_add(0, token_s, ys_sd), keep_a
     else:
         counts = expert_split_sizes(counts_e)
         idx_a = order_a[: sum(counts)]
         token_a = routing.token_a[idx_a]
         weight_a = routing.weight_a[idx_a]
+        if impl == "sorted" and not torch.compiler.is_compiling():
+            dtype = compute_dtype or x_nd.dtype
+            once = token_a.numel() * d * dtype.itemsize < GATHER_ONCE_MAX_BYTES
+            return experts.forward_fused(x_nd, token_a, counts, weight_a, dtype, gather_once=once), keep_a
         ys_ad = experts.forward_sorted(x_nd.index_select(0, token_a), counts, weight_a if scale_hidden else None)
     if not scale_hidden:
         ys_ad = ys_ad * weight_a.to(ys_ad.dtype)[:, None]

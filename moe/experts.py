@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 
 class RoutedExperts(nn.Module):
@@ -78,6 +79,34 @@ class RoutedExperts(nn.Module):
             h_af = h_af * scale_a.to(h_af.dtype)[:, None]
         return _grouped_mm(h_af, self.w_down.to(dtype), offs_e)
 
+    def forward_padded(self, xs_sd: Tensor, scale_s: Tensor, cap: int, dtype: torch.dtype) -> Tensor:
+        """Rows ``xs_sd [E * cap, D]``, expert e's in rows ``[e * cap, (e + 1) * cap)``, times ``scale_s
+        [E * cap]`` (zero on padding rows) -> ``[E * cap, D]``: three ``torch.bmm`` over all experts."""
+        e, d = self.num_experts, xs_sd.shape[-1]
+        xs_ecd = xs_sd.to(dtype).view(e, cap, d)
+        h_ecf = F.silu(torch.bmm(xs_ecd, self.w_gate.to(dtype))) * torch.bmm(xs_ecd, self.w_up.to(dtype))
+        s_ec1 = scale_s.to(dtype).view(e, cap, 1)
+        if self.scale_hidden:
+            return torch.bmm(h_ecf * s_ec1, self.w_down.to(dtype)).view(e * cap, d)
+        return (torch.bmm(h_ecf, self.w_down.to(dtype)) * s_ec1).view(e * cap, d)
+
+    def forward_fused(
+        self,
+        x_nd: Tensor,
+        token_a: Tensor,
+        counts: list[int],
+        scale_a: Tensor,
+        dtype: torch.dtype,
+        gather_once: bool = False,
+    ) -> Tensor:
+        """``y_nd [N, D]``: every row of ``token_a [A]`` (grouped by expert, ``counts[e]`` each) through its
+        expert, times ``scale_a [A]``, summed per token; gather, experts and scatter in one autograd node
+        (:class:`_FusedSortedExperts`). Computes in ``dtype`` (autocast's, cast once per call). Eager only:
+        its per-expert loop runs over host ints. ``gather_once``: gather and scatter all rows in one op
+        each (``[A, D]`` buffers, the gathered rows kept for backward) instead of per expert."""
+        weights = (self.w_gate, self.w_up, self.w_down)
+        return _FusedSortedExperts.apply(x_nd, token_a, scale_a, *weights, counts, dtype, gather_once)
+
 
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the incoming grad contiguous: ``_grouped_mm``'s backward rejects
@@ -90,6 +119,119 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
         return grad.contiguous()
+
+
+class _FusedSortedExperts(torch.autograd.Function):
+    """Gather -> per-expert SwiGLU -> scaled scatter-add, with a hand-written backward.
+
+    Why not autograd over the plain ops: on CPU every fresh buffer of K*N rows (the gathered rows, the
+    concatenated outputs, their grads, the stacked weight grads) is above glibc's mmap threshold, so it
+    is page-faulted anew each call, and ``cat``/``split``/``unbind`` backward materialise each twice.
+    Here nothing ``[A, D]`` wide exists: each expert gathers its own rows (small, heap-reused buffers),
+    scatters its output straight into ``y``, re-gathers in backward (a gather is cheaper than keeping
+    ``[A, D]`` alive) and writes its weight grads in place (``mm(out=)``). With ``gather_once`` (small
+    batches, whose ``[A, D]`` buffers cost no page faults) one gather and one scatter serve all experts,
+    the outputs and input grads written in place by ``mm(out=)``. Saved: ``x``, the cast
+    weights and per expert ``g, u, silu(g), s*h`` ``[M, F]`` (what autograd saves for a dense SwiGLU of
+    width K*F; keeping the last two instead of recomputing them was ~2-3% faster, docs/perf.md).
+    The combine weight s scales the hidden rows; its grad is ``<dh, h> = <dh * u, silu(g)>`` (``dh``
+    the hidden row's grad before s) because ``<dy, (s*h) @ w_down> = s * <dy @ w_down^T, h>``.
+    """
+
+    @staticmethod
+    def forward(ctx, x_nd, token_a, scale_a, w_gate, w_up, w_down, counts, dtype, gather_once):  # type: ignore[override]
+        with torch.autocast(x_nd.device.type, enabled=False):
+            xc, wg, wu, wd = x_nd.to(dtype), w_gate.to(dtype), w_up.to(dtype), w_down.to(dtype)
+            s_a = scale_a.to(dtype)
+            y_nd = xc.new_zeros(x_nd.shape[0], w_down.shape[-1])
+            xs_ad = ys_ad = None
+            if gather_once:  # small batches: one gather and one scatter instead of one per expert
+                xs_ad = xc.index_select(0, token_a)
+                ys_ad = xc.new_empty(token_a.shape[0], w_down.shape[-1])
+            saved = []
+            # Split and unbind once: per-expert slicing and indexing ops cost as much as the small matmuls.
+            per_expert = zip(
+                counts,
+                token_a.split(counts),
+                s_a[:, None].split(counts),
+                *(_parts(t, counts) for t in (xs_ad, ys_ad)),
+                wg.unbind(0),
+                wu.unbind(0),
+                wd.unbind(0),
+            )
+            for m, idx_m, s_m, xs_md, ys_md, wg_e, wu_e, wd_e in per_expert:
+                if m == 0:
+                    continue
+                x_md = xc.index_select(0, idx_m) if xs_md is None else xs_md
+                g_mf, u_mf = torch.mm(x_md, wg_e), torch.mm(x_md, wu_e)
+                sg_mf = F.silu(g_mf)
+                hs_mf = torch.mul(sg_mf, u_mf).mul_(s_m)
+                if ys_md is None:
+                    y_nd.index_add_(0, idx_m, torch.mm(hs_mf, wd_e))
+                else:
+                    torch.mm(hs_mf, wd_e, out=ys_md)
+                saved += [g_mf, u_mf, sg_mf, hs_mf]
+            if ys_ad is not None:
+                y_nd.index_add_(0, token_a, ys_ad)
+        ctx.save_for_backward(xc, token_a, s_a, wg, wu, wd, xs_ad, *saved)
+        ctx.counts = counts
+        ctx.in_dtypes = (x_nd.dtype, scale_a.dtype, w_gate.dtype, w_up.dtype, w_down.dtype)
+        return y_nd
+
+    @staticmethod
+    @once_differentiable  # the hand-written backward is not itself differentiable
+    def backward(ctx, dy_nd):  # type: ignore[override]
+        xc, token_a, s_a, wg, wu, wd, xs_ad, *saved = ctx.saved_tensors
+        counts = ctx.counts
+        dy_nd = dy_nd.to(xc.dtype)
+        dx_nd = torch.zeros_like(xc)
+        ds_a = torch.empty_like(s_a)
+        dwg, dwu, dwd = (torch.empty_like(w) for w in (wg, wu, wd))
+        dys_ad = dxs_ad = None
+        if xs_ad is not None:
+            dys_ad, dxs_ad = dy_nd.index_select(0, token_a), torch.empty_like(xs_ad)
+        i = 0
+        per_expert = zip(
+            counts,
+            token_a.split(counts),
+            s_a[:, None].split(counts),
+            ds_a.split(counts),
+            *(_parts(t, counts) for t in (xs_ad, dys_ad, dxs_ad)),
+            *(w.unbind(0) for w in (wg, wu, wd, dwg, dwu, dwd)),
+        )
+        for m, idx_m, s_m, ds_m, xs_md, dys_md, dxs_md, wg_e, wu_e, wd_e, dwg_e, dwu_e, dwd_e in per_expert:
+            if m == 0:
+                for dw_e in (dwg_e, dwu_e, dwd_e):
+                    dw_e.zero_()
+                continue
+            g_mf, u_mf, sg_mf, hs_mf = saved[i : i + 4]
+            if xs_md is None:
+                x_md, dy_md = xc.index_select(0, idx_m), dy_nd.index_select(0, idx_m)
+            else:
+                x_md, dy_md = xs_md, dys_md
+            torch.mm(hs_mf.T, dy_md, out=dwd_e)
+            dh_mf = torch.mm(dy_md, wd_e.T)  # grad of the hidden row before the combine weight
+            t_mf = dh_mf * u_mf
+            torch.linalg.vecdot(t_mf, sg_mf, out=ds_m)
+            dg_mf = torch.ops.aten.silu_backward(t_mf.mul_(s_m), g_mf)
+            du_mf = dh_mf.mul_(s_m).mul_(sg_mf)
+            torch.mm(x_md.T, dg_mf, out=dwg_e)
+            torch.mm(x_md.T, du_mf, out=dwu_e)
+            if dxs_md is None:
+                dx_nd.index_add_(0, idx_m, torch.mm(dg_mf, wg_e.T).addmm_(du_mf, wu_e.T))
+            else:
+                torch.mm(dg_mf, wg_e.T, out=dxs_md).addmm_(du_mf, wu_e.T)
+            i += 4
+        if dxs_ad is not None:
+            dx_nd.index_add_(0, token_a, dxs_ad)
+        x_dt, s_dt, wg_dt, wu_dt, wd_dt = ctx.in_dtypes
+        grads = (dx_nd.to(x_dt), None, ds_a.to(s_dt), dwg.to(wg_dt), dwu.to(wu_dt), dwd.to(wd_dt))
+        return (*grads, None, None, None)
+
+
+def _parts(t: Tensor | None, counts: list[int]) -> list[Tensor | None] | tuple[Tensor, ...]:
+    """``t`` split into per-expert row blocks, or one None per expert when there is no ``t``."""
+    return [None] * len(counts) if t is None else t.split(counts)
 
 
 def _grouped_mm(x_ad: Tensor, w_eio: Tensor, offs_e: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.moe.config import DISPATCH_IMPLS, MoEConfig
-from moekit.moe.dispatch import dispatch_fast, dispatch_reference
+from moekit.moe.dispatch import FAST_IMPLS, auto_dispatch, dispatch_fast, dispatch_reference
 from moekit.moe.experts import RoutedExperts, SharedExperts, grouped_mm_supported
 from moekit.moe.losses import (
     assignment_counts,
@@ -103,20 +103,25 @@ class MoELayer(nn.Module):
         return x.dtype
 
     def resolve_dispatch(self, x: Tensor) -> str:
-        """Which implementation runs for input ``x``: 'reference', 'sorted' or 'grouped_mm'.
+        """Which implementation runs for input ``x``: 'reference' or one of ``FAST_IMPLS``.
 
         'grouped_mm' falls back to 'sorted' where the kernel does not run (dtype, device, alignment,
-        fp32 under torch.compile); 'auto' picks grouped_mm on CUDA in bf16 and sorted elsewhere (on CPU,
-        per-expert BLAS calls on contiguous slices are as fast and need no 16-byte-aligned widths).
+        fp32 under torch.compile); 'auto' follows the measured rules of
+        :func:`moekit.moe.dispatch.auto_dispatch` (grouped_mm on CUDA in bf16, padded_bmm on CPU in
+        bf16 for small batches, sorted elsewhere). Other names run as given, except padded_bmm under
+        torch.compile, which runs as sorted.
         """
         impl = self.dispatch_impl
-        if impl in ("reference", "sorted"):
+        if impl == "padded_bmm" and torch.compiler.is_compiling():
+            return "sorted"  # its padded size is data-dependent: eager only
+        if impl not in ("auto", "grouped_mm"):
             return impl
         dtype = self._compute_dtype(x)
-        ok = grouped_mm_supported(x.device, dtype, self.d_model, self.cfg.d_expert)
-        if impl == "auto":
-            ok = ok and x.device.type == "cuda" and dtype == torch.bfloat16
-        return "grouped_mm" if ok else "sorted"
+        grouped_ok = grouped_mm_supported(x.device, dtype, self.d_model, self.cfg.d_expert)
+        if impl == "grouped_mm":
+            return "grouped_mm" if grouped_ok else "sorted"
+        rows = x.numel() // self.d_model * self.cfg.top_k
+        return auto_dispatch(x.device, dtype, rows, self.d_model, grouped_ok)
 
     def dispatch(self, x_nd: Tensor, routing: Routing, impl: str | None = None) -> tuple[Tensor, Tensor]:
         """Routed-expert output ``[N, D]`` and ``keep_a [A]`` for a routing decision."""
@@ -203,9 +208,14 @@ class MoELayer(nn.Module):
         self.router.update_bias()
 
 
+# What a layer accepts: the run config's choices plus the concrete fast paths 'auto' picks between.
+LAYER_DISPATCH_IMPLS = DISPATCH_IMPLS + tuple(i for i in FAST_IMPLS if i not in DISPATCH_IMPLS)
+
+
 def _check_dispatch(impl: str) -> str:
-    if impl not in DISPATCH_IMPLS:
-        raise ValueError(f"MoELayer dispatch={impl!r} is invalid: allowed values are {', '.join(DISPATCH_IMPLS)}")
+    if impl not in LAYER_DISPATCH_IMPLS:
+        allowed = ", ".join(LAYER_DISPATCH_IMPLS)
+        raise ValueError(f"MoELayer dispatch={impl!r} is invalid: allowed values are {allowed}")
     if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
         raise ValueError("MoELayer dispatch='grouped_mm' is invalid: this torch has no torch._grouped_mm")
     return impl

@@ -1,6 +1,7 @@
 """Benchmark one MoE layer against the FLOP-matched dense SwiGLU and transformers' MoE blocks.
 
     python recipes/bench_moe_layer.py [--json PATH] [--quick] [--repeats 5] [--threads 2] [--grouped]
+        [--impls auto reference sorted sorted_autograd padded_bmm grouped_mm] [--clock wall|cpu]
         [--peers mixtral qwen3_moe olmoe] [--experts-impls eager batched_mm grouped_mm]
         [--peer-max-gib 2] [--d-model 512] [--grid 8x2x1024 64x16x128] [--tokens 1024 4096]
 
@@ -15,7 +16,9 @@ relative; one that fails or cannot run is listed under ``skipped`` with the reas
 ``batched_mm`` where its per-assignment weight copies would pass ``--peer-max-gib`` (at d_model 512 it
 needs ~24 GiB already at 1,024 tokens: it is a decoding path, not a training one). Every row
 names the version it ran (``transformers 5.x`` for peers, ``torch 2.x`` for moekit and dense). Each timing is
-the median of ``--repeats`` runs after a warm-up, with implementations interleaved so drift hits all alike.
+the median of ``--repeats`` rounds after a warm-up round, implementations interleaved round by round (order
+reversed every other round) so drift hits all alike; ``spread`` is (max - min) / 2 relative to the median.
+moekit rows are ``moekit-<--impls value>``; ``dispatch`` names the path ``auto`` resolved to.
 The JSON is ``{"rows": [...], "skipped": [...]}``.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over forward+backward. CPU has no allocator
@@ -40,7 +43,7 @@ from moekit.core.hf_moe_config import moe_to_hf
 from moekit.core.layers import SwiGLU
 from moekit.core.meter import SavedTensorBytes
 from moekit.moe.config import MoEConfig
-from moekit.moe.layer import MoELayer
+from moekit.moe.layer import LAYER_DISPATCH_IMPLS, MoELayer
 
 GRID = [(8, 2, 1024), (64, 16, 128)]  # (num_experts, top_k, d_expert)
 TOKENS = [1024, 4096, 16384]
@@ -60,37 +63,60 @@ def _run(module: torch.nn.Module, x: torch.Tensor, backward: bool) -> torch.Tens
     return y
 
 
-def measure(module, x, device, repeats: int) -> dict[str, float]:
-    fwd, fwdbwd = [], []
-    for r in range(repeats + 1):  # first run is warm-up
-        with torch.no_grad():
-            _sync(device)
-            t0 = time.perf_counter()
-            _run(module, x, backward=False)
-            _sync(device)
-            t1 = time.perf_counter()
-        xg = x.detach().requires_grad_(True)
-        module.zero_grad(set_to_none=True)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: robust on a shared machine, 1 thread
+
+
+def _timed(module: torch.nn.Module, x: torch.Tensor, device: torch.device, backward: bool, clock: str) -> float:
+    now = CLOCKS[clock]
+    xg = x.detach().requires_grad_(backward)
+    module.zero_grad(set_to_none=True)
+    with torch.set_grad_enabled(backward):
         _sync(device)
-        t2 = time.perf_counter()
-        _run(module, xg, backward=True)
+        t0 = now()
+        _run(module, xg, backward=backward)
         _sync(device)
-        t3 = time.perf_counter()
-        if r:
-            fwd.append((t1 - t0) * 1e3)
-            fwdbwd.append((t3 - t2) * 1e3)
+    return (now() - t0) * 1e3
+
+
+def _peak_mib(module: torch.nn.Module, x: torch.Tensor, device: torch.device) -> float:
     xg = x.detach().requires_grad_(True)
     module.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         _run(module, xg, backward=True)
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        with SavedTensorBytes() as saved:
-            y = _run(module, xg, backward=False)
-        peak = saved.mib + y.numel() * y.element_size() / 2**20
-    return {"fwd_ms": statistics.median(fwd), "fwdbwd_ms": statistics.median(fwdbwd), "peak_mib": peak}
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with SavedTensorBytes() as saved:
+        y = _run(module, xg, backward=False)
+    return saved.mib + y.numel() * y.element_size() / 2**20
+
+
+def measure_all(
+    modules: dict[str, torch.nn.Module], x, device, repeats: int, clock: str = "wall"
+) -> dict[str, dict[str, float]]:
+    """Per module: median forward and forward+backward ms over ``repeats`` rounds after a warm-up round,
+    the modules interleaved (order reversed every other round) so machine drift hits all alike; the
+    forward+backward spread (max - min) / median; peak memory."""
+    names = list(modules)
+    fwd: dict[str, list[float]] = {n: [] for n in names}
+    fwdbwd: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats + 1):
+        for name in names if r % 2 == 0 else reversed(names):
+            f = _timed(modules[name], x, device, False, clock)
+            fb = _timed(modules[name], x, device, True, clock)
+            if r:
+                fwd[name].append(f)
+                fwdbwd[name].append(fb)
+    out = {}
+    for n in names:
+        med = statistics.median(fwdbwd[n])
+        out[n] = {
+            "fwd_ms": statistics.median(fwd[n]),
+            "fwdbwd_ms": med,
+            "fwdbwd_spread": (max(fwdbwd[n]) - min(fwdbwd[n])) / med,
+            "peak_mib": _peak_mib(modules[n], x, device),
+        }
+    return out
 
 
 PEERS = {  # transformers family -> (config class, sparse MoE block class)
@@ -195,6 +221,12 @@ def _version(impl: str) -> str:
     return f"torch {torch.__version__}"  # moekit and the dense SwiGLU: this checkout on this torch
 
 
+def moekit_impls(args: argparse.Namespace) -> list[str]:
+    """moekit's dispatch paths to time (``--impls``, plus grouped_mm with ``--grouped``), each once."""
+    impls = list(args.impls) + (["grouped_mm"] if args.grouped else [])
+    return list(dict.fromkeys(impls))
+
+
 def bench(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -206,14 +238,14 @@ def bench(args: argparse.Namespace) -> dict:
         for num_experts, top_k, d_expert in args.grid:
             torch.manual_seed(0)
             impls: dict[str, torch.nn.Module] = {}
-            for impl in ("sorted", "reference") + (("grouped_mm",) if args.grouped else ()):
+            for impl in moekit_impls(args):
                 cfg = MoEConfig(num_experts=num_experts, top_k=top_k, d_expert=d_expert)
                 layer = MoELayer(args.d_model, cfg, dispatch=impl).to(device)
                 if impls:  # identical weights for every implementation
                     layer.load_state_dict(next(iter(impls.values())).state_dict())
                 impls[f"moekit-{impl}"] = layer
             impls["dense"] = SwiGLU(args.d_model, top_k * d_expert).to(device)
-            found, skip = peers(impls["moekit-sorted"], args.peers, args.experts_impls)  # checked in float32
+            found, skip = peers(next(iter(impls.values())), args.peers, args.experts_impls)  # checked in float32
             impls.update(found)
             skipped += [
                 dict(s, dtype=dtype_name, num_experts=num_experts, top_k=top_k, d_expert=d_expert) for s in skip
@@ -234,11 +266,12 @@ def bench(args: argparse.Namespace) -> dict:
                         | dict(num_experts=num_experts, top_k=top_k, d_expert=d_expert)
                     )
                     print(f"skipped {name} at {n} tokens: {reason}", flush=True)
-                res = {name: measure(m, x, device, args.repeats) for name, m in run.items()}
+                res = measure_all(run, x, device, args.repeats, args.clock)
                 for name, r in res.items():
                     row = dict(
                         impl=name,
                         version=_version(name),
+                        dispatch=run[name].resolve_dispatch(x) if isinstance(run[name], MoELayer) else None,
                         dtype=dtype_name,
                         num_experts=num_experts,
                         top_k=top_k,
@@ -252,14 +285,18 @@ def bench(args: argparse.Namespace) -> dict:
     return dict(rows=rows, skipped=skipped)
 
 
-HEADER = "| impl | version | dtype | E | k | d_expert | tokens | fwd ms | fwd+bwd ms | peak MiB | fwd+bwd / dense |"
+HEADER = (
+    "| impl | version | dtype | E | k | d_expert | tokens | fwd ms | fwd+bwd ms | spread | peak MiB | fwd+bwd / dense |"
+)
 
 
 def _fmt(r: dict) -> str:
+    label = f"{r['impl']} ({r['dispatch']})" if r["impl"] == "moekit-auto" else r["impl"]
     return (
-        f"| {r['impl']} | {r['version']} | {r['dtype']} | {r['num_experts']} | {r['top_k']} | {r['d_expert']} "
+        f"| {label} | {r['version']} | {r['dtype']} | {r['num_experts']} | {r['top_k']} | {r['d_expert']} "
         f"| {r['tokens']} "
-        f"| {r['fwd_ms']:.1f} | {r['fwdbwd_ms']:.1f} | {r['peak_mib']:.1f} | {r['ratio_fwdbwd_vs_dense']:.2f} |"
+        f"| {r['fwd_ms']:.1f} | {r['fwdbwd_ms']:.1f} | ±{r['fwdbwd_spread'] / 2:.0%} | {r['peak_mib']:.1f} "
+        f"| {r['ratio_fwdbwd_vs_dense']:.2f} |"
     )
 
 
@@ -281,7 +318,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--d-model", type=int, default=D_MODEL)
     p.add_argument("--grid", nargs="+", type=_grid_point, default=GRID, metavar="ExKxF", help="e.g. 8x2x1024 64x16x128")
     p.add_argument("--tokens", nargs="+", type=int, help="token counts (default: 1024 4096 16384; --quick: 1024 4096)")
+    p.add_argument(
+        "--impls",
+        nargs="+",
+        default=["auto", "reference"],
+        choices=LAYER_DISPATCH_IMPLS,
+        help="moekit dispatch paths to time side by side (auto: what MoELayer picks; sorted_autograd: the "
+        "permutation through plain autograd, the pre-fusion path)",
+    )
     p.add_argument("--grouped", action="store_true", help="also time the torch._grouped_mm path")
+    p.add_argument(
+        "--clock", choices=list(CLOCKS), default="wall", help="wall time, or process CPU time (with --threads 1)"
+    )
     p.add_argument("--reference-max-tokens", type=int, default=1024, help="skip the naive reference above this")
     args = p.parse_args(argv)
     print(HEADER, "|" + "---|" * (HEADER.count("|") - 1), sep="\n")

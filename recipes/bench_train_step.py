@@ -2,7 +2,7 @@
 
     python recipes/bench_train_step.py --json runs/bench/train_step.json [--config recipes/configs/compare-cpu.yaml]
         [--quick] [--repeats 5] [--threads 2] [--fine-experts 32] [--compile] [--dtypes float32 bfloat16]
-        [KEY=VALUE ...]
+        [--dispatch auto sorted sorted_autograd padded_bmm] [--clock wall|cpu] [KEY=VALUE ...]
 
 One step is what the Trainer does per batch: forward under autocast (bf16) or not (fp32), the LM objective
 ``loss + aux_loss`` (the MoE's load-balance and z-losses included), backward, gradient clipping, AdamW. The
@@ -15,7 +15,9 @@ multimodal comparison (``compare.task: multimodal``) it times the decoder alone,
 
 Each implementation keeps its own model and optimizer; rounds interleave them (order alternating by round)
 so machine drift hits all alike, the first round is the warm-up, and a timing is the median of
-``--repeats`` rounds with its min and max. The inputs are fixed uniformly random tokens.
+``--repeats`` rounds with its min and max. The inputs are fixed uniformly random tokens. Several
+``--dispatch`` values give one MoE runner each in the same rounds (a summary row each, against the same
+dense twin); ``--clock cpu`` times process CPU time (robust on a shared machine at ``--threads 1``).
 
 Memory, stated in parts: the parameters, their gradients and AdamW's state (bytes of the tensors), and the
 activations saved for backward (unique storages seen by ``saved_tensors_hooks``, parameters excluded; the
@@ -47,7 +49,7 @@ from moekit.core.objective import LMObjective
 from moekit.core.optim import build_optimizer
 from moekit.experiment.matching import check_matched, dense_twin, describe, moe_name
 from moekit.experiment.plan import TASKS, load_comparison, plan_runs, with_moe
-from moekit.moe.layer import set_dispatch
+from moekit.moe.layer import LAYER_DISPATCH_IMPLS, set_dispatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUICK_BATCH = 2  # sequences per step under --quick: a plumbing check, not a measurement
@@ -150,18 +152,27 @@ class StepRunner:
         return mem
 
 
-def time_rounds(runners: dict[str, StepRunner], repeats: int, device: torch.device) -> dict[str, dict]:
-    """Per runner: first-round seconds and the later rounds' step ms; rounds interleave the runners."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_rounds(
+    runners: dict[str, StepRunner], repeats: int, device: torch.device, clock: str = "wall"
+) -> dict[str, dict]:
+    """Per runner: first-round seconds and the later rounds' step ms; rounds interleave the runners.
+
+    ``clock='cpu'`` times the process's CPU time instead of wall time: on a shared machine with one
+    torch thread it leaves out the time other processes held the core."""
+    now = CLOCKS[clock]
     names = list(runners)
     first: dict[str, float] = {}
     ms: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats + 1):
         for name in names if r % 2 == 0 else reversed(names):
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = now()
             runners[name].step()
             _sync(device)
-            dt = time.perf_counter() - t0
+            dt = now() - t0
             if r == 0:
                 first[name] = dt
             else:
@@ -183,23 +194,24 @@ def bench(args: argparse.Namespace) -> dict:
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
     tokens = batch_size * seq
     modes = ["eager"] + (["compiled"] if args.compile else [])
+    dispatches: list[str | None] = list(dict.fromkeys(args.dispatch)) if args.dispatch else [None]
     rows, summary = [], []
     for p in pairs:
         for dtype_name in args.dtypes:
             torch._dynamo.reset()  # compile time is each group's own, not a cache hit from the last group
-            runners: dict[tuple[str, str], StepRunner] = {}
+            runners: dict[tuple[str, str, str | None], StepRunner] = {}
             for mode in modes:
-                for kind in ("moe", "dense"):
+                for kind, impl in [("moe", d) for d in dispatches] + [("dense", None)]:
                     run = StepRunner(p[kind], train, batch, device, DTYPES[dtype_name])
-                    if kind == "moe" and args.dispatch:
-                        set_dispatch(run.model, args.dispatch)
+                    if impl is not None:
+                        set_dispatch(run.model, impl)
                     if mode == "compiled":
                         run.compile(args.compile_backend)
-                    runners[(kind, mode)] = run
-            timed = time_rounds({f"{k}/{m}": r for (k, m), r in runners.items()}, args.repeats, device)
+                    runners[(kind, mode, impl)] = run
+            timed = time_rounds({_key(*k): r for k, r in runners.items()}, args.repeats, device, args.clock)
             group = {}
-            for (kind, mode), run in runners.items():
-                t = timed[f"{kind}/{mode}"]
+            for (kind, mode, impl), run in runners.items():
+                t = timed[_key(kind, mode, impl)]
                 med = statistics.median(t["ms"])
                 row = dict(
                     pair=p["pair"],
@@ -217,13 +229,21 @@ def bench(args: argparse.Namespace) -> dict:
                     **run.memory(),
                     **{k: p["facts"][kind][k] for k in ("params_total", "params_active", "flops_per_token")},
                 )
+                if kind == "moe":
+                    row["dispatch"] = impl or "auto"
                 rows.append(row)
-                group[(kind, mode)] = row
+                group[(kind, mode, impl)] = row
             for mode in modes:
-                s = _summary(group[("moe", mode)], group[("dense", mode)], group[("moe", "eager")])
-                summary.append(s)
-                print(_fmt(s), flush=True)
+                for impl in dispatches:
+                    moe, eager = group[("moe", mode, impl)], group[("moe", "eager", impl)]
+                    s = _summary(moe, group[("dense", mode, None)], eager)
+                    summary.append(s)
+                    print(_fmt(s), flush=True)
     return dict(meta=_meta(args, device, cmp, batch_size, seq, pairs), summary=summary, rows=rows)
+
+
+def _key(kind: str, mode: str, impl: str | None) -> str:
+    return f"{kind}/{mode}" + (f"/{impl}" if impl else "")
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -235,6 +255,7 @@ def _summary(moe: dict, dense: dict, moe_eager: dict) -> dict:
     return dict(
         pair=moe["pair"],
         moe=moe["model"],
+        dispatch=moe["dispatch"],
         mode=moe["mode"],
         dtype=moe["dtype"],
         moe_tokens_per_s=moe["tokens_per_s"],
@@ -264,7 +285,8 @@ def _meta(args: argparse.Namespace, device: torch.device, cmp: Any, batch_size: 
         repeats=args.repeats,
         batch_size=batch_size,
         seq_len=seq,
-        dispatch=args.dispatch or "default",
+        dispatch=args.dispatch or ["auto"],
+        clock=args.clock,
         compile_backend=args.compile_backend if args.compile else None,
         max_flops_mismatch=cmp.compare.max_flops_mismatch,
         pairs=[
@@ -277,7 +299,7 @@ def _meta(args: argparse.Namespace, device: torch.device, cmp: Any, batch_size: 
 
 
 HEADER = (
-    "| pair | MoE | mode | dtype | MoE tok/s | dense tok/s | time/token MoE/dense | spread MoE, dense "
+    "| pair | MoE | dispatch | mode | dtype | MoE tok/s | dense tok/s | time/token MoE/dense | spread MoE, dense "
     "| activations MoE/dense | weights+grads+Adam MoE/dense | MoE vs eager | MoE compile s |"
 )
 
@@ -288,7 +310,7 @@ def _fmt(s: dict) -> str:
 
     act, state = (num(s[k], ".2f", "x") for k in ("activations_moe_vs_dense", "state_moe_vs_dense"))
     return (
-        f"| {s['pair']} | {s['moe']} | {s['mode']} | {s['dtype']} | {s['moe_tokens_per_s']:,.0f} "
+        f"| {s['pair']} | {s['moe']} | {s['dispatch']} | {s['mode']} | {s['dtype']} | {s['moe_tokens_per_s']:,.0f} "
         f"| {s['dense_tokens_per_s']:,.0f} | {s['time_per_token_moe_vs_dense']:.2f}x "
         f"| ±{s['moe_spread'] / 2:.0%}, ±{s['dense_spread'] / 2:.0%} | {act} | {state} "
         f"| {s['moe_step_vs_eager']:.2f}x | {num(s['moe_compile_s'], '.1f')} |"
@@ -305,7 +327,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, help="sequences per step (default: the config's train.batch_size)")
     p.add_argument("--fine-experts", type=int, default=32, help="experts of the fine-grained variant (0: none)")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
-    p.add_argument("--dispatch", help="MoE dispatch for every MoE layer (moekit.moe DISPATCH_IMPLS)")
+    p.add_argument(
+        "--dispatch",
+        nargs="+",
+        choices=LAYER_DISPATCH_IMPLS,
+        help="MoE dispatch for every MoE layer; several: one MoE runner each, side by side (default: auto)",
+    )
+    p.add_argument(
+        "--clock", choices=list(CLOCKS), default="wall", help="wall time, or process CPU time (with --threads 1)"
+    )
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: no codegen)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. model.moe.top_k=4")

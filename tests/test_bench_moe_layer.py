@@ -74,7 +74,9 @@ def test_rows_name_their_version_and_skips_say_why(recipe, tmp_path):
     for family in ("mixtral", "qwen3_moe", "olmoe"):
         for impl in LOOPS:
             assert impls[f"transformers-{family}-{impl}"] == f"transformers {transformers.__version__}"
-    assert impls["moekit-sorted"].startswith("torch ") and "dense" in impls
+    assert impls["moekit-auto"].startswith("torch ") and "dense" in impls
+    (auto,) = [r for r in result["rows"] if r["impl"] == "moekit-auto"]
+    assert auto["dispatch"] in ("sorted", "sorted_autograd", "grouped_mm") and auto["fwdbwd_spread"] >= 0
     assert all(s["reason"] and s["impl"] not in impls for s in result["skipped"])
 
 

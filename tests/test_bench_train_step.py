@@ -107,3 +107,20 @@ def test_compiled_rows_report_compile_time(recipe, tmp_path):
         assert compiled["weights_mib"] == rows[(kind, "eager")]["weights_mib"]
     assert [s["mode"] for s in result["summary"]] == ["eager", "compiled"]
     assert result["meta"]["compile_backend"] == "aot_eager"
+
+
+def test_several_dispatches_run_side_by_side_against_one_twin(recipe):
+    threads = torch.get_num_threads()
+    argv = ["--config", CONFIG, "--quick", "--repeats", "1", "--threads", "1", "--fine-experts", "0"]
+    try:
+        result = recipe.main(argv + ["--dtypes", "float32", "--dispatch", "sorted", "padded_bmm", "--clock", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+    moe_rows = [r for r in result["rows"] if r["kind"] == "moe"]
+    assert [r["dispatch"] for r in moe_rows] == ["sorted", "padded_bmm"]
+    assert [r["kind"] for r in result["rows"]].count("dense") == 1
+    assert [s["dispatch"] for s in result["summary"]] == ["sorted", "padded_bmm"]
+    dense = next(r for r in result["rows"] if r["kind"] == "dense")
+    for s, r in zip(result["summary"], moe_rows):
+        assert s["time_per_token_moe_vs_dense"] == pytest.approx(r["step_ms"] / dense["step_ms"])
+    assert result["meta"]["clock"] == "cpu" and result["meta"]["dispatch"] == ["sorted", "padded_bmm"]

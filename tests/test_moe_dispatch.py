@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 
+from moekit.moe import dispatch
 from moekit.moe.config import MoEConfig
 from moekit.moe.dispatch import reference_keep, select_capacity
 from moekit.moe.experts import grouped_mm_supported
@@ -158,13 +159,20 @@ def test_matrix_covers_the_axes():
     assert len(MATRIX) > 300
 
 
+# 'sorted': the fused autograd node (eager), gathering all rows at once at these sizes, and per expert
+# ('sorted-per-expert', the large-batch form); 'sorted_autograd': the same permutation through autograd,
+# the form torch.compile traces.
+@pytest.mark.parametrize("impl", ["sorted", "sorted-per-expert", "sorted_autograd", "padded_bmm"])
 @pytest.mark.parametrize("cfg", MATRIX, ids=_cfg_id)
-def test_sorted_matches_reference_float64(cfg: MoEConfig):
+def test_sorted_matches_reference_float64(cfg: MoEConfig, impl: str, monkeypatch):
+    if impl == "sorted-per-expert":
+        monkeypatch.setattr(dispatch, "GATHER_ONCE_MAX_BYTES", 0)
+        impl = "sorted"
     x_btd, mask_bt, proj, state = _inputs(torch.float64, cfg)
     ref = _run(cfg, "reference", state, x_btd, mask_bt, proj)
     if cfg.capacity_factor == 0.5 and cfg.router != "expert_choice":
         assert ref[0].stats.dropped_assignments > 0  # the capacity branch really drops here
-    _assert_same(ref, _run(cfg, "sorted", state, x_btd, mask_bt, proj), atol=1e-12, rtol=1e-10)
+    _assert_same(ref, _run(cfg, impl, state, x_btd, mask_bt, proj), atol=1e-12, rtol=1e-10)
 
 
 NO_GROUPED_MM = not grouped_mm_supported(torch.device("cpu"), torch.float32, D, 4)
@@ -188,8 +196,13 @@ def test_grouped_mm_matches_reference_float32(cfg: MoEConfig):
     _assert_same(ref, _run(cfg, "grouped_mm", state, x_btd, mask_bt, proj), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["sorted", "grouped_mm", "reference"])
-def test_bf16_autocast_close_to_float32(impl: str):
+@pytest.mark.parametrize(
+    "impl", ["sorted", "sorted-per-expert", "sorted_autograd", "padded_bmm", "grouped_mm", "reference"]
+)
+def test_bf16_autocast_close_to_float32(impl: str, monkeypatch):
+    if impl == "sorted-per-expert":
+        monkeypatch.setattr(dispatch, "GATHER_ONCE_MAX_BYTES", 0)
+        impl = "sorted"
     cfg = MoEConfig(num_experts=4, top_k=2, d_expert=16, capacity_factor=1.0, num_shared_experts=1)
     torch.default_generator.manual_seed(0)
     layer = MoELayer(D, cfg, dispatch=impl, init_std=0.3)
@@ -221,6 +234,20 @@ def test_grouped_mm_falls_back_to_sorted_where_unsupported():
     assert auto.resolve_dispatch(torch.zeros(1, 8)) == "sorted"  # auto: grouped_mm only on CUDA bf16
 
 
+def test_auto_follows_the_measured_cpu_rules():
+    layer = MoELayer(64, MoEConfig(num_experts=16, top_k=2, d_expert=86))  # the demo's layer
+    demo_batch = torch.zeros(32, 128, 64)  # 8,192 assignments x 64 wide: 0.5M elements
+    assert layer.resolve_dispatch(demo_batch) == "sorted"  # fp32: per-expert MKL matmuls
+    assert layer.resolve_dispatch(demo_batch.bfloat16()) == "padded_bmm"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.resolve_dispatch(demo_batch) == "padded_bmm"  # autocast's dtype counts, not x's
+    wide = MoELayer(512, MoEConfig(num_experts=8, top_k=2, d_expert=1024))
+    assert wide.resolve_dispatch(torch.zeros(1, 1024, 512, dtype=torch.bfloat16)) == "padded_bmm"  # 1M
+    assert wide.resolve_dispatch(torch.zeros(1, 4096, 512, dtype=torch.bfloat16)) == "sorted"  # 4M
+    pinned = MoELayer(64, MoEConfig(num_experts=16, top_k=2, d_expert=86), dispatch="sorted_autograd")
+    assert pinned.resolve_dispatch(demo_batch.bfloat16()) == "sorted_autograd"  # a named path runs as given
+
+
 # Hand-made keep rule: 6 tokens, top-1, every assignment's expert and score chosen by hand.
 EXPERT_A = torch.tensor([0, 0, 1, 0, 0, 1])
 SCORE_A = torch.tensor([0.1, 0.9, 0.5, 0.9, 0.3, 0.7])
@@ -246,3 +273,21 @@ def test_keep_rule_by_hand(capacity, policy, valid, expected):
     if capacity is not None:
         fast = select_capacity(EXPERT_A, SCORE_A, valid_a, 2, torch.tensor(capacity), policy)
         assert torch.equal(fast, want)
+
+
+def test_padded_bmm_compiles_as_sorted():
+    torch.default_generator.manual_seed(0)
+    layer = MoELayer(D, MoEConfig(num_experts=4, top_k=2, d_expert=8, capacity_factor=1.0), dispatch="padded_bmm")
+    x = torch.randn(2, 6, D)
+    want = layer(x).y
+    seen = []
+
+    def spy(x_nd, routing, impl=None):
+        seen.append(layer.resolve_dispatch(x_nd))
+        return MoELayer.dispatch(layer, x_nd, routing, impl)
+
+    layer.dispatch = spy
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        got = torch.compile(layer, backend="aot_eager", fullgraph=True)(x).y
+    assert seen == ["sorted"]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
