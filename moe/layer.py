@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.moe.config import DISPATCH_IMPLS, MoEConfig
-from moekit.moe.dispatch import FAST_IMPLS, auto_dispatch, dispatch_fast, dispatch_reference
+from moekit.moe.dispatch import auto_dispatch, dispatch_fast, dispatch_reference
 from moekit.moe.experts import RoutedExperts, SharedExperts, grouped_mm_supported
 from moekit.moe.losses import (
     assignment_counts,
@@ -209,7 +209,7 @@ class MoELayer(nn.Module):
 
 
 # What a layer accepts: the run config's choices plus the concrete fast paths 'auto' picks between.
-LAYER_DISPATCH_IMPLS = DISPATCH_IMPLS + tuple(i for i in FAST_IMPLS if i not in DISPATCH_IMPLS)
+LAYER_DISPATCH_IMPLS = DISPATCH_IMPLS  # every implementation is selectable from a run config too
 
 
 def _check_dispatch(impl: str) -> str:

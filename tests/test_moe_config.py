@@ -69,3 +69,12 @@ def test_capacity_formula():
     assert cfg.capacity(0, training=True) == 1
     assert MoEConfig().capacity(100, training=True) is None
     assert MoEConfig(d_expert=32, num_shared_experts=2).shared_width == 32
+
+
+def test_run_configs_can_select_every_dispatch_path():
+    from moekit.moe import FAST_IMPLS, ParallelConfig
+
+    for impl in ("auto", "reference", *FAST_IMPLS):
+        assert ParallelConfig(dispatch=impl).dispatch == impl
+    with pytest.raises(ValueError, match="ParallelConfig.dispatch='fused'.*padded_bmm"):
+        ParallelConfig(dispatch="fused")
