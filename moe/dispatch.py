@@ -155,8 +155,10 @@ def dispatch_fast(
         expert_s = routing.expert_a[idx_a]
         rank_s = torch.arange(kept, device=x_nd.device) - (counts_e.cumsum(0) - counts_e)[expert_s]
         slot_a = expert_s * cap + rank_s  # [kept] row of the [E * cap] padded batch
-        # Empty slots read token 0 and carry combine weight 0: zero output, zero grads, nothing to mask.
-        token_s = torch.zeros(num_experts * cap, dtype=torch.long, device=x_nd.device)
+        # Empty slots read a kept token (never a padded one, whose state may be anything, NaN included) and
+        # carry combine weight 0: zero output, zero grads, nothing to mask.
+        fill = routing.token_a[idx_a[:1]] if kept else torch.zeros(1, dtype=torch.long, device=x_nd.device)
+        token_s = fill.expand(num_experts * cap).clone()
         token_s = token_s.index_copy(0, slot_a, routing.token_a[idx_a])
         weight_s = routing.weight_a.new_zeros(num_experts * cap).index_copy(0, slot_a, routing.weight_a[idx_a])
         ys_sd = experts.forward_padded(x_nd.index_select(0, token_s), weight_s, cap, compute_dtype or x_nd.dtype)

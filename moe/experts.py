@@ -11,10 +11,12 @@ the layout ``torch._grouped_mm`` consumes. Note this is the transpose of ``nn.Li
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 
 class RoutedExperts(nn.Module):
@@ -121,6 +123,31 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _not_differentiable(backward: Callable) -> Callable:
+    """Mark a hand-written backward as not differentiable, refusing a double backward outright.
+
+    ``torch.autograd.function.once_differentiable`` raises only when the incoming grad requires grad; under
+    ``autograd.grad(..., create_graph=True)`` it often does not, and the node's contribution would silently
+    count as a constant. Grad mode is on exactly when a backward is being recorded."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            _refuse_double_backward()
+        with torch.no_grad():
+            return backward(ctx, *grads)
+
+    return wrapper
+
+
+def _refuse_double_backward() -> None:
+    raise RuntimeError(
+        "MoE dispatch 'sorted' (the fused node) has a hand-written backward that is not differentiable; "
+        "for double backward (create_graph=True, gradient penalties) use dispatch='sorted_autograd' "
+        "(MoELayer(dispatch=...), moekit.moe.set_dispatch or parallel.dispatch)"
+    )
+
+
 class _FusedSortedExperts(torch.autograd.Function):
     """Gather -> per-expert SwiGLU -> scaled scatter-add, with a hand-written backward.
 
@@ -179,7 +206,7 @@ class _FusedSortedExperts(torch.autograd.Function):
         return y_nd
 
     @staticmethod
-    @once_differentiable  # the hand-written backward is not itself differentiable
+    @_not_differentiable
     def backward(ctx, dy_nd):  # type: ignore[override]
         xc, token_a, s_a, wg, wu, wd, xs_ad, *saved = ctx.saved_tensors
         counts = ctx.counts
