@@ -11,7 +11,7 @@ from moekit.moe.dispatch import FAST_IMPLS, auto_dispatch
 from moekit.moe.ep_checkpoint import gather_full_model, load_expert_state, save_expert_state
 from moekit.moe.experts import RoutedExperts, SharedExperts
 from moekit.moe.extension import MoEExtension, check_bias_scope
-from moekit.moe.layer import LAYER_DISPATCH_IMPLS, MoELayer, MoEOutput, set_dispatch, update_router_biases
+from moekit.moe.layer import MoELayer, MoEOutput, set_dispatch, update_router_biases
 from moekit.moe.losses import assignment_counts, load_balance_loss, router_z_loss
 from moekit.moe.parallel import (
     ExpertParallelGroups,
@@ -30,7 +30,6 @@ from moekit.moe.upcycling import function_preserving, upcycle
 
 __all__ = [
     "FAST_IMPLS",
-    "LAYER_DISPATCH_IMPLS",
     "ExpertParallelGroups",
     "MoEConfig",
     "MoEExtension",

@@ -209,12 +209,11 @@ class MoELayer(nn.Module):
 
 
 # What a layer accepts: the run config's choices plus the concrete fast paths 'auto' picks between.
-LAYER_DISPATCH_IMPLS = DISPATCH_IMPLS  # every implementation is selectable from a run config too
 
 
 def _check_dispatch(impl: str) -> str:
-    if impl not in LAYER_DISPATCH_IMPLS:
-        allowed = ", ".join(LAYER_DISPATCH_IMPLS)
+    if impl not in DISPATCH_IMPLS:
+        allowed = ", ".join(DISPATCH_IMPLS)
         raise ValueError(f"MoELayer dispatch={impl!r} is invalid: allowed values are {allowed}")
     if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
         raise ValueError("MoELayer dispatch='grouped_mm' is invalid: this torch has no torch._grouped_mm")

@@ -42,8 +42,8 @@ from moekit.core.hf_families import FAMILIES, StackedExperts
 from moekit.core.hf_moe_config import moe_to_hf
 from moekit.core.layers import SwiGLU
 from moekit.core.meter import SavedTensorBytes
-from moekit.moe.config import MoEConfig
-from moekit.moe.layer import LAYER_DISPATCH_IMPLS, MoELayer
+from moekit.moe.config import DISPATCH_IMPLS, MoEConfig
+from moekit.moe.layer import MoELayer
 
 GRID = [(8, 2, 1024), (64, 16, 128)]  # (num_experts, top_k, d_expert)
 TOKENS = [1024, 4096, 16384]
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--impls",
         nargs="+",
         default=["auto", "reference"],
-        choices=LAYER_DISPATCH_IMPLS,
+        choices=DISPATCH_IMPLS,
         help="moekit dispatch paths to time side by side (auto: what MoELayer picks; sorted_autograd: the "
         "permutation through plain autograd, the pre-fusion path)",
     )

@@ -49,7 +49,8 @@ from moekit.core.objective import LMObjective
 from moekit.core.optim import build_optimizer
 from moekit.experiment.matching import check_matched, dense_twin, describe, moe_name
 from moekit.experiment.plan import TASKS, load_comparison, plan_runs, with_moe
-from moekit.moe.layer import LAYER_DISPATCH_IMPLS, set_dispatch
+from moekit.moe.config import DISPATCH_IMPLS
+from moekit.moe.layer import set_dispatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUICK_BATCH = 2  # sequences per step under --quick: a plumbing check, not a measurement
@@ -330,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--dispatch",
         nargs="+",
-        choices=LAYER_DISPATCH_IMPLS,
+        choices=DISPATCH_IMPLS,
         help="MoE dispatch for every MoE layer; several: one MoE runner each, side by side (default: auto)",
     )
     p.add_argument(
