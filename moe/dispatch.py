@@ -57,11 +57,18 @@ PAD_ROWS = 32
 FAST_IMPLS = ("sorted", "sorted_autograd", "grouped_mm", "padded_bmm")
 
 
-# 'auto' on CPU in bf16: padded_bmm while the gathered rows (assignments x d_model) stay at most this many
-# elements, sorted above. Measured (docs/perf.md): one bmm beats E small oneDNN bf16 matmuls by 1.1-3x up
-# to ~1M elements (demo model 1.42x vs 3.26x the dense step); from 4M on, the padded path's full-size
-# buffers and padding FLOPs cost more than the calls it saves. fp32 (MKL) never gains from it.
+# 'auto' on CPU in bf16: padded_bmm while the gathered rows (assignments x d_model) stay below this many
+# elements, sorted from there. Measured (docs/perf.md): one bmm beats E small oneDNN bf16 matmuls by 1.1-3x up
+# to ~1M elements (demo model 1.42x vs 3.26x the dense step); at 2M (E=8, 2,048 tokens) it lost at one thread
+# (1.43x vs 1.29x the dense layer) and tied at two; from 4M on, the padded path's full-size buffers and
+# padding FLOPs cost more than the calls it saves. fp32 (MKL) never gains from it.
 PADDED_BMM_MAX_ELEMENTS = 2**21
+# ... except with several threads for experts this small: one bmm over E=64 experts of ~256 rows spreads over
+# the threads where 64 small matmuls do not (E=64 top-16, 1,024 tokens, 8M elements, two threads: 2.9-3.2x vs
+# 4.1x the dense layer in two runs; one thread: a tie, 3.04x vs 2.98x). Up to this many elements, at most
+# PADDED_BMM_MAX_ROWS_PER_EXPERT rows per expert on average, with >= 2 threads.
+PADDED_BMM_THREADED_MAX_ELEMENTS = 2**23
+PADDED_BMM_MAX_ROWS_PER_EXPERT = 256
 # The fused sorted node gathers and scatters all rows at once below this many bytes of gathered rows
 # (assignments x d_model x itemsize), per expert above: small ``[A, D]`` buffers come from the heap for
 # free, large ones are page-faulted every call. Measured (docs/perf.md): 2-8 MiB won 3-5% (demo and
@@ -69,16 +76,30 @@ PADDED_BMM_MAX_ELEMENTS = 2**21
 GATHER_ONCE_MAX_BYTES = 2**24
 
 
-def auto_dispatch(device: torch.device, dtype: torch.dtype, rows: int, d_model: int, grouped_ok: bool) -> str:
-    """What ``dispatch='auto'`` runs for ``rows`` assignments of width ``d_model`` (measured rules above).
+def auto_dispatch(
+    device: torch.device,
+    dtype: torch.dtype,
+    rows: int,
+    d_model: int,
+    grouped_ok: bool,
+    num_experts: int = 1,
+    threads: int = 1,
+) -> str:
+    """What ``dispatch='auto'`` runs for ``rows`` assignments of width ``d_model`` over ``num_experts``
+    experts with ``threads`` intra-op CPU threads (measured rules above).
 
-    CUDA bf16 (where the kernel runs): grouped_mm. CPU bf16, few rows: padded_bmm (never under
-    torch.compile: its padded size is data-dependent). Otherwise sorted (CUDA fp32 not measured here).
+    CUDA bf16 (where the kernel runs): grouped_mm. CPU bf16, few rows (or, with several threads, small
+    experts): padded_bmm (never under torch.compile: its padded size is data-dependent). Otherwise sorted
+    (CUDA fp32 not measured here).
     """
     if device.type == "cuda" and dtype == torch.bfloat16 and grouped_ok:
         return "grouped_mm"
-    small = rows * d_model <= PADDED_BMM_MAX_ELEMENTS
-    if device.type == "cpu" and dtype == torch.bfloat16 and small and not torch.compiler.is_compiling():
+    if device.type != "cpu" or dtype != torch.bfloat16 or torch.compiler.is_compiling():
+        return "sorted"
+    elements = rows * d_model
+    small = elements < PADDED_BMM_MAX_ELEMENTS
+    small_experts = threads >= 2 and rows <= PADDED_BMM_MAX_ROWS_PER_EXPERT * num_experts
+    if small or (small_experts and elements <= PADDED_BMM_THREADED_MAX_ELEMENTS):
         return "padded_bmm"
     return "sorted"
 

@@ -108,8 +108,8 @@ class MoELayer(nn.Module):
         'grouped_mm' falls back to 'sorted' where the kernel does not run (dtype, device, alignment,
         fp32 under torch.compile); 'auto' follows the measured rules of
         :func:`moekit.moe.dispatch.auto_dispatch` (grouped_mm on CUDA in bf16, padded_bmm on CPU in
-        bf16 for small batches, sorted elsewhere). Other names run as given, except padded_bmm under
-        torch.compile, which runs as sorted.
+        bf16 for small batches or, with several threads, small experts; sorted elsewhere). Other names
+        run as given, except padded_bmm under torch.compile, which runs as sorted.
         """
         impl = self.dispatch_impl
         if impl == "padded_bmm" and torch.compiler.is_compiling():
@@ -121,7 +121,8 @@ class MoELayer(nn.Module):
         if impl == "grouped_mm":
             return "grouped_mm" if grouped_ok else "sorted"
         rows = x.numel() // self.d_model * self.cfg.top_k
-        return auto_dispatch(x.device, dtype, rows, self.d_model, grouped_ok)
+        threads = torch.get_num_threads() if x.device.type == "cpu" else 1
+        return auto_dispatch(x.device, dtype, rows, self.d_model, grouped_ok, self.cfg.num_experts, threads)
 
     def dispatch(self, x_nd: Tensor, routing: Routing, impl: str | None = None) -> tuple[Tensor, Tensor]:
         """Routed-expert output ``[N, D]`` and ``keep_a [A]`` for a routing decision."""

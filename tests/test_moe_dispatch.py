@@ -248,7 +248,20 @@ def test_auto_follows_the_measured_cpu_rules():
         assert layer.resolve_dispatch(demo_batch) == "padded_bmm"  # autocast's dtype counts, not x's
     wide = MoELayer(512, MoEConfig(num_experts=8, top_k=2, d_expert=1024))
     assert wide.resolve_dispatch(torch.zeros(1, 1024, 512, dtype=torch.bfloat16)) == "padded_bmm"  # 1M
+    assert wide.resolve_dispatch(torch.zeros(1, 2048, 512, dtype=torch.bfloat16)) == "sorted"  # 2M: lost
     assert wide.resolve_dispatch(torch.zeros(1, 4096, 512, dtype=torch.bfloat16)) == "sorted"  # 4M
+    fine = MoELayer(512, MoEConfig(num_experts=64, top_k=16, d_expert=128))
+    fine_batch = torch.zeros(1, 1024, 512, dtype=torch.bfloat16)  # 16,384 assignments, 256 per expert: 8M
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert fine.resolve_dispatch(fine_batch) == "sorted"  # one thread: a tie, sorted kept
+        torch.set_num_threads(2)
+        assert fine.resolve_dispatch(fine_batch) == "padded_bmm"  # two threads: one bmm spreads, 64 mm do not
+        assert fine.resolve_dispatch(torch.zeros(1, 2048, 512, dtype=torch.bfloat16)) == "sorted"  # 16M
+        assert wide.resolve_dispatch(torch.zeros(1, 2048, 512, dtype=torch.bfloat16)) == "sorted"  # 512 per expert
+    finally:
+        torch.set_num_threads(threads)
     pinned = MoELayer(64, MoEConfig(num_experts=16, top_k=2, d_expert=86), dispatch="sorted_autograd")
     assert pinned.resolve_dispatch(demo_batch.bfloat16()) == "sorted_autograd"  # a named path runs as given
 
