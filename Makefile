@@ -10,12 +10,14 @@ LINT_PATHS := core moe multimodal experiment recipes tests
 
 venv: $(STAMP)
 
-# Reuses an existing .venv (only installs into it); rebuilds the install when pyproject.toml or
-# constraints.txt change. torch 2.11 needs setuptools<82.
-$(STAMP): pyproject.toml constraints.txt
+# Reuses an existing .venv (only installs into it); rebuilds the install when pyproject.toml,
+# constraints.txt or requirements-peers.txt change. torch 2.11 needs setuptools<82. The benchmark peers
+# go in without their dependencies (see requirements-peers.txt).
+$(STAMP): pyproject.toml constraints.txt requirements-peers.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -U pip "setuptools>=70,<82" wheel
 	$(PY) -m pip install -c constraints.txt -e ".[data,test,dev]"
+	$(PY) -m pip install -c constraints.txt --no-deps -r requirements-peers.txt
 	touch $@
 
 test: venv

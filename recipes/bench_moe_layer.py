@@ -2,7 +2,7 @@
 
     python recipes/bench_moe_layer.py [--json PATH] [--quick] [--repeats 5] [--threads 2] [--grouped]
         [--impls auto reference sorted sorted_autograd padded_bmm grouped_mm] [--clock wall|cpu]
-        [--peers mixtral qwen3_moe olmoe] [--experts-impls eager batched_mm grouped_mm]
+        [--peers mixtral qwen3_moe olmoe torchtitan] [--experts-impls eager batched_mm grouped_mm]
         [--peer-max-gib 2] [--d-model 512] [--grid 8x2x1024 64x16x128] [--tokens 1024 4096]
 
 Side by side in one run, on whatever device is available: forward and forward+backward time and peak
@@ -10,12 +10,16 @@ memory of moekit's MoE layer (fast path and naive reference), the dense SwiGLU w
 d_ff = top_k * d_expert (the same matmul FLOPs as the routed experts), and, when transformers is installed
 (a test-only dependency), its sparse MoE blocks of Mixtral, Qwen3-MoE and OLMoE holding the same weights,
 once per ``experts_implementation`` it registers (its Python loop ``eager``, ``batched_mm``,
-``grouped_mm``, and kernels such as ``deepgemm`` / ``sonicmoe`` where the machine has them). A peer is timed
-only after its float32 output and gradients (input, router, experts) agree with moekit's layer to 1e-5
-relative; one that fails or cannot run is listed under ``skipped`` with the reason, never timed, and so is
+``grouped_mm``, and kernels such as ``deepgemm`` / ``sonicmoe`` where the machine has them), and, when
+torchtitan is installed (``requirements-peers.txt``), its ``MoE`` module (token-choice top-k router, local
+token dispatcher, ``GroupedExperts``). A peer is timed only after its float32 output and gradients (input,
+router, experts) agree with moekit's layer to 1e-5 relative (torchtitan: 3e-2, since its experts always
+compute in bfloat16, so it has bfloat16 rows only); one that fails or cannot run is listed under
+``skipped`` with the reason, never timed, and so is
 ``batched_mm`` where its per-assignment weight copies would pass ``--peer-max-gib`` (at d_model 512 it
 needs ~24 GiB already at 1,024 tokens: it is a decoding path, not a training one). Every row
-names the version it ran (``transformers 5.x`` for peers, ``torch 2.x`` for moekit and dense). Each timing is
+names the version it ran (``transformers 5.x`` / ``torchtitan 0.x`` for peers, ``torch 2.x`` for moekit and
+dense). Each timing is
 the median of ``--repeats`` rounds after a warm-up round, implementations interleaved round by round (order
 reversed every other round) so drift hits all alike; ``spread`` is (max - min) / 2 relative to the median.
 moekit rows are ``moekit-<--impls value>``; ``dispatch`` names the path ``auto`` resolved to.
@@ -30,8 +34,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -125,6 +131,8 @@ PEERS = {  # transformers family -> (config class, sparse MoE block class)
     "olmoe": ("OlmoeConfig", "OlmoeSparseMoeBlock"),
 }
 PEER_RTOL = 1e-5  # a peer is timed only if its float32 output and gradients agree to this (relative to max |.|)
+TITAN = "torchtitan"
+TITAN_RTOL = 3e-2  # torchtitan's experts always compute in bfloat16: agreement at bfloat16 accuracy
 
 
 def experts_implementations() -> list[str]:
@@ -162,7 +170,67 @@ def peer_block(family: str, layer: MoELayer, experts_impl: str) -> torch.nn.Modu
     return block.to(layer.router.weight.device)
 
 
-def peer_mismatch(layer: MoELayer, block: torch.nn.Module, tokens: int = 128) -> str | None:
+def titan_block(layer: MoELayer) -> torch.nn.Module:
+    """torchtitan's ``MoE`` with ``layer``'s weights: its softmax top-k router (``route_norm`` = moekit's
+    renormalisation), local token dispatcher and ``GroupedExperts`` (``w1``/``w3`` ``[E, F, D]``, ``w2``
+    ``[E, D, F]``: the transposes of moekit's ``[E, in, out]``), no load-balance bias.
+
+    torchtitan 0.3's ``GroupedExperts`` casts rows and weights to bfloat16 and runs ``torch._grouped_mm``
+    whatever the input dtype, so it matches moekit at bfloat16 accuracy and is timed in bfloat16 only.
+    """
+    from torchtitan.models.common.linear import Linear
+    from torchtitan.models.common.moe import GroupedExperts, MoE, RoutedExperts, TokenChoiceTopKRouter
+    from torchtitan.models.common.token_dispatcher import LocalTokenDispatcher
+
+    cfg = layer.cfg
+    plain = dict(router="topk", score_func="softmax", topk_order="softmax_then_topk", routed_scaling_factor=1.0)
+    if any(getattr(cfg, k) != v for k, v in plain.items()) or cfg.capacity_factor is not None or layer.shared:
+        raise ValueError(f"the torchtitan peer is built for a plain dropless softmax top-k layer ({plain})")
+    e, d, k = cfg.num_experts, layer.d_model, cfg.top_k
+    block = MoE.Config(
+        num_experts=e,
+        routed_experts=RoutedExperts.Config(
+            inner_experts=GroupedExperts.Config(dim=d, hidden_dim=cfg.d_expert, num_experts=e),
+            token_dispatcher=LocalTokenDispatcher.Config(num_experts=e, top_k=k),
+        ),
+        router=TokenChoiceTopKRouter.Config(
+            num_experts=e,
+            gate=Linear.Config(in_features=d, out_features=e),
+            top_k=k,
+            score_func="softmax",
+            route_norm=cfg.renormalize and k > 1,
+        ),
+        load_balance_coeff=None,
+    ).build()
+    ex, titan = layer.experts, block.routed_experts.inner_experts
+    with torch.no_grad():
+        block.router.gate.weight.copy_(layer.router.weight)
+        titan.w1_EFD.copy_(ex.w_gate.transpose(1, 2))
+        titan.w3_EFD.copy_(ex.w_up.transpose(1, 2))
+        titan.w2_EDF.copy_(ex.w_down.transpose(1, 2))
+    return block.to(layer.router.weight.device)
+
+
+def _weight_grads(layer: MoELayer, block: torch.nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(what, moekit's grad, the peer's grad in the same layout) for the router and expert weights."""
+    ex = layer.experts
+    if hasattr(block, "routed_experts"):  # torchtitan
+        titan = block.routed_experts.inner_experts
+        return [
+            ("router grad", layer.router.weight.grad, block.router.gate.weight.grad),
+            ("gate grad", ex.w_gate.grad, titan.w1_EFD.grad.transpose(1, 2)),
+            ("up grad", ex.w_up.grad, titan.w3_EFD.grad.transpose(1, 2)),
+            ("down grad", ex.w_down.grad, titan.w2_EDF.grad.transpose(1, 2)),
+        ]
+    hf = StackedExperts("", ())
+    return [
+        ("router grad", layer.router.weight.grad, block.gate.weight.grad),
+        ("gate_up grad", hf.to_hf([ex.w_gate.grad, ex.w_up.grad], None)[0], block.experts.gate_up_proj.grad),
+        ("down grad", hf.to_hf([ex.w_down.grad], None)[0], block.experts.down_proj.grad),
+    ]
+
+
+def peer_mismatch(layer: MoELayer, block: torch.nn.Module, tokens: int = 128, rtol: float = PEER_RTOL) -> str | None:
     """Why ``block`` does not compute ``layer`` in float32 (output, input and weight gradients), or None."""
     gen = torch.Generator().manual_seed(1)  # leaves the global RNG, and so the timed inputs, alone
     x = torch.randn(1, tokens, layer.d_model, generator=gen).to(layer.router.weight.device)
@@ -172,25 +240,49 @@ def peer_mismatch(layer: MoELayer, block: torch.nn.Module, tokens: int = 128) ->
         xg = x.clone().requires_grad_(True)
         y = _run(module, xg, backward=True)
         got[name] = [y.detach(), xg.grad]
-    ex, g = layer.experts, block.experts
-    got["moekit"] += [layer.router.weight.grad, *StackedExperts("", ()).to_hf([ex.w_gate.grad, ex.w_up.grad], None)]
-    got["moekit"] += StackedExperts("", ()).to_hf([ex.w_down.grad], None)
-    got["peer"] += [block.gate.weight.grad, g.gate_up_proj.grad, g.down_proj.grad]
+    checks = [("output", *(g[0] for g in got.values())), ("input grad", *(g[1] for g in got.values()))]
+    checks += _weight_grads(layer, block)
     layer.zero_grad(set_to_none=True)
-    for what, a, b in zip(("output", "input grad", "router grad", "gate_up grad", "down grad"), *got.values()):
+    for what, a, b in checks:
         err = ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item()
-        if not err <= PEER_RTOL:
-            return f"{what} differs from moekit's by {err:.1e} relative (> {PEER_RTOL:.0e})"
+        if not err <= rtol:
+            return f"{what} differs from moekit's by {err:.1e} relative (> {rtol:.0e})"
     return None
 
 
-def peers(layer: MoELayer, families: list[str], experts_impls: list[str] | None) -> tuple[dict, list[dict]]:
-    """{row name: block} of the peers that compute ``layer`` (float32), and the skipped ones with the reason."""
+def peers(
+    layer: MoELayer, families: list[str], experts_impls: list[str] | None, dtype: torch.dtype = torch.float32
+) -> tuple[dict, list[dict]]:
+    """{row name: block} of the peers that compute ``layer`` (checked in float32), and the skipped ones with
+    the reason. torchtitan is offered in bfloat16 only (its experts compute in bfloat16 whatever the input)."""
+    found, skipped = {}, []
+    if TITAN in families:
+        name = f"{TITAN}-grouped_mm"
+        try:
+            version = f"{TITAN} {importlib.metadata.version(TITAN)}"
+        except importlib.metadata.PackageNotFoundError:
+            skipped.append(dict(impl=TITAN, reason="not installed (pip install --no-deps -r requirements-peers.txt)"))
+        else:
+            if dtype != torch.bfloat16:
+                block, reason = None, "computes its experts in bfloat16 whatever the input dtype: bfloat16 rows only"
+            else:
+                try:
+                    block = titan_block(layer)
+                    reason = peer_mismatch(layer, block, rtol=TITAN_RTOL)
+                except Exception as e:  # an API this torchtitan does not have, a kernel this machine lacks
+                    block, reason = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+            if reason is None:
+                found[name] = block
+            else:
+                skipped.append(dict(impl=name, version=version, reason=reason))
+                print(f"skipped {name}: {reason}", flush=True)
+        families = [f for f in families if f != TITAN]
+    if not families:
+        return found, skipped
     try:
         import transformers
     except ImportError:
-        return {}, [dict(impl="transformers", reason="not installed")] if families else []
-    found, skipped = {}, []
+        return found, skipped + [dict(impl="transformers", reason="not installed")]
     for family in families:
         for impl in experts_impls or experts_implementations():
             name = f"transformers-{family}-{impl}"
@@ -214,6 +306,8 @@ def batched_mm_gib(cfg: MoEConfig, d_model: int, tokens: int, dtype: torch.dtype
 
 
 def _version(impl: str) -> str:
+    if impl.startswith(TITAN):
+        return f"{TITAN} {importlib.metadata.version(TITAN)}"
     if impl.startswith("transformers"):
         import transformers
 
@@ -245,7 +339,8 @@ def bench(args: argparse.Namespace) -> dict:
                     layer.load_state_dict(next(iter(impls.values())).state_dict())
                 impls[f"moekit-{impl}"] = layer
             impls["dense"] = SwiGLU(args.d_model, top_k * d_expert).to(device)
-            found, skip = peers(next(iter(impls.values())), args.peers, args.experts_impls)  # checked in float32
+            # checked in float32
+            found, skip = peers(next(iter(impls.values())), args.peers, args.experts_impls, dtype)
             impls.update(found)
             skipped += [
                 dict(s, dtype=dtype_name, num_experts=num_experts, top_k=top_k, d_expert=d_expert) for s in skip
@@ -312,7 +407,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="CPU threads (ignored on CUDA)")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
-    p.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS), help="transformers' MoE blocks")
+    p.add_argument(
+        "--peers",
+        nargs="*",
+        default=[*PEERS, TITAN],
+        choices=[*PEERS, TITAN],
+        help="transformers' MoE blocks, torchtitan's MoE module",
+    )
     p.add_argument("--experts-impls", nargs="+", help="experts_implementation values (default: all transformers has)")
     p.add_argument("--peer-max-gib", type=float, default=2.0, help="skip batched_mm where its copies exceed this")
     p.add_argument("--d-model", type=int, default=D_MODEL)
@@ -332,6 +433,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--reference-max-tokens", type=int, default=1024, help="skip the naive reference above this")
     args = p.parse_args(argv)
+    # torchtitan's router asks for a float32 autocast region, which CPU autocast declines (harmlessly) every call.
+    warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
     print(HEADER, "|" + "---|" * (HEADER.count("|") - 1), sep="\n")
     result = bench(args)
     if args.json:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 
 import pytest
@@ -96,3 +97,31 @@ def test_batched_mm_is_skipped_past_its_memory_budget(recipe):
     assert timed == [64]
     (skip,) = result["skipped"]
     assert skip["tokens"] == 128 and "--peer-max-gib" in skip["reason"]
+
+
+def test_torchtitan_peer_computes_moekits_layer_at_bf16_accuracy(recipe):
+    pytest.importorskip("torchtitan")
+    layer = _layer()
+    block = recipe.titan_block(layer)
+    assert recipe.peer_mismatch(layer, block, rtol=recipe.TITAN_RTOL) is None
+    # its experts run in bfloat16 whatever the input: no float32 agreement, hence bfloat16 rows only
+    assert "output differs" in recipe.peer_mismatch(layer, block)
+    block.router.route_norm = False  # combine weights not renormalised: a different layer
+    assert "output differs" in recipe.peer_mismatch(layer, block, rtol=recipe.TITAN_RTOL)
+    with pytest.raises(ValueError, match="plain dropless softmax top-k"):
+        recipe.titan_block(MoELayer(32, MoEConfig(num_experts=4, top_k=2, d_expert=16, score_func="sigmoid")))
+
+
+def test_torchtitan_rows_are_bfloat16_and_name_their_version(recipe):
+    pytest.importorskip("torchtitan")
+    threads = torch.get_num_threads()
+    argv = ["--repeats", "1", "--threads", "1", "--d-model", "32", "--grid", "4x2x16", "--tokens", "64"]
+    try:
+        result = recipe.main(argv + ["--dtypes", "float32", "bfloat16", "--peers", "torchtitan"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = [r for r in result["rows"] if r["impl"] == "torchtitan-grouped_mm"]
+    assert [r["dtype"] for r in rows] == ["bfloat16"]
+    assert rows[0]["version"] == f"torchtitan {importlib.metadata.version('torchtitan')}"
+    (skip,) = [s for s in result["skipped"] if s["impl"] == "torchtitan-grouped_mm"]
+    assert skip["dtype"] == "float32" and "bfloat16 rows only" in skip["reason"]
