@@ -33,7 +33,13 @@ def build_optimizer(
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
+    device: torch.device | None = None,
 ) -> torch.optim.AdamW:
+    """AdamW over ``model``'s trainable parameters, weight decay on matrices only (:func:`split_decay_params`).
+
+    ``device``: where the parameters will train, when the model has not been moved there yet (the Trainer
+    builds the optimizer before ``accelerator.prepare``); default: where they are now.
+    """
     decay, no_decay = split_decay_params(model)
     params = dict(model.named_parameters())
     groups = [
@@ -42,8 +48,12 @@ def build_optimizer(
     ]
     # The fused kernel updates every parameter in one pass per group instead of ~10 small ops per tensor: on
     # CPU it halved the step's AdamW time (demo MoE 5.5 -> 2.3 ms, dense 2.1 -> 1.0 ms; docs/perf.md). It runs
-    # on CPU and CUDA only (DTensor shards included); elsewhere torch picks its default.
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params.values()) or None
+    # on CPU and CUDA only (DTensor shards included); elsewhere (MPS, XLA, meta) torch picks its default.
+    # A resumed run keeps what its checkpoint's param groups say (load_state_dict restores "fused"), so a
+    # run started unfused stays unfused and resumes exactly.
+    types = {device.type} if device is not None else {p.device.type for p in params.values()}
+    floating = all(p.is_floating_point() for p in params.values())
+    fused = True if floating and types <= {"cpu", "cuda"} else None
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=fused)
 
 

@@ -189,7 +189,9 @@ class Trainer:
         cfg = self.cfg
         for ext in self.extensions:
             ext.setup(model, self.ctx)
-        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.adam_eps)
+        optimizer = build_optimizer(
+            model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.adam_eps, device=self.accelerator.device
+        )
         scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.decay)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self._compiled: nn.Module | None = None

@@ -63,12 +63,14 @@ FAST_IMPLS = ("sorted", "sorted_autograd", "grouped_mm", "padded_bmm")
 # (1.43x vs 1.29x the dense layer) and tied at two; from 4M on, the padded path's full-size buffers and
 # padding FLOPs cost more than the calls it saves. fp32 (MKL) never gains from it.
 PADDED_BMM_MAX_ELEMENTS = 2**21
-# ... except with several threads for experts this small: one bmm over E=64 experts of ~256 rows spreads over
+# ... except with several threads for many small experts: one bmm over E=64 experts of ~256 rows spreads over
 # the threads where 64 small matmuls do not (E=64 top-16, 1,024 tokens, 8M elements, two threads: 2.9-3.2x vs
-# 4.1x the dense layer in two runs; one thread: a tie, 3.04x vs 2.98x). Up to this many elements, at most
-# PADDED_BMM_MAX_ROWS_PER_EXPERT rows per expert on average, with >= 2 threads.
+# 4.1x the dense layer in two runs; one thread: a tie, 3.04x vs 2.98x). With >= 2 threads, at least this many
+# experts averaging at most PADDED_BMM_MAX_ROWS_PER_EXPERT rows, up to this many elements. Only that point
+# was measured: fewer or larger experts (where padding lost from 4M elements on) keep the rule above.
 PADDED_BMM_THREADED_MAX_ELEMENTS = 2**23
 PADDED_BMM_MAX_ROWS_PER_EXPERT = 256
+PADDED_BMM_THREADED_MIN_EXPERTS = 64
 # The fused sorted node gathers and scatters all rows at once below this many bytes of gathered rows
 # (assignments x d_model x itemsize), per expert above: small ``[A, D]`` buffers come from the heap for
 # free, large ones are page-faulted every call. Measured (docs/perf.md): 2-8 MiB won 3-5% (demo and
@@ -82,26 +84,31 @@ def auto_dispatch(
     rows: int,
     d_model: int,
     grouped_ok: bool,
+    *,
     num_experts: int = 1,
-    threads: int = 1,
+    threads: int | None = None,
 ) -> str:
     """What ``dispatch='auto'`` runs for ``rows`` assignments of width ``d_model`` over ``num_experts``
-    experts with ``threads`` intra-op CPU threads (measured rules above).
+    experts with ``threads`` intra-op CPU threads (default: ``torch.get_num_threads()``), by the measured
+    rules above.
 
-    CUDA bf16 (where the kernel runs): grouped_mm. CPU bf16, few rows (or, with several threads, small
-    experts): padded_bmm (never under torch.compile: its padded size is data-dependent). Otherwise sorted
-    (CUDA fp32 not measured here).
+    CUDA bf16 (where the kernel runs): grouped_mm. CPU bf16, few rows (or, with several threads, many
+    small experts): padded_bmm (never under torch.compile: its padded size is data-dependent). Otherwise
+    sorted (CUDA fp32 not measured here).
     """
     if device.type == "cuda" and dtype == torch.bfloat16 and grouped_ok:
         return "grouped_mm"
     if device.type != "cpu" or dtype != torch.bfloat16 or torch.compiler.is_compiling():
         return "sorted"
+    threads = torch.get_num_threads() if threads is None else threads
     elements = rows * d_model
-    small = elements < PADDED_BMM_MAX_ELEMENTS
-    small_experts = threads >= 2 and rows <= PADDED_BMM_MAX_ROWS_PER_EXPERT * num_experts
-    if small or (small_experts and elements <= PADDED_BMM_THREADED_MAX_ELEMENTS):
-        return "padded_bmm"
-    return "sorted"
+    many_small_experts = (
+        threads >= 2
+        and num_experts >= PADDED_BMM_THREADED_MIN_EXPERTS
+        and rows <= PADDED_BMM_MAX_ROWS_PER_EXPERT * num_experts
+        and elements <= PADDED_BMM_THREADED_MAX_ELEMENTS
+    )
+    return "padded_bmm" if elements < PADDED_BMM_MAX_ELEMENTS or many_small_experts else "sorted"
 
 
 def select_capacity(

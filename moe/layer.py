@@ -120,9 +120,12 @@ class MoELayer(nn.Module):
         grouped_ok = grouped_mm_supported(x.device, dtype, self.d_model, self.cfg.d_expert)
         if impl == "grouped_mm":
             return "grouped_mm" if grouped_ok else "sorted"
-        rows = x.numel() // self.d_model * self.cfg.top_k
-        threads = torch.get_num_threads() if x.device.type == "cpu" else 1
-        return auto_dispatch(x.device, dtype, rows, self.d_model, grouped_ok, self.cfg.num_experts, threads)
+        tokens = x.numel() // self.d_model
+        rows = tokens * self.cfg.top_k
+        capacity = self.cfg.capacity(tokens, self.training)
+        if self.cfg.router == "expert_choice" and capacity is not None:  # each expert takes C tokens
+            rows = self.cfg.num_experts * min(tokens, capacity)
+        return auto_dispatch(x.device, dtype, rows, self.d_model, grouped_ok, num_experts=self.cfg.num_experts)
 
     def dispatch(self, x_nd: Tensor, routing: Routing, impl: str | None = None) -> tuple[Tensor, Tensor]:
         """Routed-expert output ``[N, D]`` and ``keep_a [A]`` for a routing decision."""

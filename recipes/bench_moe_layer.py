@@ -183,8 +183,20 @@ def titan_block(layer: MoELayer) -> torch.nn.Module:
     from torchtitan.models.common.token_dispatcher import LocalTokenDispatcher
 
     cfg = layer.cfg
-    plain = dict(router="topk", score_func="softmax", topk_order="softmax_then_topk", routed_scaling_factor=1.0)
-    if any(getattr(cfg, k) != v for k, v in plain.items()) or cfg.capacity_factor is not None or layer.shared:
+    plain = dict(
+        router="topk",
+        score_func="softmax",
+        topk_order="softmax_then_topk",
+        routed_scaling_factor=1.0,
+        router_jitter=0.0,
+        capacity_factor=None,
+        n_group=1,
+        modality_experts=None,
+        selection_bias=False,
+        bias_update_rate=0.0,
+        num_shared_experts=0,
+    )
+    if any(getattr(cfg, k) != v for k, v in plain.items()):
         raise ValueError(f"the torchtitan peer is built for a plain dropless softmax top-k layer ({plain})")
     e, d, k = cfg.num_experts, layer.d_model, cfg.top_k
     block = MoE.Config(
@@ -433,10 +445,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--reference-max-tokens", type=int, default=1024, help="skip the naive reference above this")
     args = p.parse_args(argv)
-    # torchtitan's router asks for a float32 autocast region, which CPU autocast declines (harmlessly) every call.
-    warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
     print(HEADER, "|" + "---|" * (HEADER.count("|") - 1), sep="\n")
-    result = bench(args)
+    with warnings.catch_warnings():
+        # torchtitan's router asks for a float32 autocast region, which CPU autocast declines (harmlessly).
+        warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
+        result = bench(args)
     if args.json:
         atomic_write_json(args.json, result)
     return result

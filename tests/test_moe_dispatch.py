@@ -9,7 +9,7 @@ import torch
 
 from moekit.moe import dispatch
 from moekit.moe.config import MoEConfig
-from moekit.moe.dispatch import reference_keep, select_capacity
+from moekit.moe.dispatch import auto_dispatch, reference_keep, select_capacity
 from moekit.moe.experts import grouped_mm_supported
 from moekit.moe.layer import MoELayer
 
@@ -262,6 +262,16 @@ def test_auto_follows_the_measured_cpu_rules():
         assert wide.resolve_dispatch(torch.zeros(1, 2048, 512, dtype=torch.bfloat16)) == "sorted"  # 512 per expert
     finally:
         torch.set_num_threads(threads)
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    assert auto_dispatch(cpu, bf16, 16384, 512, False, num_experts=64, threads=2) == "padded_bmm"
+    assert auto_dispatch(cpu, bf16, 16384, 512, False, num_experts=64, threads=1) == "sorted"
+    # few large experts at the same load per expert and size: never measured to gain, so the one-thread rule
+    assert auto_dispatch(cpu, bf16, 2048, 4096, False, num_experts=8, threads=2) == "sorted"
+    choice = MoELayer(
+        512, MoEConfig(num_experts=8, top_k=2, d_expert=1024, router="expert_choice", capacity_factor=2.0)
+    )
+    # expert choice fills E x C = 8 x 512 slots at 1,024 tokens (2M elements), not N x k = 2,048 rows (1M)
+    assert choice.resolve_dispatch(torch.zeros(1, 1024, 512, dtype=torch.bfloat16)) == "sorted"
     pinned = MoELayer(64, MoEConfig(num_experts=16, top_k=2, d_expert=86), dispatch="sorted_autograd")
     assert pinned.resolve_dispatch(demo_batch.bfloat16()) == "sorted_autograd"  # a named path runs as given
 
