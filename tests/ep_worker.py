@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import os
+import sys
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -234,3 +236,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Leave without interpreter finalization, where torch's autograd-engine / gloo teardown can hang at random
+    # (pytorch/pytorch#190489; seen once in a full-suite run here): everything is written and the group destroyed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
