@@ -122,9 +122,9 @@ class MoELayer(nn.Module):
             return "grouped_mm" if grouped_ok else "sorted"
         tokens = x.numel() // self.d_model
         rows = tokens * self.cfg.top_k
-        capacity = self.cfg.capacity(tokens, self.training)
-        if self.cfg.router == "expert_choice" and capacity is not None:  # each expert takes C tokens
-            rows = self.cfg.num_experts * min(tokens, capacity)
+        if self.cfg.router == "expert_choice":  # each expert takes its capacity's worth of tokens
+            capacity = self.cfg.capacity(tokens, self.training)
+            rows = rows if capacity is None else self.cfg.num_experts * min(tokens, capacity)
         return auto_dispatch(x.device, dtype, rows, self.d_model, grouped_ok, num_experts=self.cfg.num_experts)
 
     def dispatch(self, x_nd: Tensor, routing: Routing, impl: str | None = None) -> tuple[Tensor, Tensor]:

@@ -33,12 +33,15 @@ statistics, so there it is the activation memory saved for backward (unique stor
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.metadata
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -262,14 +265,30 @@ def peer_mismatch(layer: MoELayer, block: torch.nn.Module, tokens: int = 128, rt
     return None
 
 
+def _checked_peer(layer: MoELayer, build: Callable[[], torch.nn.Module], rtol: float) -> tuple[Any, str | None]:
+    """``build()``'s block and why it may not be timed (None: it computes ``layer``)."""
+    try:
+        block = build()
+        return block, peer_mismatch(layer, block, rtol=rtol)
+    except Exception as e:  # an API this version lacks, a kernel or device this machine lacks
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+
+
 def peers(
     layer: MoELayer, families: list[str], experts_impls: list[str] | None, dtype: torch.dtype = torch.float32
 ) -> tuple[dict, list[dict]]:
     """{row name: block} of the peers that compute ``layer`` (checked in float32), and the skipped ones with
     the reason. torchtitan is offered in bfloat16 only (its experts compute in bfloat16 whatever the input)."""
     found, skipped = {}, []
+
+    def record(name: str, version: str, block: Any, reason: str | None) -> None:
+        if reason is None:
+            found[name] = block
+        else:
+            skipped.append(dict(impl=name, version=version, reason=reason))
+            print(f"skipped {name}: {reason}", flush=True)
+
     if TITAN in families:
-        name = f"{TITAN}-grouped_mm"
         try:
             version = f"{TITAN} {importlib.metadata.version(TITAN)}"
         except importlib.metadata.PackageNotFoundError:
@@ -278,16 +297,8 @@ def peers(
             if dtype != torch.bfloat16:
                 block, reason = None, "computes its experts in bfloat16 whatever the input dtype: bfloat16 rows only"
             else:
-                try:
-                    block = titan_block(layer)
-                    reason = peer_mismatch(layer, block, rtol=TITAN_RTOL)
-                except Exception as e:  # an API this torchtitan does not have, a kernel this machine lacks
-                    block, reason = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-            if reason is None:
-                found[name] = block
-            else:
-                skipped.append(dict(impl=name, version=version, reason=reason))
-                print(f"skipped {name}: {reason}", flush=True)
+                block, reason = _checked_peer(layer, functools.partial(titan_block, layer), TITAN_RTOL)
+            record(f"{TITAN}-grouped_mm", version, block, reason)
         families = [f for f in families if f != TITAN]
     if not families:
         return found, skipped
@@ -297,17 +308,8 @@ def peers(
         return found, skipped + [dict(impl="transformers", reason="not installed")]
     for family in families:
         for impl in experts_impls or experts_implementations():
-            name = f"transformers-{family}-{impl}"
-            try:
-                block = peer_block(family, layer, impl)
-                reason = peer_mismatch(layer, block)
-            except Exception as e:  # an implementation needing kernels or a device this machine lacks
-                block, reason = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-            if reason is None:
-                found[name] = block
-            else:
-                skipped.append(dict(impl=name, version=f"transformers {transformers.__version__}", reason=reason))
-                print(f"skipped {name}: {reason}", flush=True)
+            block, reason = _checked_peer(layer, functools.partial(peer_block, family, layer, impl), PEER_RTOL)
+            record(f"transformers-{family}-{impl}", f"transformers {transformers.__version__}", block, reason)
     return found, skipped
 
 
@@ -351,8 +353,7 @@ def bench(args: argparse.Namespace) -> dict:
                     layer.load_state_dict(next(iter(impls.values())).state_dict())
                 impls[f"moekit-{impl}"] = layer
             impls["dense"] = SwiGLU(args.d_model, top_k * d_expert).to(device)
-            # checked in float32
-            found, skip = peers(next(iter(impls.values())), args.peers, args.experts_impls, dtype)
+            found, skip = peers(next(iter(impls.values())), args.peers, args.experts_impls, dtype)  # fp32 check
             impls.update(found)
             skipped += [
                 dict(s, dtype=dtype_name, num_experts=num_experts, top_k=top_k, d_expert=d_expert) for s in skip
