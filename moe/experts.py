@@ -128,13 +128,17 @@ def _not_differentiable(backward: Callable) -> Callable:
 
     ``torch.autograd.function.once_differentiable`` raises only when the incoming grad requires grad; under
     ``autograd.grad(..., create_graph=True)`` it often does not, and the node's contribution would silently
-    count as a constant. Grad mode is on exactly when a backward is being recorded."""
+    count as a constant. Grad mode is on exactly when a backward is being recorded.
+
+    Autocast is switched off too, as in the forward: ``loss.backward()`` called inside an autocast region
+    would otherwise turn the plain ``mm`` calls to bf16 while the ``mm(out=)`` buffers keep the forward's
+    dtype."""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
         if torch.is_grad_enabled():
             _refuse_double_backward()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(grads[0].device.type, enabled=False):
             return backward(ctx, *grads)
 
     return wrapper

@@ -38,7 +38,8 @@ class MoELayer(nn.Module):
 
     ``forward(x_btd, token_mask=None, group_ids=None) -> MoEOutput``. Padded tokens (``token_mask``
     False) are never routed, use no capacity and do not enter the losses; their routed output is zero
-    (shared experts still apply). Weights start at normal(0, init_std); output projections
+    (shared experts still apply) and their state, whatever it is (NaN included), reaches no real token's
+    output, no loss and no gradient but their own. Weights start at normal(0, init_std); output projections
     (``w_down``) at normal(0, out_init_std), default ``init_std`` (a dense model of L layers usually
     passes ``init_std / sqrt(2 * L)``).
 
@@ -192,8 +193,13 @@ class MoELayer(nn.Module):
         x_nd = x_btd.reshape(-1, d)  # [N, D]
         mask_n = None if token_mask is None else token_mask.reshape(-1).to(torch.bool)
         group_n = None if group_ids is None else group_ids.reshape(-1)
-        routing = self.route(x_nd, mask_n, group_n)
-        y_nd, keep_a = self.dispatch(x_nd, routing)
+        xr_nd = x_nd
+        if mask_n is not None:
+            # A padded token's state may be anything (NaN from an attention row with nothing to attend to):
+            # zeroed, it cannot reach the router's weight grad (NaN * 0 = NaN), the losses or grouped_mm's rows.
+            xr_nd = torch.where(mask_n[:, None], x_nd, 0)
+        routing = self.route(xr_nd, mask_n, group_n)
+        y_nd, keep_a = self.dispatch(xr_nd, routing)
         if self.shared is not None:
             y_nd = y_nd + self.shared_output(x_nd)
         aux, losses = self._losses(routing, mask_n, group_n)

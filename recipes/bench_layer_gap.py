@@ -6,8 +6,10 @@
 Per point ``ExKxFxDxN`` (experts, top-k, d_expert, d_model, tokens), side by side in one run, rounds
 interleaved (order reversed every other round), medians after warm-up rounds:
 
-- ``layer``: forward+backward of ``MoELayer`` (dispatch 'auto', load-balance and z-losses on, training
-  mode, telemetry included) and of the dense ``SwiGLU`` with d_ff = top_k x d_expert;
+- ``layer``: forward+backward of ``MoELayer`` and of the dense ``SwiGLU`` with d_ff = top_k x d_expert.
+  The MoE layer runs dispatch 'sorted' (the fused node, whose matmuls ``matmuls`` times; what 'auto' runs
+  in float32 on CPU, while in bf16 'auto' may pick padded_bmm), load-balance and z-losses on, training
+  mode, telemetry included;
 - ``matmuls``: the same 9 matmul shapes alone (3 forward, 6 backward): the dense ones in ``nn.Linear``'s
   weight layout, the MoE's as the fused dispatch node issues them (per expert, every expert at the mean
   load ``N*K/E``, on contiguous row blocks, weight grads and input grads written in place);
@@ -99,7 +101,7 @@ def measure(point: tuple[int, int, int, int, int], dtype: torch.dtype, repeats: 
     e, k, f, d, n = point
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=e, top_k=k, d_expert=f, load_balance_coef=0.01, z_loss_coef=0.001)
-    moe, dense = MoELayer(d, cfg).train().to(dtype), SwiGLU(d, k * f).to(dtype)
+    moe, dense = MoELayer(d, cfg, dispatch="sorted").train().to(dtype), SwiGLU(d, k * f).to(dtype)
     x = torch.randn(1, n, d, dtype=dtype, requires_grad=True)
     tiny = torch.randn(1, 8, d, dtype=dtype, requires_grad=True)
     fns = {

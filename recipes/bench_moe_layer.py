@@ -21,7 +21,8 @@ needs ~24 GiB already at 1,024 tokens: it is a decoding path, not a training one
 names the version it ran (``transformers 5.x`` / ``torchtitan 0.x`` for peers, ``torch 2.x`` for moekit and
 dense). Each timing is
 the median of ``--repeats`` rounds after a warm-up round, implementations interleaved round by round (order
-reversed every other round) so drift hits all alike; ``spread`` is (max - min) / 2 relative to the median.
+reversed every other round) so drift hits all alike; the table's ``±`` is (max - min) / 2 relative to the
+median, the JSON's ``fwdbwd_spread`` the full (max - min) / median.
 moekit rows are ``moekit-<--impls value>``; ``dispatch`` names the path ``auto`` resolved to.
 The JSON is ``{"rows": [...], "skipped": [...]}``.
 

@@ -88,7 +88,7 @@ torch.manual_seed(0)
 outs = {}
 for impl in ("auto", "sorted"):
     torch.manual_seed(0)
-    layer = MoELayer(256, MoEConfig(num_experts=8, top_k=2, d_expert=512, dispatch=impl)).to(dev)
+    layer = MoELayer(256, MoEConfig(num_experts=8, top_k=2, d_expert=512), dispatch=impl).to(dev)
     xb = torch.randn(4, 256, 256, device=dev, generator=torch.Generator(device=dev).manual_seed(1)).requires_grad_()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         if impl == "auto":

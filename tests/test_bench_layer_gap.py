@@ -54,3 +54,22 @@ def test_moe_matmuls_cover_every_row_and_expert(recipe, monkeypatch):
 def test_bad_point_is_refused_by_name(recipe):
     with pytest.raises(argparse.ArgumentTypeError, match="--point '4x8x8x16x64'"):
         recipe._point("4x8x8x16x64")  # top-k above the expert count
+
+
+def test_the_timed_layer_runs_the_fused_node_whose_matmuls_are_replayed(recipe, monkeypatch):
+    """In bf16 'auto' would pick padded_bmm at small sizes: the split compares the fused node's matmuls only
+    when the layer runs that node."""
+    resolved = []
+    real = recipe.MoELayer.resolve_dispatch
+
+    def spy(self, x):
+        resolved.append(real(self, x))
+        return resolved[-1]
+
+    monkeypatch.setattr(recipe.MoELayer, "resolve_dispatch", spy)
+    threads = torch.get_num_threads()
+    try:
+        recipe.main(["--repeats", "1", "--point", "4x2x8x16x64", "--dtype", "bfloat16"])
+    finally:
+        torch.set_num_threads(threads)
+    assert resolved and set(resolved) == {"sorted"}

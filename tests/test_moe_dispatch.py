@@ -10,7 +10,7 @@ import torch
 from moekit.moe import dispatch
 from moekit.moe.config import MoEConfig
 from moekit.moe.dispatch import auto_dispatch, reference_keep, select_capacity
-from moekit.moe.experts import grouped_mm_supported
+from moekit.moe.experts import RoutedExperts, grouped_mm_supported
 from moekit.moe.layer import MoELayer
 
 D = 8
@@ -221,6 +221,28 @@ def test_bf16_autocast_close_to_float32(impl: str, monkeypatch):
         assert rel < 3e-2, f"{impl} {name}: bf16 autocast grad off by {rel:.3g} (relative norm)"
 
 
+@pytest.mark.parametrize("gather_once", [True, False])
+def test_fused_node_backward_inside_autocast_keeps_the_forward_dtype(gather_once: bool):
+    """A loss built outside autocast may be backpropagated inside it (an autocast region around the whole
+    step): the fused node's backward computes in its forward's dtype (float32 here), bit for bit as outside."""
+    experts = RoutedExperts(4, D, 16, init_std=0.3)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, D, generator=gen, requires_grad=True)
+    token_a = torch.tensor([0, 3, 5, 1, 2, 4, 0, 5, 2])  # grouped by expert: 3, 0, 4, 2 rows
+    scale_a = torch.rand(9, generator=gen, requires_grad=True)
+    grads = []
+    for autocast in (False, True):
+        x.grad = scale_a.grad = None
+        experts.zero_grad(set_to_none=True)
+        y = experts.forward_fused(x, token_a, [3, 0, 4, 2], scale_a, torch.float32, gather_once=gather_once)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y.square().sum().backward()
+        grads.append([x.grad, scale_a.grad, *(p.grad for p in experts.parameters())])
+    for want, got in zip(*grads):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 def test_grouped_mm_backward_accepts_expanded_grad():
     if not grouped_mm_supported(torch.device("cpu"), torch.float32, D, 8):
         pytest.skip("no _grouped_mm")
@@ -344,10 +366,15 @@ def test_sorted_autograd_double_backward_equals_reference():
         torch.testing.assert_close(fast[name], g, atol=1e-10, rtol=1e-8, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("impl", ["sorted", "sorted_autograd", "padded_bmm"])
-def test_padded_token_state_never_reaches_the_output(impl: str):
-    """A masked-out token's hidden state may be anything (NaN from an empty attention row): no path reads it."""
-    cfg = MoEConfig(num_experts=4, top_k=2, d_expert=6)
+@pytest.mark.parametrize("router", ["topk", "expert_choice"])
+@pytest.mark.parametrize("impl", ["sorted", "sorted_autograd", "padded_bmm", "grouped_mm", "reference"])
+def test_padded_token_state_never_reaches_the_output(impl: str, router: str):
+    """A masked-out token's hidden state may be anything (NaN from an empty attention row): it reaches no real
+    token's output, no loss and no gradient (grouped_mm: d_expert 8, so the kernel runs where it can)."""
+    cap = 1.0 if router == "expert_choice" else None
+    cfg = MoEConfig(
+        num_experts=4, top_k=2, d_expert=8, router=router, capacity_factor=cap, z_loss_coef=0.01, local_entropy_coef=0.1
+    )
     torch.default_generator.manual_seed(0)
     layer = MoELayer(D, cfg, dispatch=impl)
     x = torch.randn(2, 5, D)
@@ -355,7 +382,11 @@ def test_padded_token_state_never_reaches_the_output(impl: str):
     mask = torch.ones(2, 5, dtype=torch.bool)
     mask[0, 0] = False
     x.requires_grad_(True)
-    y = layer(x, token_mask=mask).y
-    assert torch.isfinite(y[mask]).all()
-    y[mask].sum().backward()
-    assert all(torch.isfinite(p.grad).all() for p in layer.experts.parameters())
+    out = layer(x, token_mask=mask)
+    assert torch.isfinite(out.y[mask]).all()
+    assert all(torch.isfinite(v) for v in out.losses.values()), out.losses
+    assert torch.isfinite(out.stats.router_entropy)
+    (out.y[mask].sum() + out.aux_loss).backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert torch.isfinite(x.grad).all() and (x.grad[0, 0] == 0).all()
