@@ -29,8 +29,9 @@ from moekit.moe.config import MoEConfig
 # A new task is one adapter file (a TaskAdapter subclass) and one line here.
 TASKS: dict[str, TaskAdapter] = {"lm": LMTask(), "multimodal": MultimodalTask()}
 BUDGETS = ("tokens", "flops")
-# keys a per-model override may not change: they fix the data order (pairing by seed) and the token budget
-FIXED_TRAIN_KEYS = ("seed", "batch_size", "steps")
+# keys a per-model override may not change: they fix the data order (pairing by seed), the token budget, the
+# validation windows every model is scored on and the precision it computes in
+FIXED_TRAIN_KEYS = ("seed", "batch_size", "steps", "eval_batches", "mixed_precision")
 
 
 @dataclass

@@ -36,13 +36,21 @@ def divergence_text(row: Row) -> str:
 
 def digest_checks(rows: list[Row]) -> list[Row]:
     """Per seed and MoE model: is the data digest its training loop recorded equal to the dense twin's?
-    ``equal`` is None where either run diverged (its loop stopped early: nothing to compare)."""
+
+    The digest chains every consumed batch, so it can only be compared between runs of the same length:
+    ``equal`` is None, with the reason in ``note``, where either run diverged (its loop stopped early) or the
+    two trained different token counts (``compare.budget=flops`` gives each model its own step count)."""
     dense = {r["seed"]: r for r in rows if r["name"] == "dense"}
     out = []
     for r in (r for r in rows if r["kind"] == "moe" and r["seed"] in dense):
-        d, m = dense[r["seed"]].get("data_digest"), r.get("data_digest")
-        equal = None if diverged(r) or diverged(dense[r["seed"]]) else d is not None and d == m
-        out.append(dict(model=r["name"], seed=r["seed"], dense=d, moe=m, equal=equal))
+        twin = dense[r["seed"]]
+        d, m = twin.get("data_digest"), r.get("data_digest")
+        equal, note = d is not None and d == m, None
+        if diverged(r) or diverged(twin):
+            equal, note = None, "a run diverged"
+        elif r.get("tokens_trained") != twin.get("tokens_trained"):
+            equal, note = None, f"different budgets ({r.get('tokens_trained')} vs {twin.get('tokens_trained')} tokens)"
+        out.append(dict(model=r["name"], seed=r["seed"], dense=d, moe=m, equal=equal, note=note))
     return out
 
 
@@ -53,11 +61,15 @@ def headline(rows: list[Row], task: TaskAdapter | None = None) -> str:
     groups = group_rows(rows)
     if "dense" not in groups or (best := best_moe(groups)) is None:
         return f"No {'MoE run' if 'dense' in groups else 'dense baseline'} finished training."
-    dense, moe = groups["dense"], groups[best]
+    # Paired by seed (same data order and init seed): every number below comes from the seeds both finished,
+    # so the means and their difference describe the same runs.
+    paired = {r["seed"] for r in groups["dense"]} & {r["seed"] for r in groups[best]}
+    if not paired:
+        return f"No seed finished training for both the dense twin and {best}: nothing to compare."
+    dense, moe = ([r for r in groups[g] if r["seed"] in paired] for g in ("dense", best))
     (d_mean, d_sd), (m_mean, m_sd) = (mean_spread([r["final_val_loss"] for r in g]) for g in (dense, moe))
-    # Paired by seed: same data order and init seed, so the per-seed difference is the honest spread.
     by_seed = {r["seed"]: r["final_val_loss"] for r in dense}
-    diffs = [r["final_val_loss"] - by_seed[r["seed"]] for r in moe if r["seed"] in by_seed]
+    diffs = [r["final_val_loss"] - by_seed[r["seed"]] for r in moe]
     diff, diff_sd = mean_spread(diffs)
     head = (
         f"At matched active compute ({moe[0]['flops_per_token'] / 1e6:.2f} vs {dense[0]['flops_per_token'] / 1e6:.2f}"
@@ -67,14 +79,14 @@ def headline(rows: list[Row], task: TaskAdapter | None = None) -> str:
     if len(diffs) < 2:  # one seed has no spread: report the gap without a verdict
         return (
             f"{head} reached a {'lower' if diff < 0 else 'higher'} validation loss than its dense twin on a single "
-            f"seed: {m_mean:.4f} vs {d_mean:.4f} nats/byte ({diff:+.4f}); one seed cannot separate that from "
-            f"seed-to-seed noise (rerun with compare.seeds=3).{extra}"
+            f"paired seed: {m_mean:.4f} vs {d_mean:.4f} nats/byte ({diff:+.4f}); one seed cannot separate that from "
+            f"seed-to-seed noise (rerun with more seeds, e.g. compare.seeds=3).{extra}"
         )
     # No verdict word here: the verdict (t-interval over paired seeds) is the sentence before this one.
     return (
         f"{head} reached validation loss {m_mean:.4f} ± {m_sd:.4f} vs the dense twin's {d_mean:.4f} ± {d_sd:.4f} "
         f"nats/byte, a paired difference of {diff:+.4f} ± {diff_sd:.4f} (sd over {len(diffs)} paired seeds), "
-        f"n={min(len(dense), len(moe))} seeds.{extra}"
+        f"n={len(diffs)} seeds.{extra}"
     )
 
 
@@ -107,13 +119,19 @@ def write_report(
             f"runs {c.moe_overrides or 'base'} (base: the config's own, train.lr={cmp.base.train.lr:g}).",
             "",
         ]
-    recorded = ", ".join(f"seed {d['seed']} {d['model']}: {d['moe']} vs dense {d['dense']}" for d in digests)
+
+    def recorded(ds: list[Row]) -> str:
+        return ", ".join(f"seed {d['seed']} {d['model']}: {d['moe']} vs dense {d['dense']}" for d in ds)
+
+    compared = [d for d in digests if d["equal"] is not None]
+    skipped = "; ".join(f"seed {d['seed']} {d['model']}: {d['note']}" for d in digests if d["equal"] is None)
     lines += [
-        f"**DATA DIFFERED: the training loops recorded DIFFERENT batch digests** ({recorded}); the comparison "
-        "is not paired."
+        f"**DATA DIFFERED: the training loops recorded DIFFERENT batch digests** ({recorded(compared)}); the "
+        "comparison is not paired."
         if any(d["equal"] is False for d in digests)
         else f"Data digests recorded by the training loops (hash of every consumed batch's indices) are equal "
-        f"per seed for the dense twin and every MoE ({recorded or 'no pairs'}).",
+        f"per seed for the dense twin and every MoE ({recorded(compared) or 'no pairs'})."
+        + (f" Not compared: {skipped}." if skipped else ""),
         "",
         "Same seed (identical initial weights in every shared parameter), optimizer, schedule and budget. "
         "The dense twin's SwiGLU width is chosen so that its forward FLOPs per token equal the MoE decoder's "

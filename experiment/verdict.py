@@ -310,7 +310,8 @@ def verdict_sentence(v: Mapping[str, Any], *, label: str | None = None, unit: st
 
 def verdict_cells(v: Mapping[str, Any]) -> list[str]:
     """A verdict as report-table cells: model, metric, moe - dense, 95% CI, paired seeds, verdict."""
-    ci = "n/a (1 seed)" if v["diff_ci95"] is None else "[{:+.4f}, {:+.4f}]".format(*v["diff_ci95"])
+    seeds = "1 seed" if v["n_seeds"] == 1 else f"{v['n_seeds']} seeds"
+    ci = f"n/a ({seeds})" if v["diff_ci95"] is None else "[{:+.4f}, {:+.4f}]".format(*v["diff_ci95"])
     mean = "n/a" if v["diff_mean"] is None else f"{v['diff_mean']:+.4f}"
     return [v["model"], v["metric"], mean, ci, str(v["n_seeds"]), v["verdict"]]
 

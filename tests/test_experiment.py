@@ -189,8 +189,19 @@ def test_headline_states_the_paired_spread_without_a_verdict_word():
     assert "moe-8x2 model reached validation loss" in text and "-0.0750 ± 0.0354" in text
     assert "beats" not in text  # the verdict word comes from the t-interval (comparison_verdicts), not the headline
     one = headline(_rows([2.0], [2.1]))  # one seed: the gap, but no verdict
-    assert "higher validation loss than its dense twin on a single seed" in one and "(+0.1000)" in one
+    assert "higher validation loss than its dense twin on a single paired seed" in one and "(+0.1000)" in one
     assert "worse" not in one and "beats" not in one
+
+
+def test_headline_numbers_come_from_the_seeds_both_models_finished():
+    from moekit.experiment.report import headline
+
+    rows = _rows([2.0, 2.0], [1.9, 1.0])
+    rows[1]["status"] = "diverged"  # dense seed 1: the MoE's seed-1 run has no twin
+    one = headline(rows)
+    assert "lower validation loss" in one and "1.9000 vs 2.0000 nats/byte (-0.1000)" in one
+    rows[2]["status"] = "diverged"  # MoE seed 0 as well: no seed left with both
+    assert "No seed finished training for both" in headline(rows)
 
 
 @pytest.mark.slow
@@ -216,7 +227,8 @@ def test_per_model_train_overrides_apply_to_their_kind_and_are_validated(tmp_pat
     specs = plan_runs(load("compare.dense_overrides=['train.lr=5.6e-3']", "compare.moe_overrides=['train.lr=2e-3']"))
     assert {s.kind: s.run.train.lr for s in specs} == {"dense": 5.6e-3, "moe": 2e-3}
     assert len({(s.run.train.seed, s.run.train.steps, s.run.train.batch_size) for s in specs}) == 1
-    for bad, why in (("model.d_model=8", "only train"), ("train.seed=3", "only train"), ("train.lrr=1", "lrr")):
+    fixed = ("train.seed=3", "train.eval_batches=1", "train.mixed_precision=bf16")  # pairing, scoring, precision
+    for bad, why in (("model.d_model=8", "only train"), *((f, "only train") for f in fixed), ("train.lrr=1", "lrr")):
         with pytest.raises(ValueError, match=rf"CompareConfig\.moe_overrides|{why}"):
             load(f"compare.moe_overrides=['{bad}']")
     # the resume/reuse check covers them: a run folder trained at another lr is refused

@@ -74,6 +74,34 @@ def test_unequal_recorded_digests_are_flagged_per_seed(tmp_path, moe_digests):
         assert "seed 1 moe-4x2: XX vs dense b1" in report
 
 
+def test_runs_of_different_lengths_are_not_flagged_as_different_data(tmp_path):
+    """compare.budget=flops gives each model its own step count: a chained digest differs by construction, so
+    it is left uncompared (with the reason), not reported as unpaired data."""
+    cmp = load_comparison(CONFIG, ["compare.seeds=2", "compare.budget=flops"])
+    specs = plan_runs(cmp)
+    rows = [_row(s, 2.0 - 0.01 * (s.kind == "moe"), f"{s.kind}{s.seed}") for s in specs]
+    for r in rows:
+        r["tokens_trained"] = 512 if r["kind"] == "dense" else 448
+    rows[-1]["tokens_trained"], rows[-1]["data_digest"] = 512, "dense1"  # seed 1 equal length: compared
+    write_report(tmp_path, cmp, specs, rows, matching_table(specs), TIMING)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [(d["seed"], d["equal"]) for d in summary["data_digests"]] == [(0, None), (1, True)]
+    assert "448 vs 512 tokens" in summary["data_digests"][0]["note"]
+    report = (tmp_path / "report.md").read_text()
+    assert "DATA DIFFERED" not in report and "Not compared: seed 0 moe-4x2: different budgets" in report
+    rows[-1]["data_digest"] = "XX"  # an equal-length pair that differs is still flagged
+    write_report(tmp_path, cmp, specs, rows, matching_table(specs), TIMING)
+    assert "DATA DIFFERED" in (tmp_path / "report.md").read_text()
+
+
+def test_a_verdict_without_paired_seeds_says_so_in_its_cells():
+    from moekit.experiment.verdict import verdict_cells
+
+    v = dict(model="moe", metric="final_val_loss", diff_mean=None, diff_ci95=None, n_seeds=0, verdict="unresolved")
+    assert verdict_cells(v)[3] == "n/a (0 seeds)"
+    assert verdict_cells({**v, "n_seeds": 1, "diff_mean": 0.1})[3] == "n/a (1 seed)"
+
+
 def test_a_run_folder_with_another_config_in_any_section_is_refused_naming_the_field(tmp_path):
     spec = plan_runs(load_comparison(CONFIG, []))[1]  # the MoE run
     for i, (override, field) in enumerate(
