@@ -7,8 +7,9 @@ Layout under ``<run_dir>/ckpt``::
     latest               text file naming the newest complete step folder
 
 A checkpoint is written into ``.tmp_step_XXXXXXX`` and renamed into place with ``os.replace`` only once
-every rank has finished writing; ``latest`` is then replaced atomically. A crash at any point leaves
-``latest`` naming a complete checkpoint. Resume reads only ``latest``; stale temp folders are removed.
+every rank has finished writing and every file in it is fsynced; ``latest`` is then replaced atomically.
+A crash (of the process or of the machine) at any point leaves ``latest`` naming a complete checkpoint.
+Resume reads only ``latest``; stale temp folders are removed.
 
 ``model.safetensors`` holds the state dict of the *unwrapped* model (no DDP ``module.`` prefix), so a
 checkpoint resumes on any number of processes. State that ranks hold differently (expert-parallel shards)
@@ -43,7 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from moekit.core.files import atomic_write_text, fsync_dir
+from moekit.core.files import atomic_write_text, fsync_dir, fsync_tree
 
 CKPT_DIR = "ckpt"  # a run folder's checkpoints: <run_dir>/ckpt
 LATEST = "latest"
@@ -208,7 +209,10 @@ class CheckpointManager:
             handle.remove()
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            # The state file goes last: its presence marks the folder complete.
+            # Durable before it counts: accelerate's writers do not fsync, so a power loss after the rename
+            # could otherwise leave ``latest`` naming a folder of empty files. The state file goes last: its
+            # presence marks the folder complete.
+            fsync_tree(tmp)
             atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step, **trainer_state}, indent=2) + "\n")
             os.replace(tmp, final)
             fsync_dir(self.root)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_dir"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_dir", "fsync_tree"]
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -27,6 +27,19 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> int:
+    """fsync every file and folder under ``root`` (files written by other code, e.g. ``accelerator.save_state``,
+    before the folder is renamed into place); returns how many files were synced."""
+    synced = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+            synced += 1
+        fsync_dir(folder)
+    return synced
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -19,6 +19,7 @@ import statistics
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -59,6 +60,14 @@ class DivergenceGuard:
         self.factor = factor
         self.history: deque[float] = deque(maxlen=SPIKE_WINDOW)
         self.first: float | None = None  # the first step's loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to take the same decisions as an uninterrupted one (JSON-serialisable)."""
+        return {"first": self.first, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.first = state["first"]
+        self.history = deque((float(v) for v in state["history"]), maxlen=SPIKE_WINDOW)
 
     def check(
         self, step: int, loss: Tensor, aux_loss: Tensor, grad_norm: Tensor | None, accelerator: Accelerator

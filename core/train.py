@@ -217,6 +217,8 @@ class Trainer:
         restart_schedule(self.scheduler.scheduler, cfg.lr)
         self.train_seconds = state.get("train_seconds", 0.0)
         self.data_digest = state.get("data_digest")
+        if "divergence_guard" in state:  # checkpoints written before it was saved: the guard starts afresh
+            self.guard.load_state_dict(state["divergence_guard"])
 
     # ------------------------------------------------------------------ public
     @property
@@ -300,6 +302,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "train_seconds": self.train_seconds,
             "data_digest": self.data_digest,
+            "divergence_guard": self.guard.state_dict(),  # the spike check's baseline continues across a resume
             "batch_size": self.cfg.batch_size,
             "seed": self.cfg.seed,
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -271,6 +272,45 @@ def test_checkpoints_are_pruned_and_guarded(tmp_path, data):
         _trainer(tmp_path, data, cfg)
     with pytest.raises(ValueError, match="batch_size=8"):
         _trainer(tmp_path, data, _cfg(steps=5, batch_size=8), resume=True)
+
+
+def test_every_checkpoint_file_is_fsynced_before_the_folder_counts(tmp_path, data, monkeypatch):
+    """accelerate's writers do not fsync: after a machine crash ``latest`` must not name a folder of empty
+    files, so every file (model, optimizer, RNG, trainer state) is synced before the rename."""
+    import moekit.core.files as files
+
+    synced, real_fsync = set(), os.fsync
+
+    def spy(fd):
+        synced.add(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", spy)
+    trainer = _trainer(tmp_path, data, _cfg(steps=1, eval_every=0))
+    trainer.train()
+    trainer.close()
+    written = {p.name for p in (tmp_path / "ckpt" / "step_0000001").rglob("*") if p.is_file()}
+    assert {"model.safetensors", STATE_FILE} <= written
+    missing = {n for n in written if n not in synced and f".{n}.tmp{os.getpid()}" not in synced}
+    assert not missing, f"not fsynced: {sorted(missing)}"
+
+
+def test_the_divergence_guard_resumes_with_its_baseline(tmp_path, data):
+    """The spike check's baseline (first loss, recent losses) is in the checkpoint: after a resume it takes the
+    decisions the uninterrupted run would, not ones relative to the first loss after the break."""
+    cfg = _cfg(steps=6, eval_every=0, save_every=3)
+    straight = _trainer(tmp_path / "a", data, cfg)
+    straight.train()
+    straight.close()
+    first = _trainer(tmp_path / "b", data, cfg)
+    first.train(max_steps=3)
+    first.close()
+    resumed = _trainer(tmp_path / "b", data, cfg, resume=True)
+    assert resumed.guard.state_dict() == first.guard.state_dict() and len(resumed.guard.history) == 3  # JSON floats
+    resumed.train()
+    resumed.close()
+    want, got = straight.guard.state_dict(), resumed.guard.state_dict()
+    assert got["first"] == pytest.approx(want["first"]) and got["history"] == pytest.approx(want["history"])
 
 
 def test_interrupted_save_leaves_last_checkpoint_usable(tmp_path, data):
