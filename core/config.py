@@ -134,7 +134,7 @@ class ModelConfig:
     Attention options (the defaults are the plain Llama attention): ``head_dim`` (None = d_model / n_heads;
     Qwen3 sets it explicitly), ``qkv_bias`` / ``out_bias`` (biases of the q/k/v and of the output projection),
     ``qk_norm`` ("head": RMSNorm over each head's Dh, Qwen3; "full": over the whole q and k projection
-    width, OLMoE), ``clip_qkv`` (clamp q, k, v projections to [-c, c] before the norm, OLMoE) and
+    width, OLMoE), ``clip_qkv`` (clamp q, k, v to [-c, c] after the QK-norm, OLMoE) and
     ``rope_scaling`` (:class:`RopeScaling`), ``sliding_window`` (each query sees itself and the
     ``sliding_window - 1`` keys before it, in every layer; Mistral). ``mla`` (:class:`MLAConfig`) replaces
     the q/k/v projections by multi-head latent attention (DeepSeek); ``n_kv_heads`` must then equal

@@ -106,8 +106,11 @@ def _plan(cfg: ModelConfig, fam: Family, hf_names: set[str] | None) -> list[tupl
     return plan
 
 
-def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
-    return t if dtype is None or not t.is_floating_point() else t.to(dtype)
+def _cast(name: str, t: Tensor, dtype: torch.dtype | None, fp32_suffixes: tuple[str, ...]) -> Tensor:
+    """``t`` in ``dtype`` (None: as stored); the family's float32-kept tensors go to float32 instead."""
+    if dtype is None or not t.is_floating_point():
+        return t
+    return t.to(torch.float32 if name.endswith(fp32_suffixes) else dtype)
 
 
 def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -167,6 +170,7 @@ def _from_hf(
 
     out: dict[str, Tensor] = {}
     pending: dict[str, Tensor] = {}
+    keep = tuple(ours for ours, _ in fam.fp32_tensors)
     for shard in shards(frozenset(skip)):
         pending.update(shard)
         for k in sorted({owner[n] for n in shard}):
@@ -174,7 +178,8 @@ def _from_hf(
             names = rule.hf_names(i, cfg)
             if all(n in pending for n in names):
                 outs = rule.to_ours([pending.pop(n) for n in names], cfg)
-                out.update({n: _cast(t, dtype).contiguous() for n, t in zip(rule.ours_names(i, cfg), outs)})
+                for n, t in zip(rule.ours_names(i, cfg), outs):
+                    out[n] = _cast(n, t, dtype, keep).contiguous()
     return out
 
 
@@ -188,6 +193,7 @@ def _to_hf(
 ) -> None:
     """moekit tensors (read one rule at a time through ``get``) -> HF tensors handed to ``emit``."""
     alias = {}
+    keep = tuple(theirs for _, theirs in fam.fp32_tensors)
     if cfg.tie_embeddings and "embed.weight" not in names and "lm_head.weight" in names:
         alias["embed.weight"] = "lm_head.weight"  # save_model may keep either name of a tied pair
         names = (names - {"lm_head.weight"}) | {"embed.weight"}
@@ -201,7 +207,7 @@ def _to_hf(
     for rule, i in plan:
         outs = rule.to_hf([get(alias.get(n, n)) for n in rule.ours_names(i, cfg)], cfg)
         for n, t in zip(rule.hf_names(i, cfg), outs):
-            emit(n, _cast(t, dtype).contiguous())
+            emit(n, _cast(n, t, dtype, keep).contiguous())
 
 
 def state_dict_from_hf(hf_sd: dict[str, Tensor], cfg: ModelConfig, family: str | None = None) -> dict[str, Tensor]:

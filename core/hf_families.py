@@ -50,8 +50,11 @@ __all__ = [  # the weight rules stay importable from here
 
 # ---- families ------------------------------------------------------------------------------------
 _COMMON_DEFAULTS = dict(hidden_act="silu", initializer_range=0.02, tie_word_embeddings=False, rope_theta=10000.0)
-# transformers 5.24 class defaults of the Qwen families (what a config.json without the field means).
-_QWEN_DEFAULTS = dict(max_position_embeddings=32768, rms_norm_eps=1e-6, use_sliding_window=False)
+# transformers 5.24 class defaults of the Qwen families (what a config.json without the field means). Their
+# num_key_value_heads defaults are fixed numbers (not num_attention_heads, as Llama's None means), set per family.
+_QWEN_DEFAULTS = dict(
+    max_position_embeddings=32768, rms_norm_eps=1e-6, use_sliding_window=False, num_key_value_heads=32
+)
 _QWEN_MOE_DEFAULTS = dict(
     _QWEN_DEFAULTS,
     attention_bias=False,
@@ -130,6 +133,9 @@ class Family:
     # Tensors of layers past num_hidden_layers are not read (DeepSeek-V3's multi-token-prediction modules,
     # which transformers ignores too); a round trip does not write them back.
     extra_layers_ignored: bool = False
+    # (moekit, HF) name suffixes of tensors transformers keeps in float32 whatever dtype the model is loaded
+    # in (its _keep_in_fp32_modules_strict): an explicit --dtype leaves them float32, both ways.
+    fp32_tensors: tuple[tuple[str, str], ...] = ()
     missing: str | None = None
     note: str = ""  # what converts, for --help
 
@@ -229,7 +235,13 @@ FAMILIES: dict[str, Family] = {
             "Qwen3-MoE",
             "Qwen3MoeForCausalLM",
             "qwen3_moe",
-            dict(_QWEN_MOE_DEFAULTS, num_local_experts=128, num_experts_per_tok=8, moe_intermediate_size=768),
+            dict(
+                _QWEN_MOE_DEFAULTS,
+                num_key_value_heads=4,
+                num_local_experts=128,
+                num_experts_per_tok=8,
+                moe_intermediate_size=768,
+            ),
             window_flag=True,
             bias=("attention_bias", "all"),
             qk_norm="head",
@@ -271,6 +283,7 @@ FAMILIES: dict[str, Family] = {
             "qwen2_moe",
             dict(
                 _QWEN_MOE_DEFAULTS,
+                num_key_value_heads=16,
                 qkv_bias=True,
                 max_window_layers=28,
                 num_experts=60,
@@ -313,6 +326,7 @@ FAMILIES: dict[str, Family] = {
             experts_field="n_routed_experts",
             expert_width_field="moe_intermediate_size",
             deepseek="v2",
+            fp32_tensors=(("ffn.router.weight", "mlp.gate.weight"),),
             note="MLA (interleaved RoPE, yarn), greedy or group-limited (max) softmax routing, shared experts, "
             "first_k_dense_replace",
         ),
@@ -345,6 +359,10 @@ FAMILIES: dict[str, Family] = {
             expert_width_field="moe_intermediate_size",
             norm_topk=True,
             deepseek="v3",
+            fp32_tensors=(
+                ("ffn.router.weight", "mlp.gate.weight"),
+                ("ffn.router.expert_bias", "mlp.gate.e_score_correction_bias"),
+            ),
             extra_layers_ignored=True,
             note="MLA (rope_interleave, yarn), sigmoid group-limited (top-2 sum) routing with the correction "
             "bias, shared experts, first_k_dense_replace",

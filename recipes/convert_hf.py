@@ -43,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--to-hf", metavar="DIR", help="moekit checkpoint folder (Transformer.save_pretrained)")
     parser.add_argument("--out", required=True, help="output folder: new, or empty (never the source)")
     parser.add_argument("--family", choices=writable, help="--to-hf: HF family to write (default: see above)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors (default: keep their dtype)")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        help="cast floating tensors (default: keep their dtype; DeepSeek routers stay float32, as in transformers)",
+    )
     parser.add_argument(
         "--max-shard-size",
         type=parse_size,

@@ -169,6 +169,24 @@ def test_bf16_checkpoint_keeps_every_tensors_dtype(tmp_path):
     assert max_rel_logit_diff(model.eval(), hf) < 3e-2  # bf16 rounding, both sides
 
 
+@pytest.mark.parametrize("case", ["deepseek_v3", "deepseek_v2"])
+def test_explicit_dtype_keeps_the_router_in_float32_as_transformers_does(tmp_path, case):
+    """--dtype bfloat16 casts every floating tensor except the ones transformers keeps in float32 when it loads
+    the model in bf16 (the router weight; V3's correction bias too), both ways: each tensor's dtype equals
+    transformers' own bf16 load of the float32 checkpoint."""
+    hf_model(case).save_pretrained(tmp_path / "f32")
+    CASES[case][0].from_pretrained(tmp_path / "f32", dtype=torch.bfloat16).save_pretrained(tmp_path / "theirs")
+    theirs = {n: t.dtype for n, t in load_hf_state_dict(tmp_path / "theirs").items()}
+    assert torch.float32 in theirs.values() and torch.bfloat16 in theirs.values()
+    MAIN(["--from-hf", str(tmp_path / "f32"), "--out", str(tmp_path / "m"), "--dtype", "bfloat16"])
+    ours = load_hf_state_dict(tmp_path / "m")
+    assert ours["layers.1.ffn.router.weight"].dtype == torch.float32
+    assert ours["layers.1.attn.kv_b_proj.weight"].dtype == torch.bfloat16
+    for out, dtype in [("back", []), ("again", ["--dtype", "bfloat16"])]:
+        MAIN(["--to-hf", str(tmp_path / "m"), "--out", str(tmp_path / out), *dtype])
+        assert {n: t.dtype for n, t in load_hf_state_dict(tmp_path / out).items()} == theirs
+
+
 def _hf_config(case: str, **changes) -> dict:
     cls, extra = CASES[case]
     config_cls = transformers.DeepseekV3Config if cls is V3 else transformers.DeepseekV2Config

@@ -456,3 +456,19 @@ if __name__ == "__main__":  # prints the README's table: python tests/test_hf_fa
 
     with tempfile.TemporaryDirectory() as tmp:
         print_table(measure_families(Path(tmp)))
+
+
+@pytest.mark.parametrize(
+    "family", ["llama", "mistral", "phi3", "mixtral", "qwen2", "qwen3", "qwen3_moe", "olmoe", "qwen2_moe"]
+)
+def test_a_config_json_without_num_key_value_heads_gets_the_class_default(family):
+    """transformers' Qwen classes default num_key_value_heads to fixed numbers (32, 32, 4, 16), not to
+    num_attention_heads as Llama's does; 64 heads fit each of them and differ from each, so the mapping must
+    follow the class."""
+    config_cls, _, extra = FAMILIES[family]
+    kwargs = {**SHAPE, **extra, "num_attention_heads": 64, "hidden_size": 128}
+    kwargs.pop("num_key_value_heads")
+    kwargs.pop("head_dim", None)
+    d = config_cls(**kwargs).to_dict()
+    expected = d.pop("num_key_value_heads")
+    assert config_from_hf(d).n_kv_heads == expected
