@@ -62,7 +62,7 @@ def router_z_loss(logits_ne: Tensor, mask_n: Tensor | None = None) -> Tensor:
 
 
 # ---------------------------------------------------------------- LIMoE per-modality entropy losses
-def _entropy(p_xe: Tensor) -> Tensor:
+def entropy(p_xe: Tensor) -> Tensor:
     """``-sum_e p log p`` over the last axis with a finite gradient at ``p = 0``.
 
     Experts masked out by modality groups have probability exactly 0; ``d/dp (p log p)`` is ``-inf``
@@ -95,7 +95,7 @@ def local_entropy_loss(
     with no tokens gives 0.
     """
     w_gn = _group_weights(group_n, mask_n, groups, probs_ne)
-    return (w_gn @ _entropy(probs_ne)) / w_gn.sum(1).clamp(min=1)
+    return (w_gn @ entropy(probs_ne)) / w_gn.sum(1).clamp(min=1)
 
 
 def global_entropy_loss(
@@ -118,6 +118,6 @@ def global_entropy_loss(
     w_gn = _group_weights(group_n, mask_n, groups, probs_ne)
     n_g = w_gn.sum(1)
     pbar_ge = (w_gn @ probs_ne) / n_g.clamp(min=1)[:, None]
-    h_g = _entropy(pbar_ge)
+    h_g = entropy(pbar_ge)
     loss_g = -h_g if threshold is None else (threshold - h_g).clamp(min=0)
     return torch.where(n_g > 0, loss_g, torch.zeros_like(loss_g))

@@ -85,6 +85,25 @@ def test_uniform_router_entropy_is_log_e():
     assert out.stats.router_entropy.item() == pytest.approx(math.log(4))
 
 
+def test_router_entropy_matches_special_entr_with_zero_probabilities():
+    """Reserved experts give other groups' tokens probability exactly 0 (0 log 0 = 0, not NaN); telemetry's
+    entropy and its per-group split equal torch.special.entr's, token by token over real tokens."""
+    layer = _layer(modality_experts=[1, 1], num_groups=3)  # experts 0 / 1 reserved for groups 0 / 1
+    x = torch.randn(2, 6, D, dtype=torch.float64)
+    groups = torch.tensor([[0, 0, 1, 1, 2, 2], [2, 1, 0, 1, 0, 2]])
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 5] = False
+    s = layer(x, mask, group_ids=groups).stats
+    r = layer.route(x.view(-1, D), mask.view(-1), group_n=groups.view(-1))
+    assert (r.probs_ne == 0).any()
+    h_n = torch.special.entr(r.probs_ne).sum(-1)
+    real = mask.view(-1)
+    assert s.router_entropy.item() == pytest.approx(h_n[real].mean().item(), rel=1e-6)
+    for g in range(3):
+        in_g = real & (groups.view(-1) == g)
+        assert s.router_entropy_by_group[g].item() == pytest.approx(h_n[in_g].mean().item(), rel=1e-6)
+
+
 def test_imbalance_properties_and_logging():
     layer = _layer()
     out = layer(torch.randn(2, 6, D, dtype=torch.float64))
