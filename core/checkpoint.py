@@ -208,11 +208,13 @@ class CheckpointManager:
         finally:
             handle.remove()
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        if accelerator.is_local_main_process:
             # Durable before it counts: accelerate's writers do not fsync, so a power loss after the rename
-            # could otherwise leave ``latest`` naming a folder of empty files. The state file goes last: its
-            # presence marks the folder complete.
+            # could otherwise leave ``latest`` naming a folder of empty files. One process per machine, since
+            # fsync flushes only its own machine's cached writes (other nodes' RNG files and expert shards).
             fsync_tree(tmp)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:  # the state file goes last: its presence marks the folder complete
             atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step, **trainer_state}, indent=2) + "\n")
             os.replace(tmp, final)
             fsync_dir(self.root)

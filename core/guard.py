@@ -66,8 +66,22 @@ class DivergenceGuard:
         return {"first": self.first, "history": list(self.history)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.first = state["first"]
-        self.history = deque((float(v) for v in state["history"]), maxlen=SPIKE_WINDOW)
+        """Restore :meth:`state_dict`'s output (the checkpoint's ``trainer_state.json``, key ``divergence_guard``)."""
+        number = (int, float)
+        first, history = (state.get("first"), state.get("history")) if isinstance(state, dict) else (None, None)
+        if not (
+            isinstance(state, dict)
+            and "first" in state
+            and (first is None or isinstance(first, number))
+            and isinstance(history, list)
+            and all(isinstance(v, number) for v in history)
+        ):
+            raise ValueError(
+                f"trainer_state.json: divergence_guard={state!r} is invalid: needs 'first' (a number or null) and "
+                "'history' (a list of numbers), as DivergenceGuard.state_dict writes them"
+            )
+        self.first = None if first is None else float(first)
+        self.history = deque((float(v) for v in history), maxlen=SPIKE_WINDOW)
 
     def check(
         self, step: int, loss: Tensor, aux_loss: Tensor, grad_norm: Tensor | None, accelerator: Accelerator

@@ -5,8 +5,10 @@ Shapes: V vocab, D d_model, F FFN / expert hidden width, E experts.
 
 Configs are read and written as plain JSON (transformers is not a dependency of moekit); weights go
 through safetensors only, shard by shard (:mod:`moekit.core.hf_io`). Tensors keep their dtype unless a
-``dtype`` is asked for. Anything that would convert silently wrong is refused, naming the HF config field
-and its value (HF -> moekit) or the ``ModelConfig`` field (moekit -> HF).
+``dtype`` is asked for, which every floating tensor gets except those transformers keeps in float32 in any
+dtype (``Family.fp32_tensors``: DeepSeek's router weight, V3's correction bias). Anything that would
+convert silently wrong is refused, naming the HF config field and its value (HF -> moekit) or the
+``ModelConfig`` field (moekit -> HF).
 
 Training-only fields do not travel exactly: HF dropouts and ``router_jitter_noise`` are dropped, moekit's
 ``dropout``/``z_loss_coef`` are not exported. The load-balance coefficient is rescaled (see
@@ -247,7 +249,8 @@ def hf_to_moekit(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | N
     """Convert an HF folder into moekit's ``save_pretrained`` layout; returns the config.
 
     ``out_dir`` must be new or empty and outside ``hf_dir``; it appears complete or not at all. Tensors keep
-    their dtype unless ``dtype`` is given. Memory: the model plus about one shard.
+    their dtype unless ``dtype`` is given (DeepSeek's router stays float32, as in transformers). Memory: the
+    model plus about one shard.
     """
     with atomic_folder(out_dir, hf_dir) as tmp:
         cfg, fam, hf_cfg, sd = _read_hf(hf_dir, dtype)
@@ -335,7 +338,8 @@ def save_hf(
 
 def load_hf(hf_dir: str | Path, dtype: torch.dtype | None = None) -> Transformer:
     """A :class:`Transformer` with the weights of an HF folder, in the checkpoint's dtype unless ``dtype``; each
-    tensor keeps its own (DeepSeek's bf16 checkpoints hold the router and its bias in float32)."""
+    tensor keeps its own (DeepSeek's bf16 checkpoints hold the router and its bias in float32, and a ``dtype``
+    leaves them so)."""
     cfg, _, _, sd = _read_hf(hf_dir, dtype)
     model = Transformer(cfg).to(sd["embed.weight"].dtype)
     for name, t in model.state_dict(keep_vars=True).items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -208,8 +209,9 @@ def _window_from_hf(hf: dict[str, Any], fam: Family) -> int | None:
     return window
 
 
-def _attention_from_hf(hf: dict[str, Any], fam: Family) -> dict[str, Any]:
-    """ModelConfig's attention fields for ``hf`` (class defaults filled in)."""
+def _attention_from_hf(hf: dict[str, Any], fam: Family, given: Iterable[str] = ()) -> dict[str, Any]:
+    """ModelConfig's attention fields for ``hf`` (class defaults filled in; ``given``: the fields config.json
+    itself holds, for the error messages)."""
     if fam.deepseek is not None:  # head_dim is transformers' rotary width there, not a head size
         return dict(mla=mla_from_hf(hf, fam), n_kv_heads=hf["num_attention_heads"])
     d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
@@ -226,8 +228,12 @@ def _attention_from_hf(hf: dict[str, Any], fam: Family) -> dict[str, Any]:
         flag, scope = fam.bias
         on = True if flag is None else bool(hf.get(flag, False))
         qkv_bias, out_bias = on, on and scope == "all"
+    n_kv_heads = hf.get("num_key_value_heads") or n_heads
+    if n_heads % n_kv_heads:
+        absent = "" if "num_key_value_heads" in given else f" (absent from config.json: {fam.title}'s class default)"
+        refuse("num_key_value_heads", n_kv_heads, f"must divide num_attention_heads={n_heads}{absent}")
     return dict(
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        n_kv_heads=n_kv_heads,
         head_dim=head_dim,
         qkv_bias=qkv_bias,
         out_bias=out_bias,
@@ -262,7 +268,7 @@ def config_from_hf(hf_cfg: dict[str, Any]) -> ModelConfig:
         init_std=float(hf["initializer_range"]),
         moe=_moe_from_hf(hf_cfg, hf, fam),
         sliding_window=_window_from_hf(hf, fam),
-        **_attention_from_hf(hf, fam),
+        **_attention_from_hf(hf, fam, hf_cfg.keys()),
         **_scales_from_hf(hf, fam),
     )
 

@@ -458,16 +458,12 @@ class Trainer:
         return metrics
 
     def _write_extra_state(self, folder: Path) -> Collection[str]:
-        keys: list[str] = []
-        for ext in self.extensions:
-            keys += ext.save_state(self.unwrapped_model, self.optimizer, folder, self.ctx)
-        return keys
+        model, opt, ctx = self.unwrapped_model, self.optimizer, self.ctx
+        return [key for ext in self.extensions for key in ext.save_state(model, opt, folder, ctx)]
 
     def _read_extra_state(self, folder: Path) -> Collection[str]:
-        keys: list[str] = []
-        for ext in self.extensions:
-            keys += ext.load_state(self.unwrapped_model, self.optimizer, folder, self.ctx)
-        return keys
+        model, opt, ctx = self.unwrapped_model, self.optimizer, self.ctx
+        return [key for ext in self.extensions for key in ext.load_state(model, opt, folder, ctx)]
 
     def _log(self, metrics: dict[str, Any]) -> None:
         # elapsed training seconds (eval/save excluded) as of the last train log event, for time axes

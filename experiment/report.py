@@ -59,14 +59,16 @@ def headline(rows: list[Row], task: TaskAdapter | None = None) -> str:
     task's own sentence (e.g. held-out accuracy). Diverged runs are left out (the verdicts say so)."""
     rows = [r for r in rows if not diverged(r)]
     groups = group_rows(rows)
-    if "dense" not in groups or (best := best_moe(groups)) is None:
+    if "dense" not in groups or best_moe(groups) is None:
         return f"No {'MoE run' if 'dense' in groups else 'dense baseline'} finished training."
-    # Paired by seed (same data order and init seed): every number below comes from the seeds both finished,
-    # so the means and their difference describe the same runs.
-    paired = {r["seed"] for r in groups["dense"]} & {r["seed"] for r in groups[best]}
-    if not paired:
-        return f"No seed finished training for both the dense twin and {best}: nothing to compare."
-    dense, moe = ([r for r in groups[g] if r["seed"] in paired] for g in ("dense", best))
+    # Paired by seed (same data order and init seed): the best MoE is chosen on, and every number below comes
+    # from, the seeds both it and the dense twin finished, so the means and their difference describe the same runs.
+    dense_seeds = {r["seed"] for r in groups["dense"]}
+    paired_groups = {n: [r for r in rs if r["seed"] in dense_seeds] for n, rs in groups.items() if n != "dense"}
+    if (best := best_moe({n: rs for n, rs in paired_groups.items() if rs})) is None:
+        return "No seed finished training for both the dense twin and any MoE model: nothing to compare."
+    moe = paired_groups[best]
+    dense = [r for r in groups["dense"] if r["seed"] in {r["seed"] for r in moe}]
     (d_mean, d_sd), (m_mean, m_sd) = (mean_spread([r["final_val_loss"] for r in g]) for g in (dense, moe))
     by_seed = {r["seed"]: r["final_val_loss"] for r in dense}
     diffs = [r["final_val_loss"] - by_seed[r["seed"]] for r in moe]
@@ -75,7 +77,7 @@ def headline(rows: list[Row], task: TaskAdapter | None = None) -> str:
         f"At matched active compute ({moe[0]['flops_per_token'] / 1e6:.2f} vs {dense[0]['flops_per_token'] / 1e6:.2f}"
         f" MFLOPs/token) and {moe[0]['tokens_trained']:,} training tokens, the {best} model"
     )
-    extra = f" {task.headline(rows)}".rstrip() if task is not None else ""
+    extra = f" {task.headline(dense + moe)}".rstrip() if task is not None else ""
     if len(diffs) < 2:  # one seed has no spread: report the gap without a verdict
         return (
             f"{head} reached a {'lower' if diff < 0 else 'higher'} validation loss than its dense twin on a single "

@@ -37,8 +37,8 @@ class MoELayer(nn.Module):
     plus ``cfg.num_shared_experts`` always-active shared experts.
 
     ``forward(x_btd, token_mask=None, group_ids=None) -> MoEOutput``. Padded tokens (``token_mask``
-    False) are never routed, use no capacity and do not enter the losses; their routed output is zero
-    (shared experts still apply) and their state, whatever it is (NaN included), reaches no real token's
+    False) are never routed, use no capacity and do not enter the losses; their output is zero (the shared
+    experts see them zeroed too) and their state, whatever it is (NaN included), reaches no real token's
     output, no loss and no gradient but their own. Weights start at normal(0, init_std); output projections
     (``w_down``) at normal(0, out_init_std), default ``init_std`` (a dense model of L layers usually
     passes ``init_std / sqrt(2 * L)``).
@@ -201,7 +201,7 @@ class MoELayer(nn.Module):
         routing = self.route(xr_nd, mask_n, group_n)
         y_nd, keep_a = self.dispatch(xr_nd, routing)
         if self.shared is not None:
-            y_nd = y_nd + self.shared_output(x_nd)
+            y_nd = y_nd + self.shared_output(xr_nd)
         aux, losses = self._losses(routing, mask_n, group_n)
 
         if self.training:

@@ -451,13 +451,6 @@ def measure_families(tmp: Path) -> list[tuple[str, str, float, float, bool]]:
     return [(family, *measure(hf_model(family, tied=family in TIED), tmp / family)) for family in sorted(FAMILIES)]
 
 
-if __name__ == "__main__":  # prints the README's table: python tests/test_hf_families.py
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        print_table(measure_families(Path(tmp)))
-
-
 @pytest.mark.parametrize(
     "family", ["llama", "mistral", "phi3", "mixtral", "qwen2", "qwen3", "qwen3_moe", "olmoe", "qwen2_moe"]
 )
@@ -472,3 +465,19 @@ def test_a_config_json_without_num_key_value_heads_gets_the_class_default(family
     d = config_cls(**kwargs).to_dict()
     expected = d.pop("num_key_value_heads")
     assert config_from_hf(d).n_kv_heads == expected
+
+
+def test_an_absent_num_key_value_heads_that_does_not_fit_is_refused_naming_the_hf_field():
+    d = transformers.Qwen2Config(**{**SHAPE, "num_attention_heads": 14, "hidden_size": 56}).to_dict()
+    d.pop("num_key_value_heads")
+    with pytest.raises(ValueError, match=r"num_key_value_heads=32 .*num_attention_heads=14 \(absent from config.json"):
+        config_from_hf(d)
+    with pytest.raises(ValueError, match=r"num_key_value_heads=4 .*must divide num_attention_heads=14$"):
+        config_from_hf({**d, "num_key_value_heads": 4})
+
+
+if __name__ == "__main__":  # prints the README's table: python tests/test_hf_families.py
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        print_table(measure_families(Path(tmp)))

@@ -370,11 +370,13 @@ def test_sorted_autograd_double_backward_equals_reference():
 @pytest.mark.parametrize("impl", ["sorted", "sorted_autograd", "padded_bmm", "grouped_mm", "reference"])
 def test_padded_token_state_never_reaches_the_output(impl: str, router: str):
     """A masked-out token's hidden state may be anything (NaN from an empty attention row): it reaches no real
-    token's output, no loss and no gradient (grouped_mm: d_expert 8, so the kernel runs where it can)."""
+    token's output, no loss and no gradient, the shared expert's and its gate's included (grouped_mm: d_expert
+    8, so the kernel runs where it can)."""
     cap = 1.0 if router == "expert_choice" else None
     cfg = MoEConfig(
-        num_experts=4, top_k=2, d_expert=8, router=router, capacity_factor=cap, z_loss_coef=0.01, local_entropy_coef=0.1
-    )
+        num_experts=4, top_k=2, d_expert=8, router=router, capacity_factor=cap, z_loss_coef=0.01,
+        local_entropy_coef=0.1, num_shared_experts=1, shared_gate=True,
+    )  # fmt: skip
     torch.default_generator.manual_seed(0)
     layer = MoELayer(D, cfg, dispatch=impl)
     x = torch.randn(2, 5, D)
@@ -383,7 +385,7 @@ def test_padded_token_state_never_reaches_the_output(impl: str, router: str):
     mask[0, 0] = False
     x.requires_grad_(True)
     out = layer(x, token_mask=mask)
-    assert torch.isfinite(out.y[mask]).all()
+    assert torch.isfinite(out.y[mask]).all() and (out.y[0, 0] == 0).all()  # padding's output: zero
     assert all(torch.isfinite(v) for v in out.losses.values()), out.losses
     assert torch.isfinite(out.stats.router_entropy)
     (out.y[mask].sum() + out.aux_loss).backward()

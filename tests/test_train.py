@@ -313,6 +313,19 @@ def test_the_divergence_guard_resumes_with_its_baseline(tmp_path, data):
     assert got["first"] == pytest.approx(want["first"]) and got["history"] == pytest.approx(want["history"])
 
 
+@pytest.mark.parametrize(
+    "state", [{"history": []}, {"first": "x", "history": []}, {"first": 1.0, "history": [1.0, None]}, [1.0]]
+)
+def test_a_malformed_divergence_guard_state_is_refused_naming_the_field(state):
+    from moekit.core.guard import DivergenceGuard
+
+    with pytest.raises(ValueError, match=r"trainer_state\.json: divergence_guard=.* needs 'first'"):
+        DivergenceGuard(3.0).load_state_dict(state)
+    guard = DivergenceGuard(3.0)
+    guard.load_state_dict({"first": 2, "history": [2.5, 3]})
+    assert guard.first == 2.0 and list(guard.history) == [2.5, 3.0]
+
+
 def test_interrupted_save_leaves_last_checkpoint_usable(tmp_path, data):
     cfg = _cfg(steps=6, eval_every=0)
     first = _trainer(tmp_path, data, cfg)
