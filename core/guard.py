@@ -67,14 +67,17 @@ class DivergenceGuard:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (the checkpoint's ``trainer_state.json``, key ``divergence_guard``)."""
-        number = (int, float)
+
+        def number(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
         first, history = (state.get("first"), state.get("history")) if isinstance(state, dict) else (None, None)
         if not (
             isinstance(state, dict)
             and "first" in state
-            and (first is None or isinstance(first, number))
+            and (first is None or number(first))
             and isinstance(history, list)
-            and all(isinstance(v, number) for v in history)
+            and all(number(v) for v in history)
         ):
             raise ValueError(
                 f"trainer_state.json: divergence_guard={state!r} is invalid: needs 'first' (a number or null) and "

@@ -5,8 +5,8 @@ Shapes: V vocab, D d_model, F FFN / expert hidden width, E experts.
 
 Configs are read and written as plain JSON (transformers is not a dependency of moekit); weights go
 through safetensors only, shard by shard (:mod:`moekit.core.hf_io`). Tensors keep their dtype unless a
-``dtype`` is asked for, which every floating tensor gets except those transformers keeps in float32 in any
-dtype (``Family.fp32_tensors``: DeepSeek's router weight, V3's correction bias). Anything that would
+``dtype`` is asked for, which every floating tensor gets except those transformers keeps in float32 in fp16
+and bf16 (``Family.fp32_tensors``: DeepSeek's router weight, V3's correction bias). Anything that would
 convert silently wrong is refused, naming the HF config field and its value (HF -> moekit) or the
 ``ModelConfig`` field (moekit -> HF).
 
@@ -109,10 +109,12 @@ def _plan(cfg: ModelConfig, fam: Family, hf_names: set[str] | None) -> list[tupl
 
 
 def _cast(name: str, t: Tensor, dtype: torch.dtype | None, fp32_suffixes: tuple[str, ...]) -> Tensor:
-    """``t`` in ``dtype`` (None: as stored); the family's float32-kept tensors go to float32 instead."""
+    """``t`` in ``dtype`` (None: as stored); in a half dtype the family's float32-kept tensors go to float32
+    instead (transformers keeps them so for fp16/bf16 only)."""
     if dtype is None or not t.is_floating_point():
         return t
-    return t.to(torch.float32 if name.endswith(fp32_suffixes) else dtype)
+    kept = dtype in (torch.float16, torch.bfloat16) and name.endswith(fp32_suffixes)
+    return t.to(torch.float32 if kept else dtype)
 
 
 def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -249,8 +251,8 @@ def hf_to_moekit(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | N
     """Convert an HF folder into moekit's ``save_pretrained`` layout; returns the config.
 
     ``out_dir`` must be new or empty and outside ``hf_dir``; it appears complete or not at all. Tensors keep
-    their dtype unless ``dtype`` is given (DeepSeek's router stays float32, as in transformers). Memory: the
-    model plus about one shard.
+    their dtype unless ``dtype`` is given (in fp16/bf16 DeepSeek's router stays float32, as in transformers).
+    Memory: the model plus about one shard.
     """
     with atomic_folder(out_dir, hf_dir) as tmp:
         cfg, fam, hf_cfg, sd = _read_hf(hf_dir, dtype)

@@ -133,8 +133,8 @@ class Family:
     # Tensors of layers past num_hidden_layers are not read (DeepSeek-V3's multi-token-prediction modules,
     # which transformers ignores too); a round trip does not write them back.
     extra_layers_ignored: bool = False
-    # (moekit, HF) name suffixes of tensors transformers keeps in float32 whatever dtype the model is loaded
-    # in (its _keep_in_fp32_modules_strict): an explicit --dtype leaves them float32, both ways.
+    # (moekit, HF) name suffixes of tensors transformers keeps in float32 when the model is loaded in fp16 or
+    # bf16 (its _keep_in_fp32_modules_strict): such a --dtype leaves them float32, both ways.
     fp32_tensors: tuple[tuple[str, str], ...] = ()
     missing: str | None = None
     note: str = ""  # what converts, for --help

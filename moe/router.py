@@ -57,7 +57,8 @@ def group_limited(select_ne: Tensor, n_group: int, topk_group: int, group_score:
     """DeepSeek group-limited selection: ``select_ne`` with every expert outside each token's ``topk_group``
     best groups set to ``-inf``. A group's score is its best selection score (``'max'``, V2) or the sum of its
     two best (``'top2_sum'``, V3). Exact ties between groups or experts go to ``torch.topk``'s choice, which is
-    also what transformers' DeepSeek routers use."""
+    also what transformers' DeepSeek routers use. transformers' V2 router fills the masked experts with 0.0
+    rather than ``-inf``: the same choice, since its softmax scores are positive."""
     n, e = select_ne.shape
     sel_ngm = select_ne.view(n, n_group, e // n_group)  # [N, Gx, M]
     if group_score == "max":

@@ -187,6 +187,17 @@ def test_explicit_dtype_keeps_the_router_in_float32_as_transformers_does(tmp_pat
         assert {n: t.dtype for n, t in load_hf_state_dict(tmp_path / out).items()} == theirs
 
 
+def test_a_float_dtype_wider_than_half_casts_the_router_too():
+    """transformers keeps the router in float32 for fp16/bf16 loads only: float64 casts it like the rest."""
+    from moekit.core.hf import _cast
+
+    w = torch.zeros(2, 2)
+    keep = ("ffn.router.weight",)
+    assert _cast("layers.1.ffn.router.weight", w, torch.float64, keep).dtype == torch.float64
+    assert _cast("layers.1.ffn.router.weight", w, torch.float16, keep).dtype == torch.float32
+    assert _cast("layers.1.attn.kv_b_proj.weight", w, torch.float16, keep).dtype == torch.float16
+
+
 def _hf_config(case: str, **changes) -> dict:
     cls, extra = CASES[case]
     config_cls = transformers.DeepseekV3Config if cls is V3 else transformers.DeepseekV2Config

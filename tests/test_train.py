@@ -314,7 +314,8 @@ def test_the_divergence_guard_resumes_with_its_baseline(tmp_path, data):
 
 
 @pytest.mark.parametrize(
-    "state", [{"history": []}, {"first": "x", "history": []}, {"first": 1.0, "history": [1.0, None]}, [1.0]]
+    "state",
+    [{"history": []}, {"first": "x", "history": []}, {"first": 1.0, "history": [1.0, None]}, [1.0], {"first": True}],
 )
 def test_a_malformed_divergence_guard_state_is_refused_naming_the_field(state):
     from moekit.core.guard import DivergenceGuard
