@@ -77,14 +77,45 @@ def generate(
         raise ValueError(f"input_ids has T={T} prompt tokens > ModelConfig.max_seq_len={max_len}")
     if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
         raise ValueError(f"attention_mask must be [B, T]=[{B}, {T}] like input_ids; got {tuple(attention_mask.shape)}")
+    if attention_mask is not None and T > 0:
+        real_bt = attention_mask.bool()
+        # Right padding would predict the first new token from a pad's logits and append after the pads.
+        bad = (real_bt[:, 1:] < real_bt[:, :-1]).any(-1) | ~real_bt[:, -1]  # [B]: a 0 after a 1, or no 1 at all
+        if bool(bad.any()):
+            raise ValueError(
+                f"attention_mask must be left padding (0s, then 1s, at least one 1 per row); rows "
+                f"{bad.nonzero().flatten().tolist()} are not"
+            )
     was_training = model.training
     model.eval()
+    try:
+        return _decode(
+            model, input_ids, attention_mask, min(max_new_tokens, max_len - T), temperature, top_k, top_p,
+            eos_token_id, pad_token_id, generator,
+        )  # fmt: skip
+    finally:
+        model.train(was_training)
+
+
+def _decode(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """:func:`generate`'s loop on checked arguments (``max_new_tokens`` already capped at max_seq_len)."""
+    B, T = input_ids.shape
     device = input_ids.device
     if attention_mask is None:
         attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
     attention_mask = attention_mask.long()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at 0
-    max_new_tokens = min(max_new_tokens, max_len - T)
 
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
     cache = out.past_key_values
@@ -117,7 +148,6 @@ def generate(
         cache = out.past_key_values
         next_logits = out.logits[:, -1]
         next_pos = next_pos + 1
-    model.train(was_training)
     return torch.cat(tokens, dim=1)
 
 

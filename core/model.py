@@ -226,6 +226,8 @@ class Transformer(nn.Module):
         _check_like_bt("position_ids", position_ids, B, T, batch_may_broadcast=True)
         for name, t in (("labels", labels), ("group_ids", group_ids), ("token_mask", token_mask)):
             _check_like_bt(name, t, B, T)
+        if labels is not None and (labels.is_floating_point() or labels.dtype == torch.bool):
+            raise ValueError(f"labels must be integer token ids ({IGNORE_INDEX} = ignored); got dtype {labels.dtype}")
         x_btd = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         if self.cfg.embed_scale != 1.0:  # on inputs_embeds too, as transformers' Granite does
             x_btd = x_btd * self.cfg.embed_scale

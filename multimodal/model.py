@@ -101,6 +101,13 @@ class MultimodalLM(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> ModelOutput:
         """Core ``ModelOutput`` (``loss`` over text targets only; add ``aux_loss`` for MoE cores)."""
+        needed = ["input_ids", "attention_mask", "modality_ids"] + (["audio_lengths"] if "audio" in batch else [])
+        missing = [k for k in needed if k not in batch]
+        if missing:  # without modality_ids media tokens would route and report as text (group 0)
+            raise ValueError(
+                f"MultimodalLM: the batch has no {missing} (needs {needed}, as moekit.multimodal.build_batch "
+                f"makes them; it has {sorted(batch)})"
+            )
         mask = batch.get("attention_mask_4d")
         if mask is None and self.cfg.bidirectional_media:
             mask = media_attention_mask(batch["modality_ids"], batch["attention_mask"], bidirectional=True)

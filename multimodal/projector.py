@@ -18,7 +18,12 @@ from moekit.multimodal.config import ProjectorConfig
 
 
 def masked_adaptive_avg_pool(x_nld: Tensor, lengths_n: Tensor, num_out: int) -> Tensor:
-    """Per item, ``adaptive_avg_pool1d`` over its first ``lengths_n[i]`` tokens -> ``[N, num_out, Di]``."""
+    """Per item, ``adaptive_avg_pool1d`` over its first ``lengths_n[i]`` tokens -> ``[N, num_out, Di]``.
+
+    The prefix sums run in float32 at least (in bf16 they would lose the small terms to the running total:
+    errors near 1.0 on values around 3 at L=200) and the result comes back in ``x_nld``'s dtype."""
+    out_dtype = x_nld.dtype
+    x_nld = x_nld.to(torch.promote_types(out_dtype, torch.float32))
     N, _, Di = x_nld.shape
     m = torch.arange(num_out, device=x_nld.device)[None, :]  # [1, M]
     ln = lengths_n[:, None]  # [N, 1]
@@ -27,7 +32,7 @@ def masked_adaptive_avg_pool(x_nld: Tensor, lengths_n: Tensor, num_out: int) -> 
     csum = torch.cat([x_nld.new_zeros(N, 1, Di), x_nld.cumsum(dim=1)], dim=1)  # [N, L+1, Di]
     end = csum.gather(1, end_nm[..., None].expand(-1, -1, Di))  # [N, M, Di]
     sums = end - csum.gather(1, start_nm[..., None].expand(-1, -1, Di))
-    return sums / (end_nm - start_nm)[..., None].to(x_nld.dtype)
+    return (sums / (end_nm - start_nm)[..., None].to(x_nld.dtype)).to(out_dtype)
 
 
 class Projector(nn.Module):

@@ -114,6 +114,8 @@ def _lay_out_part(part: Part, tok: ByteTokenizer, layout: TokenLayout) -> tuple[
         ids = tok.encode(part.text) if isinstance(part.text, str) else part.text.to(torch.long).reshape(-1)
         if bool(((ids >= tok.IMAGE) & (ids <= tok.AUDIO_END)).any()):
             raise ValueError("build_batch: a TextPart contains media placeholder/marker ids (259..264)")
+        if bool(((ids == tok.PAD) | (ids == tok.BOS)).any()):  # a PAD would become a target label
+            raise ValueError(f"build_batch: a TextPart contains PAD ({tok.PAD}) or BOS ({tok.BOS}) ids")
         if part.eos:
             ids = torch.cat([ids, torch.tensor([tok.EOS])])
         return ids, torch.full(ids.shape, part.target, dtype=torch.bool), torch.zeros_like(ids), None
@@ -172,9 +174,12 @@ def build_batch(
         lengths.append(sum(p[0].numel() for p in parts))
 
     lengths_b = torch.tensor(lengths)
-    T = -(-int(lengths_b.max()) // pad_to_multiple_of) * pad_to_multiple_of
-    if max_len is not None and T > max_len:
-        raise ValueError(f"build_batch: longest sample needs {T} tokens > max_len={max_len}")
+    longest = int(lengths_b.max())
+    if max_len is not None and longest > max_len:
+        raise ValueError(f"build_batch: longest sample needs {longest} tokens > max_len={max_len}")
+    T = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    if max_len is not None:
+        T = min(T, max_len)  # a sample that fits never fails for the rounding
     valid_bt = torch.arange(T)[None, :] < lengths_b[:, None]  # [B, T]
     # Boolean assignment fills row-major, which is the order of the concatenated parts.
     input_ids = torch.full((len(samples), T), tok.PAD, dtype=torch.long)

@@ -127,6 +127,12 @@ def test_forward_refuses_misshaped_per_token_tensors(model, name):
         model(ids(), **{name: torch.zeros(2, 4, dtype=torch.long)})
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_forward_refuses_labels_that_are_not_token_ids(model, dtype):
+    with pytest.raises(ValueError, match=rf"labels must be integer token ids \(-100 = ignored\); got dtype {dtype}"):
+        model(ids(), labels=torch.zeros(2, 5, dtype=dtype))
+
+
 def test_forward_refuses_a_cache_of_another_depth(model):
     cache = model(ids(), use_cache=True).past_key_values
     with pytest.raises(ValueError, match=r"past_key_values has 1 layers; the model has n_layers=2"):
@@ -151,11 +157,38 @@ def test_forward_refuses_a_cache_of_another_depth(model):
         (torch.zeros(1, 3, dtype=torch.long), dict(temperature=math.nan), r"temperature=nan must be a finite"),
         (torch.zeros(1, 3, dtype=torch.long), dict(top_p=0.0), r"top_p=0.0 must be None or in \(0, 1\]"),
         (torch.zeros(1, 3, dtype=torch.long), dict(top_k=-1), r"top_k=-1 must be None or >= 0"),
+        (  # right padding: the first new token would come from a pad's logits
+            torch.zeros(2, 3, dtype=torch.long),
+            dict(attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]])),
+            r"attention_mask must be left padding .* rows \[1\] are not",
+        ),
+        (
+            torch.zeros(2, 3, dtype=torch.long),
+            dict(attention_mask=torch.tensor([[0, 0, 0], [0, 1, 1]])),
+            r"attention_mask must be left padding .* rows \[0\] are not",
+        ),
+        (
+            torch.zeros(1, 4, dtype=torch.long),
+            dict(attention_mask=torch.tensor([[0, 1, 0, 1]])),
+            r"attention_mask must be left padding .* rows \[0\] are not",
+        ),
     ],
 )
 def test_generate_refuses_bad_arguments(model, prompt, kw, match):
     with pytest.raises(ValueError, match=match):
         generate(model, prompt, max_new_tokens=2, **kw)
+
+
+def test_generate_restores_training_mode_when_the_forward_raises(monkeypatch):
+    model = Transformer(tiny()).train()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(model, "forward", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        generate(model, torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2)
+    assert model.training
 
 
 # ---------------------------------------------------------------- audio

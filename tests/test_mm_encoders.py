@@ -290,6 +290,17 @@ def test_masked_pool_matches_adaptive_avg_pool_per_item():
     assert bool((g[1, 7:] == 0).all())  # padding gets no gradient
 
 
+def test_masked_pool_of_bf16_tokens_is_as_exact_as_bf16_allows():
+    """A whole-model bf16 cast pools bf16 tokens: within bf16's rounding of the float32 result, not off by ~1."""
+    torch.manual_seed(0)
+    x = (3 + torch.randn(2, 200, 8)).bfloat16()
+    lengths = torch.tensor([200, 150])
+    out = masked_adaptive_avg_pool(x, lengths, 50)
+    ref = masked_adaptive_avg_pool(x.float(), lengths, 50)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("kind,kw", [("linear", {}), ("mlp", {"hidden": 12}), ("mlp", {}), ("pool", {"num_tokens": 3})])
 def test_projector_shapes_params_flops(kind, kw):
     proj = Projector(ProjectorConfig(kind=kind, **kw), in_dim=16, out_dim=8)

@@ -165,3 +165,13 @@ def test_model_rejects_small_vocab_and_missing_modality():
     assert model.audio_encoder is None and model.layout.audio_tokens is None
     with pytest.raises(ValueError, match="takes no audio"):
         model.build_batch(synthetic_samples())
+
+
+@pytest.mark.parametrize("key", ["attention_mask", "modality_ids", "audio_lengths"])
+def test_a_batch_missing_a_key_is_refused_naming_it(key):
+    """Without modality_ids the media tokens would silently route as text; the others would be a bare KeyError."""
+    torch.manual_seed(0)
+    model = MultimodalLM(tiny_cfg())
+    batch = {k: v for k, v in model.build_batch(synthetic_samples()).items() if k != key}
+    with pytest.raises(ValueError, match=rf"MultimodalLM: the batch has no \['{key}'\]"):
+        model(batch)

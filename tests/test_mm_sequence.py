@@ -108,6 +108,19 @@ def test_build_batch_resamples_audio_and_rejects_bad_input():
         build_batch([], TOK, LAYOUT)
     with pytest.raises(ValueError, match="placeholder/marker ids"):
         build_batch([Sample((TextPart(torch.tensor([65, IMG, 66])),))], TOK, LAYOUT)
+    for special in (TOK.PAD, TOK.BOS):  # a PAD inside text would become a target label
+        with pytest.raises(ValueError, match=r"PAD \(256\) or BOS \(257\) ids"):
+            build_batch([Sample((TextPart(torch.tensor([65, special])),))], TOK, LAYOUT)
+
+
+def test_rounding_up_to_a_multiple_never_refuses_a_sample_that_fits():
+    """max_len is checked on the longest sample, then the rounded length is capped at it."""
+    fits = [Sample((TextPart("x" * 150),))]  # 151 tokens with BOS
+    batch = build_batch(fits, TOK, LAYOUT, max_len=160, pad_to_multiple_of=64)
+    assert batch["input_ids"].shape == (1, 160) and int(batch["attention_mask"].sum()) == 151
+    assert build_batch(fits, TOK, LAYOUT, max_len=512, pad_to_multiple_of=64)["input_ids"].shape == (1, 192)
+    with pytest.raises(ValueError, match="longest sample needs 151 tokens > max_len=150"):
+        build_batch(fits, TOK, LAYOUT, max_len=150, pad_to_multiple_of=64)
 
 
 def test_splice_lands_exactly_on_placeholders():
