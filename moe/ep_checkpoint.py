@@ -63,7 +63,9 @@ def routed_expert_weights(model: nn.Module) -> list[tuple[str, nn.Parameter, int
     return out
 
 
-def local_expert_range(num_experts: int, local_rows: int, groups: ExpertParallelGroups | None) -> tuple[int, int]:
+def local_expert_range(
+    num_experts: int, local_rows: int, groups: ExpertParallelGroups | None, name: str = "an expert tensor"
+) -> tuple[int, int]:
     """``[first, end)`` of the global experts a tensor with ``local_rows`` leading rows holds on this rank.
 
     ``local_rows == num_experts``: not sharded, all of them. Otherwise it must be this rank's EP slice.
@@ -71,8 +73,12 @@ def local_expert_range(num_experts: int, local_rows: int, groups: ExpertParallel
     if local_rows == num_experts:
         return 0, num_experts
     if groups is None or local_rows * groups.ep_size != num_experts:
-        size = "no groups" if groups is None else f"expert_parallel_size={groups.ep_size}"
-        raise ValueError(f"an expert tensor with {local_rows} of {num_experts} experts does not fit {size}")
+        layout = (
+            "no expert parallelism (it would hold all of them)"
+            if groups is None
+            else f"ParallelConfig.expert_parallel_size={groups.ep_size} ({num_experts // groups.ep_size} per rank)"
+        )
+        raise ValueError(f"{name} holds {local_rows} of {num_experts} experts, which does not fit {layout}")
     return groups.expert_range(num_experts)
 
 
@@ -152,7 +158,7 @@ def load_expert_state(
                 f"only in the model {sorted(names - saved)}"
             )
         for name, p, num_experts in weights:
-            lo, hi = local_expert_range(num_experts, p.shape[0], groups)
+            lo, hi = local_expert_range(num_experts, p.shape[0], groups, name)
             _check_shape(f, name, (num_experts, *p.shape[1:]), path)
             p.copy_(f.get_slice(name)[lo:hi])
             if optimizer is None:
@@ -163,14 +169,17 @@ def load_expert_state(
                 old = optimizer.state[p].get(key[len(prefix) :])
                 dtype = old.dtype if torch.is_tensor(old) else p.dtype
                 optimizer.state[p][key[len(prefix) :]] = f.get_slice(key)[lo:hi].to(device=p.device, dtype=dtype)
-            stale = [
+            # A parameter-shaped state tensor the file lacks came from the other checkpoint file, which holds
+            # rank 0's slice: kept, it would silently give every other rank rank 0's moments.
+            missing = [
                 k
                 for k, v in optimizer.state.get(p, {}).items()
-                if torch.is_tensor(v) and v.dim() == p.dim() and v.shape != p.shape
+                if torch.is_tensor(v) and v.dim() == p.dim() and prefix + k not in keys
             ]
-            if stale:
+            if missing:
                 raise ValueError(
-                    f"{path} has no {name}{STATE_SEP}{stale[0]}, and the optimizer's copy is another slice's"
+                    f"{path} has no {name}{STATE_SEP}{missing[0]}, and the optimizer's copy is another slice's "
+                    "(save with the optimizer to restore it)"
                 )
     return sorted(names)
 

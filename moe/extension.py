@@ -18,8 +18,11 @@ Trainer) and does nothing on a model without MoE layers, so wiring code may alwa
   expert parallelism), where they are ordinary sharded parameters that FSDP's own checkpoint holds.
 - ``full_model``: gathers the expert shards into a single-process copy on rank 0, whose layers compute
   ``balance_scope='global'`` locally (no collective can run on rank 0 alone).
-- ``step_metrics``: routing telemetry of the last training micro-batch (this rank's view): the
-  ``summarize_routing`` scalars plus ``moe_layers``, one ``RoutingStats.to_dict()`` per MoE layer.
+- ``step_metrics``: routing telemetry of the last training micro-batch of every process, reduced over the
+  processes (counts summed, entropies token-weighted; dead experts: those no process used for
+  ``dead_expert_window`` forwards), so it describes the step's tokens, not rank 0's share; with gradient
+  accumulation, the last micro-batch's. The ``summarize_routing`` scalars plus ``moe_layers``, one
+  ``RoutingStats.to_dict()`` per MoE layer. Collective: every process calls it, as the Trainer's logging does.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from moekit.moe.parallel import (
     exclude_experts_from_ddp,
     init_expert_parallel,
 )
-from moekit.moe.telemetry import RoutingStats, summarize_routing
+from moekit.moe.telemetry import RoutingStats, reduce_across_processes, summarize_routing
 
 __all__ = ["MoEExtension", "check_bias_scope"]
 
@@ -142,9 +145,16 @@ class MoEExtension:
             update_router_biases(model)
 
     def step_metrics(self, model: nn.Module, ctx: Any) -> dict[str, Any]:
-        stats = [slot.stats for slot in self._last_stats if slot.stats is not None]
-        if not stats:
+        parts = [
+            (layer, slot.stats) for (_, layer), slot in zip(self._layers, self._last_stats) if slot.stats is not None
+        ]
+        if not parts:
             return {}
+        stats = reduce_across_processes(
+            [s for _, s in parts],
+            [layer.steps_since_used for layer, _ in parts],
+            [layer.cfg.dead_expert_window for layer, _ in parts],
+        )
         out: dict[str, Any] = dict(summarize_routing(stats))
         out["moe_layers"] = [s.to_dict() for s in stats]
         return out

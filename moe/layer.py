@@ -129,8 +129,14 @@ class MoELayer(nn.Module):
         return auto_dispatch(x.device, dtype, rows, self.d_model, grouped_ok, num_experts=self.cfg.num_experts)
 
     def dispatch(self, x_nd: Tensor, routing: Routing, impl: str | None = None) -> tuple[Tensor, Tensor]:
-        """Routed-expert output ``[N, D]`` and ``keep_a [A]`` for a routing decision."""
+        """Routed-expert output ``[N, D]`` and ``keep_a [A]`` for a routing decision (``impl``: one of
+        DISPATCH_IMPLS, default the layer's own; a sharded layer runs its expert-parallel dispatch)."""
         if self.expert_parallel is not None:  # sharded experts: only the hook can run them
+            if impl is not None:
+                raise ValueError(
+                    f"MoELayer.dispatch(impl={impl!r}) on an expert-parallel layer: it runs the layer's own "
+                    "dispatch (MoELayer(dispatch=...), set_dispatch or ParallelConfig.dispatch)"
+                )
             return self.expert_parallel(self, x_nd, routing)
         impl = impl or self.resolve_dispatch(x_nd)
         dtype = self._compute_dtype(x_nd)

@@ -77,13 +77,15 @@ def init_expert_parallel(ep_size: int) -> ExpertParallelGroups:
     if not (dist.is_available() and dist.is_initialized()):
         if ep_size != 1:
             raise ValueError(
-                f"expert_parallel_size={ep_size} needs an initialised torch.distributed process group "
+                f"ParallelConfig.expert_parallel_size={ep_size} needs an initialised torch.distributed process group "
                 "(create the Accelerator or call init_process_group first)"
             )
         return ExpertParallelGroups(1, 0, 1, None, None)
     world, rank = dist.get_world_size(), dist.get_rank()
     if ep_size < 1 or world % ep_size:
-        raise ValueError(f"expert_parallel_size={ep_size} is invalid: must be >= 1 and divide the world size {world}")
+        raise ValueError(
+            f"ParallelConfig.expert_parallel_size={ep_size} is invalid: must be >= 1 and divide the world size {world}"
+        )
     ep_group = replica_group = None
     if ep_size > 1:
         ep_group, _ = dist.new_subgroups_by_enumeration([list(range(s, s + ep_size)) for s in range(0, world, ep_size)])

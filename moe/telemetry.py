@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from moekit.moe.losses import entropy as entropy_of
@@ -82,6 +83,52 @@ class RoutingStats:
             out["modality_purity"] = self.modality_purity.tolist()
             out["mean_modality_purity"] = self.mean_modality_purity.item()
         return out
+
+
+_SUMMED = ("tokens_per_expert", "routed_assignments", "dropped_assignments", "dropped_tokens", "num_tokens")
+
+
+def reduce_across_processes(
+    stats: Sequence[RoutingStats], steps_since_used: Sequence[Tensor], windows: Sequence[int]
+) -> list[RoutingStats]:
+    """Every process's stats of each layer as one (collective over the default group; a no-op on one
+    process): counts summed, entropies token-weighted, and ``dead_experts`` the experts that no process has
+    used for ``windows[i]`` forwards (the minimum of the layers' ``steps_since_used [E]`` over processes).
+    Every process must call it with the same layers, grouped or not alike. Two collectives in all."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(stats)
+    pieces: list[Tensor] = []
+    for s in stats:
+        pieces += [getattr(s, name).float().reshape(-1) for name in _SUMMED]
+        pieces.append((s.router_entropy * s.num_tokens).float().reshape(-1))
+        if s.tokens_by_group is not None:
+            pieces += [s.tokens_per_expert_by_group.reshape(-1), s.tokens_by_group]
+            pieces.append(s.router_entropy_by_group * s.tokens_by_group)
+    flat = torch.cat(pieces)
+    dist.all_reduce(flat)
+    least = torch.stack([t.to(torch.long) for t in steps_since_used])  # [layers, E]
+    dist.all_reduce(least, op=dist.ReduceOp.MIN)
+    out, at = [], 0
+
+    def take(like: Tensor) -> Tensor:
+        nonlocal at
+        t = flat[at : at + like.numel()].view(like.shape).to(like.dtype)
+        at += like.numel()
+        return t
+
+    for s, steps_e, window in zip(stats, least, windows):
+        summed = {name: take(getattr(s, name)) for name in _SUMMED}
+        entropy = take(s.router_entropy) / summed["num_tokens"].float().clamp(min=1)
+        groups: dict[str, Tensor | None] = dict.fromkeys(
+            ("tokens_per_expert_by_group", "tokens_by_group", "router_entropy_by_group")
+        )
+        if s.tokens_by_group is not None:
+            groups["tokens_per_expert_by_group"] = take(s.tokens_per_expert_by_group)
+            groups["tokens_by_group"] = take(s.tokens_by_group)
+            groups["router_entropy_by_group"] = take(s.router_entropy_by_group) / groups["tokens_by_group"].clamp(min=1)
+        dead = (steps_e >= window).sum().to(s.dead_experts.dtype)
+        out.append(RoutingStats(**summed, router_entropy=entropy, dead_experts=dead, **groups))
+    return out
 
 
 _SCALARS = ("drop_rate", "router_entropy", "load_imbalance", "load_cv")

@@ -36,6 +36,7 @@ from moekit.moe.parallel import (
     shard_experts,
     unshard_experts,
 )
+from moekit.moe.telemetry import reduce_across_processes
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -137,6 +138,24 @@ def check_layer(name: str, groups: ExpertParallelGroups) -> None:
         else:  # replicated: each rank holds its own tokens' part, the sum over all ranks is the full gradient
             dist.all_reduce(total)
             assert_close(total, ref_params[pname].grad, **tol, msg=f"{name}: {pname}")
+
+    # Telemetry reduced over the processes describes every rank's tokens: counts summed, entropy token-weighted,
+    # and (window 1, after one forward) dead = the experts no rank kept a token for.
+    (seen,) = reduce_across_processes([out.stats], [ep.steps_since_used], [1])
+    for field in ("tokens_per_expert", "routed_assignments", "dropped_assignments", "dropped_tokens", "num_tokens"):
+        assert torch.equal(getattr(seen, field), sum(getattr(o.stats, field) for o in outs)), (name, field)
+    weighted = sum(o.stats.router_entropy * o.stats.num_tokens for o in outs) / seen.num_tokens.clamp(min=1)
+    assert_close(seen.router_entropy, weighted.to(seen.router_entropy.dtype), rtol=1e-6, atol=1e-6)
+    assert seen.dead_experts.item() == int((seen.tokens_per_expert == 0).sum()), name
+    if name == "dropless_shared":  # per-group counters and entropies too (token groups as modality ids)
+        groups_wbt = torch.arange(world * 12).view(world, 2, 6) % 3
+        with torch.no_grad():
+            per_rank = [ref(x_wbtd[r], mask_of(r), group_ids=groups_wbt[r]).stats for r in range(world)]
+        (g,) = reduce_across_processes([per_rank[rank]], [ref.steps_since_used], [1])
+        assert torch.equal(g.tokens_per_expert_by_group, sum(p.tokens_per_expert_by_group for p in per_rank))
+        assert torch.equal(g.tokens_by_group, sum(p.tokens_by_group for p in per_rank))
+        weighted_g = sum(p.router_entropy_by_group * p.tokens_by_group for p in per_rank) / g.tokens_by_group
+        assert_close(g.router_entropy_by_group, weighted_g, rtol=1e-6, atol=1e-6)
 
     # Rows crossed ranks (the exchange was exercised), unless the case pins every token to experts 0 and 1.
     routed_e = torch.stack([o.stats.tokens_per_expert for o in outs]).sum(0)  # [E] over all ranks

@@ -108,14 +108,16 @@ def test_load_errors(tmp_path):
         load_expert_state(tmp_path, Transformer(one_layer))
     sharded = _model(1)
     apply_expert_parallel(sharded, _fake_rank(0))
-    with pytest.raises(ValueError, match="2 of 4 experts does not fit no groups"):
+    with pytest.raises(ValueError, match=r"layers.0.ffn.experts.w_gate holds 2 of 4 experts, .* no expert paral"):
         load_expert_state(tmp_path, sharded)  # a sharded model needs its groups
-    # Moments of another slice that the file does not replace must not survive silently.
+    # Moments of another slice that the file does not replace must not survive silently: of another shape,
+    # or of this rank's shape (rank 0's slice from the other file, at the same expert-parallel size).
     opt = torch.optim.AdamW(sharded.parameters())
     p = routed_expert_weights(sharded)[0][1]
-    opt.state[p] = {"exp_avg": torch.zeros(4, *p.shape[1:])}
-    with pytest.raises(ValueError, match="w_gate::exp_avg"):
-        load_expert_state(tmp_path, sharded, opt, _fake_rank(0))
+    for shape in ((4, *p.shape[1:]), tuple(p.shape)):
+        opt.state[p] = {"exp_avg": torch.zeros(shape), "step": torch.tensor(3.0)}
+        with pytest.raises(ValueError, match=r"w_gate::exp_avg, and the optimizer's copy is another slice's"):
+            load_expert_state(tmp_path, sharded, opt, _fake_rank(0))
 
 
 def test_local_expert_range():

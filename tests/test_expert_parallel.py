@@ -127,6 +127,9 @@ def test_reference_dispatch_is_refused_under_expert_parallelism():
     layer.dispatch_impl = "reference"  # set behind set_dispatch's back: the EP hook still refuses
     with pytest.raises(ValueError, match="no expert-parallel form"):
         layer(torch.randn(1, 3, 8))
+    x_nd = torch.randn(3, 8)  # an explicit impl is refused, not silently replaced by the EP path
+    with pytest.raises(ValueError, match=r"dispatch\(impl='padded_bmm'\) on an expert-parallel layer"):
+        layer.dispatch(x_nd, layer.route(x_nd), impl="padded_bmm")
 
 
 def _gpu_like_cfg() -> ModelConfig:
