@@ -184,7 +184,9 @@ class Attention(nn.Module):
     ) -> tuple[Tensor, LayerKV]:
         """``mask_b1ts`` is a bool mask (True = may attend) or None for plain causal attention."""
         q, k, v = self._project(x_btd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # RoPE's float32 tables promote autocast's bf16 q/k: back to v's dtype (SDPA casts them so anyway), so
+        # the cache does not hold float32 keys beside bf16 values.
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         if past is not None:
             k = torch.cat([past.k, k], dim=2)  # [B, G, S, Dh]
             v = torch.cat([past.v, v], dim=2)

@@ -261,3 +261,19 @@ def test_sliding_window_generation_with_cache_equals_recompute_past_the_window()
 def test_sliding_window_is_validated():
     with pytest.raises(ValueError, match=r"ModelConfig.sliding_window=0 is invalid: must be a positive integer"):
         ModelConfig(**SHAPE, sliding_window=0)
+
+
+@pytest.mark.parametrize("option", ["qwen3", "olmoe"])
+def test_autocast_caches_keys_in_the_values_dtype_and_generates_as_before(option):
+    """RoPE's float32 tables used to promote bf16 keys, so the cache held float32 keys beside bf16 values
+    (1.5x the memory); SDPA casts q/k to bf16 under autocast anyway, so the outputs are unchanged."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**SHAPE, **OPTIONS[option]})).eval()
+    x = torch.randint(0, SHAPE["vocab_size"], (2, 7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, use_cache=True)
+        kv = out.past_key_values[0]
+        assert kv.k.dtype == kv.v.dtype == torch.bfloat16
+        cached = generate(model, x, max_new_tokens=5, temperature=0)
+        full = greedy_recompute(model, x, 5)
+    assert torch.equal(cached, full)
