@@ -49,6 +49,11 @@ def test_two_process_run_matches_single_process(tmp_path, moe):
     for (_, a), (_, b) in zip(train_one, train_two):
         assert a == pytest.approx(b, abs=1e-5)
     assert train_one[-1][1] < train_one[0][1] - 0.1  # and the steps did something
+    if moe:  # telemetry covers every process's last micro-batch: 2 x 16 tokens per process
+        for events, procs in ((one, 1), (two, 2)):
+            layers = [e["moe_layers"] for e in events if "moe_layers" in e]
+            assert layers and all(layer["num_tokens"] == procs * 2 * 16 for ls in layers for layer in ls)
+            assert all(sum(layer["tokens_per_expert"]) == procs * 2 * 16 * 2 for ls in layers for layer in ls)
     val_one = next(e["val_loss"] for e in one if "val_loss" in e)
     val_two = next(e["val_loss"] for e in two if "val_loss" in e)
     assert val_one == pytest.approx(val_two, abs=1e-5)
