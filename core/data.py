@@ -230,3 +230,12 @@ class StepSampler:
     def tokens_per_step(self, seq_len: int) -> int:
         """Target tokens consumed by one global batch of ``seq_len``-token items."""
         return self.global_batch * seq_len
+
+
+def eval_windows(n_val: int, wanted: int, world: int) -> torch.Tensor:
+    """``[n]`` val-window indices evenly spread over the whole split: ``min(n_val, wanted)`` of them, rounded
+    down to a multiple of ``world`` so every rank evaluates as many (rank r takes ``[r::world]``)."""
+    n = min(n_val, wanted) // world * world
+    if n == 0:
+        raise ValueError(f"val set has {n_val} windows, fewer than num_processes={world}")
+    return torch.arange(n) * n_val // n

@@ -14,9 +14,12 @@ from ``extensions`` (``moekit.core.extension.TrainerExtension``; docs/DESIGN.md 
 
 Metrics (``<run_dir>/metrics.jsonl``, one JSON object per log event, and TensorBoard under ``<run_dir>/tb``):
 ``train_loss`` is the objective's loss (the optimised quantity is ``loss + aux_loss``; ``aux_loss`` is logged
-apart), ``val_loss`` its mean over the val windows weighted by real target tokens, ``val_bpb = val_loss / ln 2 *
-tokens_per_byte``. ``tokens_seen`` and ``tokens_per_s`` count real target tokens (the objective's
-``num_tokens``) summed over micro-batches and ranks, exactly; ``tokens_per_s`` excludes eval/save time.
+apart). With an objective that counts its targets (``num_targets(batch)``, as ``LMObjective`` does) a step's
+loss is the mean over all its real targets, every micro-batch and process, so micro-batching and the process
+count do not change what is optimised; ``aux_loss`` is averaged per micro-batch. ``val_loss`` is its mean over
+the val windows weighted by real target tokens, ``val_bpb = val_loss / ln 2 * tokens_per_byte``. ``tokens_seen``
+and ``tokens_per_s`` count real target tokens (the objective's ``num_tokens``) summed over micro-batches and
+ranks, exactly; ``tokens_per_s`` excludes eval/save time.
 ``mfu = 3 * flops_per_token * tokens_per_s / (num_processes * probe_flops)``, so ``flops_per_token`` must be
 forward FLOPs per real target token; ``probe_flops`` is the best FLOP/s of a square matmul in the training
 dtype on this machine (``measure_matmul_flops``, run at start-up and again after each evaluation, keeping the
@@ -47,13 +50,13 @@ from tqdm.auto import tqdm
 
 from moekit.core.checkpoint import CKPT_DIR, CheckpointManager
 from moekit.core.checks import fail
-from moekit.core.data import StepSampler, make_batch
+from moekit.core.data import StepSampler, eval_windows, make_batch
 from moekit.core.extension import TrainContext, TrainerExtension
 from moekit.core.full_model import fsdp_full_model as _fsdp_full_model
 from moekit.core.guard import DivergenceGuard, TrainingDiverged, all_finite
 from moekit.core.meter import LogWindow, measure_matmul_flops
 from moekit.core.metrics_file import METRICS_FILE, append_event, restart_events, tracker_hparams
-from moekit.core.objective import LMObjective, Objective, StepOutput
+from moekit.core.objective import LMObjective, Objective, StepOutput, micro_batch_weights
 from moekit.core.optim import build_optimizer, build_scheduler, restart_schedule
 from moekit.core.train_config import COMPILE_BACKENDS, MIXED_PRECISIONS, TRACKERS, TrainConfig
 
@@ -237,13 +240,8 @@ class Trainer:
         """
         cfg, acc = self.cfg, self.accelerator
         stop = cfg.steps if max_steps is None else min(max_steps, cfg.steps)
-        bar = tqdm(
-            total=cfg.steps,
-            initial=self.step,
-            desc="train",
-            disable=not (acc.is_local_main_process and cfg.progress_bar),
-            dynamic_ncols=True,
-        )
+        shown = acc.is_local_main_process and cfg.progress_bar
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not shown, dynamic_ncols=True)
         window = LogWindow(self.accelerator.device)
         while self.step < stop:
             lr = self.scheduler.get_last_lr()[0]
@@ -365,21 +363,26 @@ class Trainer:
             self.data_digest = hashlib.sha256(link).hexdigest()
         local = self.sampler.shard(global_idx, rank, world)  # [batch_size / world]
         self.model.train()
+        mbs = self.micro_batch_size
+        batches = [
+            self._to_device(self.collate(self.train_data, local[m * mbs : (m + 1) * mbs]))
+            for m in range(self.accum_steps)
+        ]
+        weights = micro_batch_weights(self.objective, batches, self.accelerator)
         losses: list[Tensor] = []  # [2] (loss, aux_loss) per micro-batch, for the divergence guard
-        for m in range(self.accum_steps):
-            mb = local[m * self.micro_batch_size : (m + 1) * self.micro_batch_size]
-            batch = self._to_device(self.collate(self.train_data, mb))
+        for batch, weight in zip(batches, weights):
             with acc.accumulate(self.model):
                 out = self._objective_step(batch)
-                acc.backward(out.loss + out.aux_loss)
-                losses.append(torch.stack([out.loss.detach().float(), out.aux_loss.detach().float().reshape(())]))
+                loss = out.loss if weight is None else out.loss * weight  # this micro-batch's share of the step
+                acc.backward(loss + out.aux_loss)
+                losses.append(torch.stack([loss.detach().float(), out.aux_loss.detach().float().reshape(())]))
                 if acc.sync_gradients:
                     for ext in self.extensions:
                         ext.after_backward(self.unwrapped_model, self.ctx)
                     self._guard_step(window, torch.stack(losses).mean(0))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            window.add(out.loss, out.aux_loss, out.metrics, out.num_tokens)
+            window.add(loss, out.aux_loss, out.metrics, out.num_tokens)
             self._pending_tokens += out.num_tokens.detach().to(self._pending_tokens)
         if not acc.sync_gradients:
             raise RuntimeError("gradient accumulation fell out of step with the optimizer; this is a bug")
@@ -484,17 +487,12 @@ class Trainer:
             self.last_metrics.update(event)
 
     def _eval_shard(self) -> list[Tensor]:
-        """This rank's micro-batches of a fixed, evenly spaced set of val windows (same count on every rank)."""
+        """This rank's micro-batches of the fixed val windows (``moekit.core.data.eval_windows``)."""
         if self.val_data is None:
             return []
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        n_val = len(self.val_data)
-        n = min(n_val, self.cfg.eval_batches * self.cfg.batch_size) // world * world
-        if n == 0:
-            raise ValueError(f"val set has {n_val} windows, fewer than num_processes={world}")
-        idx = torch.arange(n) * n_val // n  # [n] evenly spread over the whole val split
-        mine = idx[rank::world]
-        return list(mine.split(self.micro_batch_size))
+        acc, cfg = self.accelerator, self.cfg
+        idx = eval_windows(len(self.val_data), cfg.eval_batches * cfg.batch_size, acc.num_processes)
+        return list(idx[acc.process_index :: acc.num_processes].split(self.micro_batch_size))
 
     def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}

@@ -327,6 +327,32 @@ def test_a_malformed_divergence_guard_state_is_refused_naming_the_field(state):
     assert guard.first == 2.0 and list(guard.history) == [2.5, 3.0]
 
 
+def _uneven_targets(dataset, indices):
+    """Rows keep 15 or 2 real targets (by index parity): micro-batches hold very different target counts."""
+    batch = make_batch(dataset, indices)
+    keep = torch.where(torch.as_tensor(indices)[:, None] % 2 == 0, 15, 2)  # [B, 1]
+    batch["labels"] = batch["labels"].masked_fill(torch.arange(16) >= keep, IGNORE_INDEX)
+    return batch
+
+
+def test_micro_batching_does_not_change_the_optimised_loss(tmp_path, data):
+    """A step's loss is the mean over all its real targets: one micro-batch of 4 or four of 1 (each with its own
+    target count) give the same logged loss and the same weights (a mean of per-micro-batch means would not)."""
+    runs = {}
+    for mbs in (4, 1):
+        cfg = _cfg(steps=2, micro_batch_size=mbs, eval_every=0, save_every=0, grad_clip=None)
+        no_dropout = ModelConfig(**{**TINY.to_dict(), "dropout": 0.0})  # dropout masks depend on the split
+        t = _trainer(tmp_path / f"mb{mbs}", data, cfg, model_cfg=no_dropout, collate=_uneven_targets)
+        t.train()
+        t.close()
+        runs[mbs] = (t.unwrapped_model.state_dict(), [e["train_loss"] for e in _events(tmp_path / f"mb{mbs}")
+                                                      if "train_loss" in e])  # fmt: skip
+    (w4, loss4), (w1, loss1) = runs[4], runs[1]
+    assert loss1 == pytest.approx(loss4, abs=1e-5)
+    for name, w in w4.items():
+        torch.testing.assert_close(w1[name], w, atol=1e-5, rtol=0, msg=name)
+
+
 def test_interrupted_save_leaves_last_checkpoint_usable(tmp_path, data):
     cfg = _cfg(steps=6, eval_every=0)
     first = _trainer(tmp_path, data, cfg)
