@@ -132,6 +132,20 @@ def older_complete(root: Path, than: Path | None) -> Path | None:
     return None
 
 
+def set_aside(folder: Path) -> Path:
+    """Move a checkpoint folder to ``ckpt/discarded/`` (a fresh name if taken); a folder already moved by
+    another process of the same launch is skipped. Returns where it went."""
+    target, n = folder.parent / DISCARDED / folder.name, 1
+    while target.exists():
+        target, n = folder.parent / DISCARDED / f"{folder.name}.{n}", n + 1
+    target.parent.mkdir(exist_ok=True)
+    try:
+        os.replace(folder, target)
+    except FileNotFoundError:
+        pass
+    return target
+
+
 def rewind_to(checkpoint: str | os.PathLike) -> Path:
     """Make ``checkpoint`` (a ``step_*`` folder of a run's ``ckpt``) the one a resume continues from: check
     that it reads back, move every newer checkpoint to ``ckpt/discarded/`` and point ``latest`` at it. Not
@@ -145,15 +159,7 @@ def rewind_to(checkpoint: str | os.PathLike) -> Path:
     if found is not None:
         raise CorruptCheckpoint(found[0], found[1], older_complete(root, path))
     for newer in sorted(p for p in root.glob(f"{_PREFIX}*") if p.is_dir() and p.name > path.name):
-        target = root / DISCARDED / newer.name
-        n = 1
-        while target.exists():
-            target, n = root / DISCARDED / f"{newer.name}.{n}", n + 1
-        target.parent.mkdir(exist_ok=True)
-        try:
-            os.replace(newer, target)
-        except FileNotFoundError:  # moved by another process of the same launch
-            pass
+        set_aside(newer)
     fsync_dir(root)
     atomic_write_text(root / LATEST, path.name + "\n")
     return path
@@ -167,6 +173,10 @@ class CheckpointManager:
             raise ValueError(f"CheckpointManager.keep={keep} is invalid: must be >= 1")
         self.root = Path(root)
         self.keep = keep
+
+    def _latest_name(self) -> str | None:
+        pointer = self.root / LATEST
+        return pointer.read_text(errors="replace").strip() if pointer.is_file() else None
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None."""
@@ -193,8 +203,15 @@ class CheckpointManager:
         """Write the checkpoint of ``step`` (collective); ``extra_writer`` see the module doc."""
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp_{step_dir_name(step)}"
-        if final.exists():  # same step already saved (e.g. resumed and stopped at once): identical content
-            return final
+        if final.exists():
+            if self._latest_name() == final.name:  # this step already saved (resumed and stopped at once)
+                return final
+            # A folder of this step that ``latest`` does not name: written before a crash between its rename
+            # and ``latest``, by the trajectory this run resumed away from. Set aside, never reused or deleted.
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                set_aside(final)
+            accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # debris of a crash while writing this step

@@ -274,6 +274,28 @@ def test_checkpoints_are_pruned_and_guarded(tmp_path, data):
         _trainer(tmp_path, data, _cfg(steps=5, batch_size=8), resume=True)
 
 
+def test_a_checkpoint_folder_latest_does_not_name_is_set_aside_not_reused(tmp_path, data):
+    """A crash between a folder's rename and ``latest`` leaves step 6 on disk with ``latest`` at step 3; the
+    resumed run (here at another lr) reaches step 6 and must write its own folder, not keep the old one."""
+    cfg = _cfg(steps=6, save_every=3, keep_checkpoints=5, eval_every=0)
+    first = _trainer(tmp_path, data, cfg)
+    first.train()
+    first.close()
+    ckpt = tmp_path / "ckpt"
+    old = load_file(ckpt / "step_0000006" / "model.safetensors")
+    (ckpt / LATEST).write_text("step_0000003\n")  # as if the crash came before latest moved on
+    resumed = _trainer(
+        tmp_path, data, _cfg(steps=6, save_every=3, keep_checkpoints=5, eval_every=0, lr=1e-2), resume=True
+    )
+    resumed.train()
+    resumed.close()
+    assert (ckpt / LATEST).read_text().strip() == "step_0000006"
+    new = load_file(ckpt / "step_0000006" / "model.safetensors")
+    assert not all(torch.equal(new[k], old[k]) for k in old)  # trained at lr 1e-2 from step 3: its own weights
+    kept = load_file(ckpt / "discarded" / "step_0000006" / "model.safetensors")
+    assert all(torch.equal(kept[k], old[k]) for k in old)  # the old folder is set aside, not deleted
+
+
 def test_every_checkpoint_file_is_fsynced_before_the_folder_counts(tmp_path, data, monkeypatch):
     """accelerate's writers do not fsync: after a machine crash ``latest`` must not name a folder of empty
     files, so every file (model, optimizer, RNG, trainer state) is synced before the rename."""
