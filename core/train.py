@@ -258,11 +258,12 @@ class Trainer:
                 self._reprobe()
                 window.resume()
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step != stop:
+                unlogged = window.seconds()  # trained since the last log event: not in train_seconds yet
                 window.pause()
-                self.save_checkpoint()
+                self.save_checkpoint(unlogged)
                 window.resume()
         bar.close()
-        self.save_checkpoint()
+        self.save_checkpoint(window.seconds())
         if self.step == cfg.steps:
             self.save_final()
         return self.summary()
@@ -293,12 +294,13 @@ class Trainer:
         self.last_metrics.update(out)
         return out
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, unlogged_seconds: float = 0.0) -> Path:
+        """Checkpoint this step (collective); ``unlogged_seconds``: training time of the open log window."""
         self._refuse_non_finite_state()
         self._sync_tokens()
         state = {
             "tokens_seen": self.tokens_seen,
-            "train_seconds": self.train_seconds,
+            "train_seconds": self.train_seconds + unlogged_seconds,
             "data_digest": self.data_digest,
             "divergence_guard": self.guard.state_dict(),  # the spike check's baseline continues across a resume
             "batch_size": self.cfg.batch_size,

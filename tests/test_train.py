@@ -296,6 +296,19 @@ def test_a_checkpoint_folder_latest_does_not_name_is_set_aside_not_reused(tmp_pa
     assert all(torch.equal(kept[k], old[k]) for k in old)  # the old folder is set aside, not deleted
 
 
+def test_a_checkpoint_between_log_events_keeps_the_training_time_so_far(tmp_path, data):
+    """train_seconds used to grow only at log events: a checkpoint at step 3 with logging every 5 stored 0 s,
+    and a resumed run reported tokens_seen over the time of its last steps only."""
+    cfg = _cfg(steps=6, save_every=3, log_every=5, eval_every=0)
+    trainer = _trainer(tmp_path, data, cfg)
+    trainer.train()
+    trainer.close()
+    saved = json.loads((tmp_path / "ckpt" / "step_0000003" / STATE_FILE).read_text())["train_seconds"]
+    final = json.loads((tmp_path / "ckpt" / "step_0000006" / STATE_FILE).read_text())["train_seconds"]
+    assert 0 < saved < final
+    assert final == pytest.approx(trainer.train_seconds, abs=0.05)  # plus the moments since the last log
+
+
 def test_every_checkpoint_file_is_fsynced_before_the_folder_counts(tmp_path, data, monkeypatch):
     """accelerate's writers do not fsync: after a machine crash ``latest`` must not name a folder of empty
     files, so every file (model, optimizer, RNG, trainer state) is synced before the rename."""
