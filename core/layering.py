@@ -120,10 +120,10 @@ def set_dotted(cls: type, tree: dict[str, Any], key: str, value: Any, prefix: st
             node[part] = value
             return
         if last and not isinstance(value, Mapping):
-            if value is not None:
-                raise ValueError(
-                    f"config key {full!r} is a {sub_cls.__name__} section: give a mapping or null, got {value!r}"
-                )
+            nullable = type(None) in _union_args(hints[part])
+            if value is not None or not nullable:
+                allowed = "a mapping or null" if nullable else "a mapping (it cannot be null; {} keeps its defaults)"
+                raise ValueError(f"config key {full!r} is a {sub_cls.__name__} section: give {allowed}, got {value!r}")
             node[part] = None
             return
         if not isinstance(node.get(part), dict):

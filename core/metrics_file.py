@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from moekit.core.files import atomic_write_text
 from moekit.core.layering import config_to_dict, flatten_dict
 
 __all__ = ["METRICS_FILE", "append_event", "read_events", "restart_events", "tracker_hparams"]
@@ -42,7 +43,7 @@ def restart_events(path: Path, step: int) -> list[dict[str, Any]]:
     the events kept, so that a resumed (e.g. finished) run reports its last metrics, not nan."""
     path.parent.mkdir(parents=True, exist_ok=True)
     kept = [e for e in read_events(path) if e["step"] <= step] if step > 0 and path.exists() else []
-    path.write_text("".join(json.dumps(e) + "\n" for e in kept))
+    atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in kept))  # a kill here keeps the old history
     return kept
 
 

@@ -74,6 +74,8 @@ class TrainConfig:
             if not (is_finite_number(value) and ok(value)):
                 fail("TrainConfig", name, value, f"must be a finite number {rule}")
             setattr(self, name, float(value))
+        if not isinstance(self.betas, (list, tuple)):
+            fail("TrainConfig", "betas", self.betas, "must be two numbers in [0, 1), e.g. [0.9, 0.95]")
         self.betas = tuple(self.betas)
         if len(self.betas) != 2 or not all(is_finite_number(b) and 0 <= b < 1 for b in self.betas):
             fail("TrainConfig", "betas", self.betas, "must be two numbers in [0, 1)")

@@ -106,6 +106,17 @@ def test_malformed_overrides():
         load_run_config(None, ["model.moe=8"])
     with pytest.raises(ValueError, match="expected a number"):
         load_run_config(None, ["train.lr=fast"])
+    # a section that is not optional cannot be null (it crashed later with an AttributeError), in a file too
+    with pytest.raises(ValueError, match=r"'train' is a TrainConfig section: give a mapping \(it cannot be null"):
+        load_run_config(None, ["train=null"])
+    assert load_run_config(None, ["model.moe=null"]).model.moe is None  # an optional one can
+
+
+def test_a_bare_section_in_a_file_is_refused_naming_it(tmp_path):
+    path = tmp_path / "bare.yaml"
+    path.write_text("train:\nmodel:\n  d_model: 32\n")  # every key of train commented out
+    with pytest.raises(ValueError, match=r"'train' is a TrainConfig section: give a mapping \(it cannot be null"):
+        load_run_config(path)
 
 
 @pytest.mark.parametrize(
@@ -117,6 +128,7 @@ def test_malformed_overrides():
         ("train.micro_batch_size=5", "micro_batch_size", "divides batch_size=32"),
         ("data.corpus=wikipedia", "corpus", "shakespeare"),
         ("model.moe.top_k=9", "top_k", "num_experts=8"),
+        ("train.betas=0.9", "betas", "two numbers in [0, 1)"),  # was a bare TypeError from tuple(0.9)
     ],
 )
 def test_invalid_values_name_field_and_allowed(override, field, allowed):
