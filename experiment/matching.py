@@ -52,11 +52,18 @@ def param_matched_twin(cfg: ModelConfig) -> ModelConfig:
     return _twin(cfg, lambda c: count_params(c).total, "param_matched_twin")
 
 
+def relative_mismatch(x: float, y: float) -> float:
+    """How far ``x`` is from ``y``, relative to ``y``: what ``compare.max_flops_mismatch`` bounds."""
+    return abs(x - y) / max(y, 1)
+
+
 def check_matched(a: MatchReport, b: MatchReport, field: str = "flops_per_token", tol: float = 0.02) -> None:
-    """Raise when two runs' ``field`` differ by more than ``tol`` (relative to ``b``)."""
+    """Raise when two runs' ``field`` differ by more than ``tol`` (relative to ``b``; the comparison passes
+    ``compare.max_flops_mismatch``)."""
     x, y = getattr(a, field), getattr(b, field)
-    if abs(x - y) / max(y, 1) > tol:
+    if (gap := relative_mismatch(x, y)) > tol:
         raise ValueError(
-            f"{a.name} and {b.name} differ by {abs(x - y) / max(y, 1):.1%} in {field} ({x:,} vs {y:,}); "
-            f"the tolerance is {tol:.0%}. Adjust the configs, or allow it explicitly (compare.allow_mismatch=true)."
+            f"{a.name} and {b.name} differ by {gap:.2%} in {field} ({x:,} vs {y:,}); the tolerance is {tol:.2%} "
+            f"(compare.max_flops_mismatch={tol:g}). Adjust the configs, raise compare.max_flops_mismatch, or allow "
+            "it explicitly (compare.allow_mismatch=true)."
         )

@@ -52,3 +52,15 @@ def test_mismatch_is_refused():
     assert "compare.allow_mismatch=true" in str(e.value) and "--" not in str(e.value)  # no CLI flags in a library
     with pytest.raises(ValueError, match="moe=None"):
         dense_twin(small)
+
+
+def test_the_mismatch_error_shows_a_small_tolerance_and_names_its_setting():
+    """A tolerance under 1% printed as 0% read as 'no mismatch allowed'; the message names the setting to change."""
+    from moekit.experiment.matching import MatchReport
+
+    with pytest.raises(ValueError) as e:
+        check_matched(MatchReport("moe", 0, 0, 1010), MatchReport("dense", 0, 0, 1000), tol=0.005)
+    text = str(e.value)
+    assert "differ by 1.00% in flops_per_token (1,010 vs 1,000)" in text
+    assert "the tolerance is 0.50% (compare.max_flops_mismatch=0.005)" in text
+    check_matched(MatchReport("moe", 0, 0, 1004), MatchReport("dense", 0, 0, 1000), tol=0.005)  # within 0.5%
