@@ -106,6 +106,16 @@ def mean_spread(values: list[float | None]) -> tuple[float, float]:
     return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
+def repeated(values: list[Any]) -> str | None:
+    """``'4 appears twice'`` for the first value that ``values`` holds more than once (by ``==``), else None: a
+    comparison's models must be distinct, or two of them plan the same run folder."""
+    for i, v in enumerate(values):
+        if v in values[:i]:
+            n = sum(w == v for w in values)
+            return f"{v!r} appears {'twice' if n == 2 else f'{n} times'}"
+    return None
+
+
 def group_rows(rows: list[Row]) -> dict[str, list[Row]]:
     """Each model's rows, models in the order they first appear."""
     return {name: [r for r in rows if r["name"] == name] for name in dict.fromkeys(r["name"] for r in rows)}

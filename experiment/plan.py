@@ -19,7 +19,7 @@ from moekit.core.checks import fail, is_int, is_number
 from moekit.core.config import ModelConfig
 from moekit.core.layering import build_dataclass, config_to_dict, merge_tree, parse_override, read_yaml, set_dotted
 from moekit.core.train_config import TrainConfig
-from moekit.experiment.adapter import Row, RunSpec, TaskAdapter
+from moekit.experiment.adapter import Row, RunSpec, TaskAdapter, repeated
 from moekit.experiment.lm import LMTask
 from moekit.experiment.matching import check_matched, dense_twin, describe, moe_name, param_matched_twin
 from moekit.experiment.multimodal import MultimodalTask
@@ -67,6 +67,8 @@ class CompareConfig:
             fail("CompareConfig", "max_flops_mismatch", self.max_flops_mismatch, "must be a number in [0, 1)")
         if not isinstance(self.variants, list) or not all(isinstance(v, str) for v in self.variants):
             fail("CompareConfig", "variants", self.variants, "must be a list of override strings")
+        if dup := repeated([" ".join(v.split()) for v in self.variants]):
+            fail("CompareConfig", "variants", self.variants, f"variants must be distinct (one MoE model each); {dup}")
         for name in ("dense_overrides", "moe_overrides"):
             train_overrides(getattr(self, name), name)
         if self.sweep is not None:
@@ -137,7 +139,10 @@ def parse_sweep(text: str) -> tuple[str, list[Any]]:
     allowed = [f.name for f in dataclasses.fields(MoEConfig)]
     if not sep or key not in allowed or not values.strip():
         fail("CompareConfig", "sweep", text, f"must look like 'num_experts=1,4,8' with a key from {allowed}")
-    return key, [yaml.safe_load(v) for v in values.split(",")]
+    parsed = [yaml.safe_load(v) for v in values.split(",")]
+    if dup := repeated(parsed):
+        fail("CompareConfig", "sweep", text, f"values must be distinct (one MoE model each); {dup}")
+    return key, parsed
 
 
 def with_moe(model: ModelConfig, **changes: Any) -> ModelConfig:
@@ -181,6 +186,10 @@ def plan_runs(cmp: Comparison) -> list[RunSpec]:
                 fail("CompareConfig", "variants", text, "removes the MoE; variants must stay MoE")
             name = moe_name(m.moe)
             models.append((f"{name}[{text}]" if any(name == n for n, *_ in models) else name, "moe", m, None))
+    if c.scaling is not None:
+        _check_distinct(models, "scaling.moe_experts", c.scaling.moe_experts)
+    else:
+        _check_distinct(models, *(("sweep", c.sweep) if c.sweep else ("variants", c.variants)))
     twin = next((m for n, _, m, _ in models if n == "dense"), None) or dense_twin(moe, seq)
     if c.scaling is None:
         models.insert(0, ("dense", "dense", twin, None))
@@ -202,6 +211,16 @@ def plan_runs(cmp: Comparison) -> list[RunSpec]:
             run = dataclasses.replace(task.with_decoder(base, m), train=dataclasses.replace(train, seed=train.seed + s))
             specs.append(RunSpec(task.name, name, kind, train.seed + s, run, value))
     return specs
+
+
+def _check_distinct(models: list[tuple[str, str, ModelConfig, Any]], field: str, value: Any) -> None:
+    """Refuse two models of one name (they would share run folders and the verdicts' seed pairs) or of one
+    decoder (the same runs trained twice), naming the ``compare`` field that planned them."""
+    for i, (name, _, m, _) in enumerate(models):
+        for other, _, m2, _ in models[:i]:
+            if name == other or m == m2:
+                what = f"the model {name!r} twice" if name == other else f"{name!r}, the same model as {other!r}"
+                fail("CompareConfig", field, value, f"it plans {what}; each model must be distinct")
 
 
 def matching_table(specs: list[RunSpec], state: Any = None) -> list[Row]:

@@ -41,7 +41,7 @@ import numpy as np
 from moekit.core.checks import fail, is_finite_number, is_int
 from moekit.core.config import ModelConfig
 from moekit.core.files import atomic_write_bytes
-from moekit.experiment.adapter import Row, md_table
+from moekit.experiment.adapter import Row, md_table, repeated
 from moekit.experiment.matching import dense_twin, moe_name
 from moekit.experiment.plots import PALETTE
 from moekit.experiment.verdict import seed_order, t_interval
@@ -67,6 +67,8 @@ class ScalingConfig:
             fail("ScalingConfig", "dense_d_model", d, "must list 3 or more ascending distinct positive ints")
         if not isinstance(e, list) or not e or not all(is_int(n) and n >= 1 for n in e):
             fail("ScalingConfig", "moe_experts", e, "must list one or more expert counts >= 1")
+        if dup := repeated(e):
+            fail("ScalingConfig", "moe_experts", e, f"expert counts must be distinct (one MoE model each); {dup}")
         if not is_int(self.moe_at) or not 0 <= self.moe_at < len(d):
             fail("ScalingConfig", "moe_at", self.moe_at, f"must index dense_d_model (0..{len(d) - 1})")
 

@@ -298,3 +298,45 @@ def test_scaling_presets_plan_and_the_gpu_one_starts_on_cpu(preset, tmp_path, fr
         tiny += ["train.save_every=0", "model.n_layers=1", "compare.seeds=1", "data.seq_len=32", "model.max_seq_len=32"]
         rows = run_comparison(load_comparison(path, [*tiny, "train.cpu=true"]), tmp_path, verbose=False)
         assert len(rows) == 6 and all(r["tokens_trained"] == 2 * 4 * 32 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("compare.sweep=num_experts=4,4", r"CompareConfig\.sweep='num_experts=4,4' is invalid: values must be distinct"
+         r".*; 4 appears twice"),
+        ("compare.sweep=num_experts=4,8,4,4", r"CompareConfig\.sweep=.*; 4 appears 3 times"),
+        ("compare.scaling={dense_d_model: [16, 32, 64], moe_experts: [4, 4]}",
+         r"ScalingConfig\.moe_experts=\[4, 4\] is invalid: expert counts must be distinct.*; 4 appears twice"),
+        ("compare.variants=['moe.num_experts=8','moe.num_experts=8']",
+         r"CompareConfig\.variants=.* is invalid: variants must be distinct.*; 'moe\.num_experts=8' appears twice"),
+        ("compare.variants=['moe.num_experts=8','moe.num_experts=8  ']", r"'moe\.num_experts=8' appears twice"),
+    ],
+)  # fmt: skip
+def test_repeated_models_are_refused_when_the_config_loads(override, message):
+    """Two models of one name shared run folders and crashed the verdicts after every run had trained."""
+    with pytest.raises(ValueError, match=message):
+        load(override)
+
+
+@pytest.mark.parametrize(
+    "variants, same",
+    [
+        ("['moe.num_experts=4']", "'moe-4x2\\[moe.num_experts=4\\]', the same model as 'moe-4x2'"),  # the base
+        ("['moe.num_experts=8','moe.num_experts=8 moe.top_k=2']", ".*, the same model as 'moe-8x2'"),
+        ("['moe.num_experts=4','moe.num_experts=4 moe.top_k=2']", "'moe-4x2\\[moe.num_experts=4\\]', the same model"),
+    ],
+)
+def test_variants_that_plan_one_model_twice_are_refused_at_planning(variants, same):
+    with pytest.raises(ValueError, match=rf"CompareConfig\.variants=\[.*\] is invalid: it plans {same}"):
+        plan_runs(load(f"compare.variants={variants}"))
+    names = [
+        s.name
+        for s in plan_runs(load("compare.variants=['moe.num_experts=8','moe.num_experts=8 moe.z_loss_coef=0.01']"))
+    ]
+    assert names == [
+        "dense",
+        "moe-4x2",
+        "moe-8x2",
+        "moe-8x2[moe.num_experts=8 moe.z_loss_coef=0.01]",
+    ]  # distinct: planned
