@@ -8,7 +8,10 @@ Student t-interval over the paired seeds, and turns it into a word:
 - lower-is-better metrics (losses): ``moe_better`` when the whole interval is below 0, ``dense_better``
   when it is above 0, else ``unresolved``;
 - higher-is-better metrics (accuracies, ``*_acc``): the reverse;
-- one paired seed has no spread: ``unresolved`` with the reason ``"1 seed"``.
+- one paired seed has no spread: ``unresolved`` with the reason ``"1 seed"``;
+- paired differences that are all equal (sd 0) have no spread either: their zero-width interval would claim
+  a certainty that the seeds did not show (e.g. every seed trained the same runs), so ``unresolved`` with
+  ``diff_ci95`` None and the reason ``"no spread between seeds: the interval is undefined"``.
 
 A diverged run (``status: 'diverged'``) or a non-finite metric excludes that seed's pair, and the
 verdict's ``reason`` names it. Everything returned is plain JSON (no NaN: missing numbers are ``None``).
@@ -120,6 +123,8 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, flo
 
 
 # ---- verdicts ---------------------------------------------------------------------------------------
+
+NO_SPREAD = "no spread between seeds: the interval is undefined"
 
 
 def verdict_metrics(rows: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -233,6 +238,8 @@ def _one_verdict(
     ci = t_interval(diffs, 0.95)
     if ci is None:
         verdict, why = "unresolved", "no paired seed" if n == 0 else "1 seed"
+    elif max(diffs) == min(diffs):  # sd 0: a zero-width interval, not a certain result
+        ci, verdict, why = None, "unresolved", NO_SPREAD
     else:
         verdict = _decide(ci[1], ci[2], higher)
         why = "the 95% CI includes 0" if verdict == "unresolved" else ""
@@ -292,6 +299,12 @@ def verdict_sentence(v: Mapping[str, Any], *, label: str | None = None, unit: st
     excl = "".join(f"; seed {e['seed']} excluded ({e['reason']})" for e in v.get("excluded", ()))
     if mean is None:
         return f"{model} vs the dense twin on {label}: unresolved, {v['reason']}."
+    if ci is None and n > 1:  # equal differences on every seed: no interval (see NO_SPREAD)
+        d = _decimals([mean])
+        return (
+            f"{model} vs the dense twin is unresolved (no spread between seeds): {label} {mean:+.{d}f}{u} on each "
+            f"of {n} paired seeds, so the interval is undefined{excl}."
+        )
     if ci is None:
         d = _decimals([mean])
         return (

@@ -124,11 +124,16 @@ def test_a_run_folder_with_another_config_in_any_section_is_refused_naming_the_f
 def test_the_multimodal_task_gets_the_lm_verdict_structure_per_task():
     pairs = [("dense", "dense", 0.0), ("moe-4x2", "moe", 0.05)]
     lm = comparison_verdicts(
-        [dict(name=n, kind=k, seed=s, final_val_loss=1.0 + s / 10 - gain) for n, k, gain in pairs for s in range(3)]
+        [
+            dict(name=n, kind=k, seed=s, final_val_loss=1.0 + s / 10 - g * (1 + s / 10))
+            for n, k, g in pairs
+            for s in range(3)
+        ]
     )
     rows = []
-    for name, kind, gain in pairs:
+    for name, kind, g in pairs:
         for s in range(3):
+            gain = g * (1 + s / 10)  # the MoE's gain varies a little by seed: equal ones have no interval
             row = dict(name=name, kind=kind, seed=s, final_val_loss=2.0 - gain + s / 10, val_text_loss=2.5 - gain)
             row.update({f"{t}_acc": 0.5 + gain + s / 100 for t in CANDIDATES})
             row.update({f"{t}_loss": 1.0 - gain + s / 50 for t in CANDIDATES})
@@ -139,3 +144,23 @@ def test_the_multimodal_task_gets_the_lm_verdict_structure_per_task():
     assert all(set(v) == set(lm[0]) for v in mm)  # the same structure as the LM's verdicts
     assert all(v["verdict"] == "moe_better" and v["n_seeds"] == 3 for v in mm)
     assert {v["metric"]: v["higher_is_better"] for v in mm} == {m: m.endswith("_acc") for m in metrics}
+
+
+@pytest.mark.parametrize("dense", [[2.0, 2.0, 2.0], [2.0, 2.1, 1.9], [2.7, 1.3, 3.9]])
+def test_equal_paired_differences_leave_the_verdict_unresolved(dense):
+    """sd 0 gave a zero-width interval, read as 'beats the dense twin (95% CI -0.100 to -0.100)'."""
+    from moekit.experiment.verdict import NO_SPREAD, verdict_cells, verdict_sentence, verdicts_sentence
+
+    rows = [dict(name="dense", kind="dense", seed=s, final_val_loss=v) for s, v in enumerate(dense)]
+    rows += [dict(name="moe-4x2", kind="moe", seed=s, final_val_loss=v - 0.1) for s, v in enumerate(dense)]
+    (v,) = comparison_verdicts(rows)
+    assert v["verdict"] == "unresolved" and v["diff_ci95"] is None and v["reason"] == NO_SPREAD
+    assert v["n_seeds"] == 3 and v["diff_mean"] == pytest.approx(-0.1)
+    text = verdict_sentence(v)
+    assert text.startswith("moe-4x2 vs the dense twin is unresolved (no spread between seeds): val loss -0.100")
+    assert "beats" not in text and "CI" not in text and "1 seed" not in text
+    assert verdicts_sentence([v]) == text and verdict_cells(v)[3:] == ["n/a (3 seeds)", "3", "unresolved"]
+    json.dumps(v, allow_nan=False)
+    rows[-1]["final_val_loss"] -= 0.01  # a real spread: an interval again
+    (v,) = comparison_verdicts(rows)
+    assert v["diff_ci95"] is not None and v["diff_ci95"][0] < v["diff_ci95"][1] and v["reason"] != NO_SPREAD
