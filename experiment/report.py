@@ -15,7 +15,7 @@ from moekit.experiment.adapter import Row, RunSpec, TaskAdapter, best_moe, cell,
 from moekit.experiment.plan import Comparison, parse_sweep
 from moekit.experiment.plots import report_plots
 from moekit.experiment.scaling import scaling_section
-from moekit.experiment.verdict import comparison_verdicts, verdict_cells, verdicts_sentence
+from moekit.experiment.verdict import comparison_verdicts, exclusion_reason, verdict_cells, verdicts_sentence
 
 # every row field summary.json keeps, whatever the task (the adapter adds its own summary_fields)
 SUMMARY_FIELDS = tuple(
@@ -56,8 +56,10 @@ def digest_checks(rows: list[Row]) -> list[Row]:
 
 def headline(rows: list[Row], task: TaskAdapter | None = None) -> str:
     """One sentence: the best MoE vs the FLOP-matched dense twin, the measured difference and spread, then the
-    task's own sentence (e.g. held-out accuracy). Diverged runs are left out (the verdicts say so)."""
-    rows = [r for r in rows if not diverged(r)]
+    task's own sentence (e.g. held-out accuracy). The runs the verdicts exclude (diverged, or without a finite
+    final val loss: :func:`~moekit.experiment.verdict.exclusion_reason`) are left out, so the headline's means
+    cover the verdict's seeds (the verdicts name the excluded ones)."""
+    rows = [r for r in rows if exclusion_reason(r, "final_val_loss") is None]
     groups = group_rows(rows)
     if "dense" not in groups or best_moe(groups) is None:
         return f"No {'MoE run' if 'dense' in groups else 'dense baseline'} finished training."

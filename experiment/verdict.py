@@ -159,8 +159,9 @@ def _by_seed(rows: Iterable[Mapping[str, Any]], name: str) -> dict[Any, Mapping[
     return out
 
 
-def _bad(row: Mapping[str, Any], metric: str) -> str | None:
-    """Why ``row`` cannot enter a pair for ``metric``, or None."""
+def exclusion_reason(row: Mapping[str, Any], metric: str) -> str | None:
+    """Why ``row`` cannot enter a pair for ``metric`` (diverged, no value, a non-finite value), or None: the
+    one rule for which runs a comparison's numbers cover (the verdicts here, the report's headline)."""
     if row.get("status") == "diverged":
         step = (row.get("divergence") or {}).get("step")
         return "diverged" if step is None else f"diverged at step {step}"
@@ -227,7 +228,11 @@ def _one_verdict(
         if seed not in dense:
             excluded.append({"seed": seed, "reason": "no dense twin run with this seed"})
             continue
-        why = [f"{who} {b}" for who, row in ((model, runs[seed]), ("dense", dense[seed])) if (b := _bad(row, metric))]
+        why = [
+            f"{who} {b}"
+            for who, row in ((model, runs[seed]), ("dense", dense[seed]))
+            if (b := exclusion_reason(row, metric))
+        ]
         if why:
             excluded.append({"seed": seed, "reason": "; ".join(why)})
             continue

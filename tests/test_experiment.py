@@ -340,3 +340,20 @@ def test_variants_that_plan_one_model_twice_are_refused_at_planning(variants, sa
         "moe-8x2",
         "moe-8x2[moe.num_experts=8 moe.z_loss_coef=0.01]",
     ]  # distinct: planned
+
+
+@pytest.mark.parametrize("who", ["moe", "dense"])
+@pytest.mark.parametrize("bad", [float("nan"), None, float("inf")])
+def test_headline_leaves_out_exactly_the_runs_the_verdict_excludes(who, bad):
+    """A run with a NaN/None final loss (not marked diverged): the verdict drops its seed, the headline's means
+    covered it (NaN skipped in one mean only, seed counted) or crashed on None."""
+    from moekit.experiment.report import headline
+    from moekit.experiment.verdict import comparison_verdicts
+
+    rows = _rows([2.0, 2.1, 2.3], [1.9, 2.05, 1.0])
+    rows[2 if who == "dense" else 5]["final_val_loss"] = bad  # seed 2 of one model
+    (v,) = comparison_verdicts(rows)
+    assert v["seeds"] == [0, 1] and "seed 2 excluded" in v["reason"]
+    text = headline(rows)
+    assert f"a paired difference of {v['diff_mean']:+.4f} ± " in text and "n=2 seeds" in text, text
+    assert "1.9750 ± 0.1061 vs the dense twin's 2.0500 ± 0.0707" in text, text  # seeds 0 and 1 on both sides
