@@ -12,7 +12,8 @@ import yaml
 from moekit.core.files import atomic_write_json, atomic_write_text
 from moekit.core.layering import config_to_dict
 from moekit.experiment.adapter import Row, RunSpec, TaskAdapter, best_moe, cell, group_rows, md_table, mean_spread
-from moekit.experiment.plan import Comparison, parse_sweep
+from moekit.experiment.matching import relative_mismatch
+from moekit.experiment.plan import CompareConfig, Comparison, parse_sweep
 from moekit.experiment.plots import report_plots
 from moekit.experiment.scaling import scaling_section
 from moekit.experiment.verdict import comparison_verdicts, exclusion_reason, verdict_cells, verdicts_sentence
@@ -54,11 +55,15 @@ def digest_checks(rows: list[Row]) -> list[Row]:
     return out
 
 
-def headline(rows: list[Row], task: TaskAdapter | None = None) -> str:
+def headline(
+    rows: list[Row], task: TaskAdapter | None = None, max_flops_mismatch: float = CompareConfig.max_flops_mismatch
+) -> str:
     """One sentence: the best MoE vs the FLOP-matched dense twin, the measured difference and spread, then the
-    task's own sentence (e.g. held-out accuracy). The runs the verdicts exclude (diverged, or without a finite
-    final val loss: :func:`~moekit.experiment.verdict.exclusion_reason`) are left out, so the headline's means
-    cover the verdict's seeds (the verdicts name the excluded ones)."""
+    task's own sentence (e.g. held-out accuracy). Their active compute reads "matched" when their FLOPs per
+    token differ by at most ``max_flops_mismatch`` (the comparison's ``compare.max_flops_mismatch``), and both
+    token counts are given where they differ (``compare.budget=flops``). The runs the verdicts exclude
+    (diverged, or without a finite final val loss: :func:`~moekit.experiment.verdict.exclusion_reason`) are
+    left out, so the headline's means cover the verdict's seeds (the verdicts name the excluded ones)."""
     rows = [r for r in rows if exclusion_reason(r, "final_val_loss") is None]
     groups = group_rows(rows)
     if "dense" not in groups or best_moe(groups) is None:
@@ -75,10 +80,17 @@ def headline(rows: list[Row], task: TaskAdapter | None = None) -> str:
     by_seed = {r["seed"]: r["final_val_loss"] for r in dense}
     diffs = [r["final_val_loss"] - by_seed[r["seed"]] for r in moe]
     diff, diff_sd = mean_spread(diffs)
-    head = (
-        f"At matched active compute ({moe[0]['flops_per_token'] / 1e6:.2f} vs {dense[0]['flops_per_token'] / 1e6:.2f}"
-        f" MFLOPs/token) and {moe[0]['tokens_trained']:,} training tokens, the {best} model"
+    (m_flops, d_flops), (m_tokens, d_tokens) = ((moe[0][k], dense[0][k]) for k in ("flops_per_token", "tokens_trained"))
+    flops, gap = f"{m_flops / 1e6:.2f} vs {d_flops / 1e6:.2f} MFLOPs/token", relative_mismatch(m_flops, d_flops)
+    compute = (  # "matched" only within the tolerance the plan checks (compare.allow_mismatch can waive it)
+        f"matched active compute ({flops})"
+        if gap <= max_flops_mismatch
+        else f"active compute {flops} (not matched: {gap:.2%} apart, beyond compare.max_flops_mismatch)"
     )
+    tokens = f"{m_tokens:,} training tokens"
+    if m_tokens != d_tokens:  # compare.budget=flops: each model trains its own step count
+        tokens = f"{m_tokens:,} vs {d_tokens:,} training tokens (MoE vs dense twin)"
+    head = f"At {compute} and {tokens}, the {best} model"
     extra = f" {task.headline(dense + moe)}".rstrip() if task is not None else ""
     if len(diffs) < 2:  # one seed has no spread: report the gap without a verdict
         return (
@@ -110,7 +122,14 @@ def write_report(
     plots = report_plots(specs, rows, out, parse_sweep(c.sweep)[0] if c.sweep else None)
 
     first = verdicts_sentence(verdict_rows) or "No verdict: no MoE model paired with the dense twin."
-    lines = [f"# {task.title}", "", f"**Verdict.** {first}", "", f"**Result.** {headline(rows, task)}", ""]
+    lines = [
+        f"# {task.title}",
+        "",
+        f"**Verdict.** {first}",
+        "",
+        f"**Result.** {headline(rows, task, c.max_flops_mismatch)}",
+        "",
+    ]
     if verdict_rows:
         heads = ["model", "metric", "moe - dense", "95% CI", "paired seeds", "verdict"]
         lines += md_table(heads, [verdict_cells(v) for v in verdict_rows]) + [""]

@@ -155,7 +155,9 @@ def run_comparison(
         report = write_report(out, cmp, specs, ordered, matching, timing)
         diverged = "".join(f"{divergence_text(r)}\n" for r in ordered if r.get("divergence"))
         verdict = verdicts_sentence(comparison_verdicts(ordered, task.verdict_fields))
-        print(f"\n{diverged}{headline(ordered, task)}\nreport: {report}\n{verdict}", flush=True)  # the verdict last
+        print(
+            f"\n{diverged}{headline(ordered, task, c.max_flops_mismatch)}\nreport: {report}\n{verdict}", flush=True
+        )  # the verdict last
     return ordered
 
 

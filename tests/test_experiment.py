@@ -357,3 +357,24 @@ def test_headline_leaves_out_exactly_the_runs_the_verdict_excludes(who, bad):
     text = headline(rows)
     assert f"a paired difference of {v['diff_mean']:+.4f} ± " in text and "n=2 seeds" in text, text
     assert "1.9750 ± 0.1061 vs the dense twin's 2.0500 ± 0.0707" in text, text  # seeds 0 and 1 on both sides
+
+
+def test_headline_says_matched_only_for_matched_compute_and_gives_both_token_counts():
+    from moekit.experiment.report import headline
+
+    rows = _rows([2.0, 2.1], [1.9, 2.05])
+    for r in rows:
+        r["flops_per_token"] = 1_000_000
+    same = "At matched active compute (1.00 vs 1.00 MFLOPs/token) and 100 training tokens, the moe-8x2 model"
+    assert headline(rows).startswith(same)
+    for r in rows[2:]:  # the MoE: compare.budget=flops gave it its own step count, and 10% more FLOPs per token
+        r.update(tokens_trained=90, flops_per_token=1_100_000)
+    text = headline(rows)
+    assert text.startswith(
+        "At active compute 1.10 vs 1.00 MFLOPs/token (not matched: 10.00% apart, beyond compare.max_flops_mismatch) "
+        "and 90 vs 100 training tokens (MoE vs dense twin), the moe-8x2 model reached validation loss"
+    ), text
+    assert "matched active compute" not in text
+    assert headline(rows, max_flops_mismatch=0.1).startswith(  # within the comparison's own tolerance
+        "At matched active compute (1.10 vs 1.00 MFLOPs/token) and 90 vs 100 training tokens (MoE vs dense twin), "
+    )

@@ -164,3 +164,17 @@ def test_equal_paired_differences_leave_the_verdict_unresolved(dense):
     rows[-1]["final_val_loss"] -= 0.01  # a real spread: an interval again
     (v,) = comparison_verdicts(rows)
     assert v["diff_ci95"] is not None and v["diff_ci95"][0] < v["diff_ci95"][1] and v["reason"] != NO_SPREAD
+
+
+def test_the_report_headline_uses_the_comparisons_flops_tolerance(tmp_path):
+    cmp = load_comparison(CONFIG, ["compare.seeds=2", "compare.max_flops_mismatch=0.005"])
+    specs = plan_runs(cmp)
+    rows = [_row(s, 2.0 - 0.01 * (s.kind == "moe") + s.seed / 100, "d") for s in specs]
+    for r in rows:
+        r["flops_per_token"] = 1_010_000 if r["kind"] == "moe" else 1_000_000  # 1% apart: over 0.5%
+    write_report(tmp_path, cmp, specs, rows, matching_table(specs), TIMING)
+    report = (tmp_path / "report.md").read_text()
+    assert "**Result.** At active compute 1.01 vs 1.00 MFLOPs/token (not matched: 1.00% apart" in report
+    cmp = load_comparison(CONFIG, ["compare.seeds=2"])  # the default 2%: matched
+    write_report(tmp_path, cmp, specs, rows, matching_table(specs), TIMING)
+    assert "**Result.** At matched active compute (1.01 vs 1.00 MFLOPs/token)" in (tmp_path / "report.md").read_text()
