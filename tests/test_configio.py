@@ -243,3 +243,14 @@ def test_old_multimodal_run_folder_is_migrated(tmp_path, caplog):
         load_mm_run_config(tmp_path / "config.yaml", ["model.lm.moe.top_k=1"]).check_resumable(tmp_path)
     old_json = json.loads(json.dumps(tree["model"]))  # what final/config.json used to hold
     assert MultimodalConfig.from_dict(old_json) == cfg.model
+
+
+def test_a_key_repeated_in_a_yaml_mapping_is_refused_with_its_line(tmp_path):
+    """yaml.safe_load keeps the last of two 'steps:' silently; the loader (a SafeLoader) refuses it."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  steps: 5\n  lr: 1.0e-3\n  steps: 50\n")
+    with pytest.raises(ValueError, match=r"dup.yaml: invalid YAML at line 4, column 3: key 'steps' appears twice"):
+        load_run_config(path)
+    path.write_text("train:\n  steps: 5\nmodel:\n  steps: 5\n")  # the same key in two mappings is fine
+    with pytest.raises(ValueError, match=r"'model\.steps'"):  # (then refused as a field, not as a repeat)
+        load_run_config(path)
