@@ -398,8 +398,7 @@ class Trainer:
         """Clip (or just measure) the gradient norm and stop before ``optimizer.step`` when the step diverged."""
         clip = self.cfg.grad_clip
         norm = self._clip_grad_norm(clip if clip is not None else math.inf)  # inf: measures, scales by 1
-        if clip is not None:
-            window.grad_norm = norm
+        window.grad_norm = norm  # logged whether or not it clipped
         reason = self.guard.check(self.step + 1, losses[0], losses[1], norm, self.accelerator)
         if reason is not None:
             self.optimizer.zero_grad(set_to_none=True)

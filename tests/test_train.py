@@ -382,6 +382,7 @@ def test_micro_batching_does_not_change_the_optimised_loss(tmp_path, data):
         t.close()
         runs[mbs] = (t.unwrapped_model.state_dict(), [e["train_loss"] for e in _events(tmp_path / f"mb{mbs}")
                                                       if "train_loss" in e])  # fmt: skip
+    assert all("grad_norm" in e for e in _events(tmp_path / "mb4") if "train_loss" in e)  # measured, unclipped
     (w4, loss4), (w1, loss1) = runs[4], runs[1]
     assert loss1 == pytest.approx(loss4, abs=1e-5)
     for name, w in w4.items():
