@@ -45,6 +45,14 @@ def mm_env(mm_cache, fresh_accelerate):
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def keep_threads():
+    """Restore torch's intra-op thread count after a test that runs a recipe's ``main`` (it sets --threads)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def load_recipe(name: str):
     """recipes/<name>.py as a module (the recipes are scripts, not modules of the package)."""
     path = Path(__file__).parents[1] / "recipes" / f"{name}.py"

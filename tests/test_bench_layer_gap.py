@@ -15,13 +15,9 @@ def recipe():
     return load_recipe("bench_layer_gap")
 
 
-def test_rows_split_the_gap_and_name_every_part(recipe, tmp_path):
-    threads = torch.get_num_threads()
+def test_rows_split_the_gap_and_name_every_part(recipe, tmp_path, keep_threads):
     out = tmp_path / "gap.json"
-    try:
-        rows = recipe.main(["--repeats", "2", "--point", "4x2x8x16x64", "--json", str(out)])
-    finally:
-        torch.set_num_threads(threads)
+    rows = recipe.main(["--repeats", "2", "--point", "4x2x8x16x64", "--json", str(out)])
     (row,) = json.loads(out.read_text())
     assert row == rows[0] and row["point"] == "4x2x8x16x64" and row["dtype"] == "float32"
     for part in ("moe_layer", "dense_layer", "moe_matmuls", "dense_matmuls", "moe_fixed"):

@@ -15,13 +15,9 @@ def recipe():
     return load_recipe("bench_routing_ops")
 
 
-def test_every_alternative_agrees_with_the_current_op_and_is_timed_beside_it(recipe, tmp_path):
-    threads = torch.get_num_threads()
+def test_every_alternative_agrees_with_the_current_op_and_is_timed_beside_it(recipe, tmp_path, keep_threads):
     out = tmp_path / "ops.json"
-    try:
-        rows = recipe.main(["--repeats", "1", "--calls", "2", "--point", "8x2x64x16", "--json", str(out)])
-    finally:
-        torch.set_num_threads(threads)
+    rows = recipe.main(["--repeats", "1", "--calls", "2", "--point", "8x2x64x16", "--json", str(out)])
     assert json.loads(out.read_text()) == rows
     ops = {r["op"]: [] for r in rows}
     for r in rows:
