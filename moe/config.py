@@ -43,9 +43,10 @@ class MoEConfig:
     ``d_expert`` is each expert's SwiGLU hidden width. Fine-grained segmentation (DeepSeekMoE) means
     more, narrower experts with a larger ``top_k`` at the same active compute.
     ``capacity_factor=None`` is dropless; otherwise each expert takes at most
-    ``ceil(capacity_factor * tokens * top_k / num_experts)`` assignments, counting real (unpadded)
-    tokens only. For ``router='expert_choice'`` that number is how many tokens each expert picks, and
-    ``top_k`` is the average number of experts per token.
+    ``ceil(capacity_factor * tokens * top_k / num_experts)`` assignments (never more than ``tokens``, which
+    changes nothing: a token picks an expert at most once), counting real (unpadded) tokens only. For
+    ``router='expert_choice'`` that number is how many tokens each expert picks, and ``top_k`` is the average
+    number of experts per token.
 
     ``renormalize`` rescales the selected weights to sum to 1 only when ``top_k > 1``: at top-1 it would
     pin the weight at 1.0 and cut the router off from the task gradient (Switch scales by the raw
@@ -136,8 +137,8 @@ class MoEConfig:
             _fail("top_k", self.top_k, "router='switch' is top-1 routing; set top_k=1 or router='topk'")
         for name in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                _fail(name, value, "must be > 0, or None for dropless")
+            if value is not None and (not _is_finite_number(value) or value <= 0):
+                _fail(name, value, "must be a finite number > 0 or null (None, dropless)")
         if self.router == "expert_choice" and self.capacity_factor is None:
             _fail(
                 "capacity_factor",
@@ -281,8 +282,11 @@ class MoEConfig:
         factor = self.capacity_factor if training or self.eval_capacity_factor is None else self.eval_capacity_factor
         if factor is None:
             return None
-        # Ceil keeps capacity >= 1 and makes factor 1.0 exactly fit uniform routing.
-        return max(1, math.ceil(factor * num_tokens * self.top_k / self.num_experts - 1e-9))
+        raw = factor * num_tokens * self.top_k / self.num_experts - 1e-9
+        # An expert takes each token at most once, so a capacity above the token count changes nothing; capping
+        # before the ceil keeps a huge factor (1e30, or a product that overflows to inf) an exact small integer,
+        # the same one capacity_tensor computes. Ceil keeps capacity >= 1 and makes factor 1.0 fit uniform routing.
+        return max(1, math.ceil(min(raw, float(num_tokens))))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -49,8 +49,11 @@ def capacity_tensor(cfg: MoEConfig, num_real: Tensor, training: bool) -> Tensor 
     factor = cfg.capacity_factor if training or cfg.eval_capacity_factor is None else cfg.eval_capacity_factor
     if factor is None:
         return None
-    raw = num_real.to(torch.float64) * factor * cfg.top_k / cfg.num_experts - 1e-9
-    return raw.ceil().clamp(min=1).long()
+    n_real = num_real.to(torch.float64)
+    raw = n_real * factor * cfg.top_k / cfg.num_experts - 1e-9
+    # Capped at the token count before the integer conversion: a huge factor would overflow int64 (to its
+    # minimum, which drops every assignment); a capacity above the token count changes nothing.
+    return torch.minimum(raw, n_real).ceil().clamp(min=1).long()
 
 
 def group_limited(select_ne: Tensor, n_group: int, topk_group: int, group_score: str) -> Tensor:

@@ -392,3 +392,18 @@ def test_padded_token_state_never_reaches_the_output(impl: str, router: str):
     for name, p in layer.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert torch.isfinite(x.grad).all() and (x.grad[0, 0] == 0).all()
+
+
+@pytest.mark.parametrize("factor", [1e30, 1e300])
+def test_huge_capacity_factor_drops_nothing_on_every_path(factor: float):
+    """A capacity above the token count is dropless: every path agrees with capacity_factor=None. Uncapped, the
+    tensor capacity overflowed int64 (to its minimum) and the fast paths dropped every assignment."""
+    base = {"num_experts": 4, "top_k": 2, "d_expert": 8}
+    x_btd, mask_bt, proj, state = _inputs(torch.float64, MoEConfig(**base))
+    dropless = _run(MoEConfig(**base), "reference", state, x_btd, mask_bt, proj)
+    huge = MoEConfig(**base, capacity_factor=factor)
+    assert huge.capacity(8, training=True) == 8  # capped at the token count
+    for impl in ("reference", "sorted", "sorted_autograd", "padded_bmm"):
+        out = _run(huge, impl, state, x_btd, mask_bt, proj)
+        assert out[0].stats.dropped_assignments == 0, impl
+        _assert_same(dropless, out, atol=1e-12, rtol=1e-10)

@@ -154,7 +154,7 @@ def test_router_math_in_float32_under_bf16_autocast():
     assert model_dtype.logits_ne.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("factor", [0.5, 1.0, 1.25, 1.5, 2.0, 3.7])
+@pytest.mark.parametrize("factor", [0.5, 1.0, 1.25, 1.5, 2.0, 3.7, 1e30, 1e307])
 @pytest.mark.parametrize("training", [True, False])
 def test_capacity_tensor_matches_config(factor: float, training: bool):
     cfg = MoEConfig(num_experts=6, top_k=2, d_expert=4, capacity_factor=factor, eval_capacity_factor=2 * factor)
@@ -162,5 +162,6 @@ def test_capacity_tensor_matches_config(factor: float, training: bool):
     got = capacity_tensor(cfg, n, training).tolist()
     assert got == [cfg.capacity(i, training) for i in range(300)]
     assert capacity_tensor(MoEConfig(num_experts=6, top_k=2), n, training) is None
+    assert max(got) <= 299  # never above the token count (a huge factor once overflowed int64)
     if factor == 1.0 and training:
         assert cfg.capacity(30, True) == math.ceil(30 * 2 / 6)  # factor 1.0 fits uniform routing exactly
