@@ -183,8 +183,10 @@ class Router(nn.Module):
         select_ne = scores_ne.detach()
         if self.expert_bias is not None:
             select_ne = select_ne + self.expert_bias.to(select_ne.dtype)
-            if allowed_ne is not None:  # a forbidden expert's score is 0, but the bias could still lift it
-                select_ne = select_ne.masked_fill(~allowed_ne, -math.inf)
+        if allowed_ne is not None:
+            # A forbidden expert's score is 0, but so is an allowed one's that underflowed (a logit far below the
+            # best): top-k could pick either, and the bias could lift it. -inf ranks it below every allowed expert.
+            select_ne = select_ne.masked_fill(~allowed_ne, -math.inf)
         if cfg.grouped_routing:
             select_ne = group_limited(select_ne, cfg.n_group, cfg.topk_group, cfg.group_score)
         expert_idx_nk = select_ne.topk(k, dim=-1).indices  # [N, K]

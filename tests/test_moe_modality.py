@@ -290,3 +290,23 @@ def test_no_group_ids_no_group_telemetry():
     s = _layer(modality_experts=None)(_inputs()[0]).stats
     assert s.tokens_by_group is None and s.modality_purity is None and "modality_purity" not in s.to_dict()
     assert "moe/modality_purity" not in summarize_routing([s])
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_forbidden_expert_never_selected_when_allowed_scores_underflow(score_func):
+    """One logit 200 above the rest: the other allowed experts' scores underflow to exactly 0, the forbidden
+    experts' score. Without a selection bias they were not masked to -inf, and top-k picked a forbidden one
+    (E=4, modality_experts=[2, 1]: group 0 token selected [0, 2])."""
+    cfg = MoEConfig(num_experts=4, top_k=2, d_expert=4, modality_experts=[2, 1], score_func=score_func)
+    layer = MoELayer(4, cfg).train()
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(4))
+    x_btd = (200.0 * torch.eye(4)).repeat(2, 1)[None]  # [1, 8, 4]: each expert hot once per group
+    group_bt = torch.tensor([[0] * 4 + [1] * 4])
+    allowed = {0: {0, 1, 3}, 1: {2, 3}}
+    routing = layer.route(x_btd.reshape(-1, 4), None, group_bt.reshape(-1))
+    for g, experts in zip(group_bt.reshape(-1).tolist(), routing.expert_idx_nk.tolist()):
+        assert set(experts) <= allowed[g], (g, experts)
+    by_group = layer(x_btd, group_ids=group_bt).stats.tokens_per_expert_by_group
+    for g, ok in allowed.items():
+        assert all(by_group[g, e] == 0 for e in range(4) if e not in ok), (g, by_group[g])
