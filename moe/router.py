@@ -73,6 +73,14 @@ def group_limited(select_ne: Tensor, n_group: int, topk_group: int, group_score:
     return sel_ngm.masked_fill(~keep_ng[:, :, None], -math.inf).view(n, e)
 
 
+def _positive(denom: Tensor) -> Tensor:
+    """A normalising sum floored at the dtype's smallest normal number: sigmoid scores of logits near -120
+    underflow to 0, and 0 / 0 would make the weights, the output and the losses NaN. Above the floor (every
+    sum that has not underflowed) it is the identity, bit for bit; transformers' DeepSeek-V3 adds 1e-20
+    instead, which differs from this only for top-k score sums below ~1e-13 (float32)."""
+    return denom.clamp_min(torch.finfo(denom.dtype).tiny)
+
+
 def router_compute_dtype(cfg: MoEConfig, x: Tensor) -> torch.dtype:
     return x.dtype if cfg.router_dtype == "model" else _ROUTER_DTYPES[cfg.router_dtype]
 
@@ -157,7 +165,7 @@ class Router(nn.Module):
                 route_logits_ne = logits_ne + torch.randn_like(logits_ne) * noise_std_ne  # -inf stays -inf
             if cfg.score_func == "sigmoid":
                 scores_ne = torch.sigmoid(route_logits_ne)
-                probs_ne = scores_ne / scores_ne.sum(-1, keepdim=True)
+                probs_ne = scores_ne / _positive(scores_ne.sum(-1, keepdim=True))
             else:
                 scores_ne = probs_ne = torch.softmax(route_logits_ne, dim=-1)
             if mask_n is None:
@@ -194,7 +202,7 @@ class Router(nn.Module):
         if cfg.topk_order == "topk_then_softmax":
             weight_nk = torch.softmax(route_logits_ne.gather(1, expert_idx_nk), dim=-1)
         elif cfg.renormalize and k > 1:
-            weight_nk = score_nk / score_nk.sum(-1, keepdim=True)
+            weight_nk = score_nk / _positive(score_nk.sum(-1, keepdim=True))
         else:
             weight_nk = score_nk
         if cfg.routed_scaling_factor != 1.0:

@@ -182,3 +182,21 @@ def test_global_balance_scope_single_rank(tmp_path):
         assert glob.router.expert_bias.abs().sum() > 0
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("router", ["topk", "expert_choice"])
+def test_sigmoid_scores_that_underflow_give_finite_outputs_and_losses(router: str):
+    """Every logit at -120: float32 sigmoid scores are exactly 0, and the unguarded normalisations (probs_ne and
+    the top-k renormalisation) were 0 / 0, so the weights, y, the load-balance loss and the gradients were NaN."""
+    extra = {"capacity_factor": 1.0} if router == "expert_choice" else {"bias_update_rate": 0.01}
+    cfg = MoEConfig(num_experts=4, top_k=2, d_expert=4, score_func="sigmoid", router=router, **extra)
+    layer = MoELayer(4, cfg).train()
+    with torch.no_grad():
+        layer.router.weight.fill_(-30.0)  # x of ones: every logit -120
+    x_btd = torch.ones(1, 3, 4, requires_grad=True)
+    out = layer(x_btd)
+    assert torch.isfinite(out.y).all() and torch.isfinite(out.aux_loss)
+    assert all(torch.isfinite(v) for v in out.losses.values()), out.losses
+    assert torch.isfinite(out.stats.router_entropy)  # telemetry reads probs_ne too (expert choice included)
+    (out.y.sum() + out.aux_loss).backward()
+    assert torch.isfinite(x_btd.grad).all() and torch.isfinite(layer.router.weight.grad).all()
