@@ -36,6 +36,11 @@ def _is_finite_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _check_int(name: str, value: Any, lo: int, tail: str = "") -> None:
+    if not _is_int(value) or value < lo:
+        _fail(name, value, f"must be an integer >= {lo}{tail}")
+
+
 @dataclass
 class MoEConfig:
     """Routed feed-forward configuration; nested as ``ModelConfig(moe=MoEConfig(...))``.
@@ -114,14 +119,30 @@ class MoEConfig:
     selection_bias: bool = False  # keep expert_bias (a fixed selection bias) even with bias_update_rate=0
 
     def __post_init__(self) -> None:
-        if self.num_experts < 1:
-            _fail("num_experts", self.num_experts, "must be >= 1")
-        if not 1 <= self.top_k <= self.num_experts:
-            _fail("top_k", self.top_k, f"must be in [1, num_experts={self.num_experts}]")
-        if self.d_expert < 1:
-            _fail("d_expert", self.d_expert, "must be >= 1")
-        if self.num_shared_experts < 0:
-            _fail("num_shared_experts", self.num_shared_experts, "must be >= 0")
+        # Types first, so that every refusal names its field (a str or a float would otherwise fail a comparison
+        # below with a bare TypeError, or pass it: top_k=2.5, renormalize="no").
+        for name, lo in (("num_experts", 1), ("d_expert", 1), ("num_shared_experts", 0), ("every_n_layers", 1)):
+            _check_int(name, getattr(self, name), lo)
+        _check_int("dead_expert_window", self.dead_expert_window, 1, " (training forwards)")
+        _check_int("num_groups", self.num_groups, 1)
+        if self.d_shared is not None:
+            _check_int("d_shared", self.d_shared, 1, ", or None for d_expert")
+        if not _is_int(self.top_k) or not 1 <= self.top_k <= self.num_experts:
+            _fail("top_k", self.top_k, f"must be an integer in [1, num_experts={self.num_experts}]")
+        for name in ("renormalize", "shared_gate"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be true or false")
+        for name in ("router_noise", "load_balance_coef", "z_loss_coef", "bias_update_rate"):
+            value = getattr(self, name)
+            if not _is_finite_number(value) or value < 0:
+                _fail(name, value, "must be a finite number >= 0")
+        jitter = self.router_jitter
+        if not _is_finite_number(jitter) or not 0 <= jitter < 1:
+            _fail("router_jitter", jitter, "must be a finite number in [0, 1) (the input is scaled by U(1-eps, 1+eps))")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None and (not _is_finite_number(value) or value <= 0):
+                _fail(name, value, "must be a finite number > 0 or null (None, dropless)")
         for name, allowed in (
             ("router", ROUTERS),
             ("score_func", SCORE_FUNCS),
@@ -131,14 +152,10 @@ class MoEConfig:
             ("router_dtype", ROUTER_DTYPES),
         ):
             value = getattr(self, name)
-            if value not in allowed:
+            if not isinstance(value, str) or value not in allowed:
                 _fail(name, value, f"allowed values are {', '.join(allowed)}")
         if self.router == "switch" and self.top_k != 1:
             _fail("top_k", self.top_k, "router='switch' is top-1 routing; set top_k=1 or router='topk'")
-        for name in ("capacity_factor", "eval_capacity_factor"):
-            value = getattr(self, name)
-            if value is not None and (not _is_finite_number(value) or value <= 0):
-                _fail(name, value, "must be a finite number > 0 or null (None, dropless)")
         if self.router == "expert_choice" and self.capacity_factor is None:
             _fail(
                 "capacity_factor",
@@ -152,25 +169,12 @@ class MoEConfig:
             _fail("router_noise", self.router_noise, "router='noisy_topk' needs router_noise > 0")
         if self.router != "noisy_topk" and self.router_noise != 0:
             _fail("router_noise", self.router_noise, "only applies to router='noisy_topk' (see router_jitter)")
-        for name in ("router_noise", "router_jitter", "load_balance_coef", "z_loss_coef", "bias_update_rate"):
-            if getattr(self, name) < 0:
-                _fail(name, getattr(self, name), "must be >= 0")
         if self.bias_update_rate > 0 and self.router == "expert_choice":
             _fail("bias_update_rate", self.bias_update_rate, "aux-loss-free bias applies to token-choice routers")
-        if self.every_n_layers < 1:
-            _fail("every_n_layers", self.every_n_layers, "must be >= 1")
         if self.layers is not None:
-            if any((not isinstance(i, int)) or i < 0 for i in self.layers):
-                _fail("layers", self.layers, "must be a list of non-negative layer indices")
+            if not isinstance(self.layers, (list, tuple)) or any(not _is_int(i) or i < 0 for i in self.layers):
+                _fail("layers", self.layers, "must be a list of non-negative integer layer indices, or None")
             self.layers = sorted(set(self.layers))
-        if self.dead_expert_window < 1:
-            _fail("dead_expert_window", self.dead_expert_window, "must be >= 1")
-        if self.num_groups < 1:
-            _fail("num_groups", self.num_groups, "must be >= 1")
-        if self.d_shared is not None and self.d_shared < 1:
-            _fail("d_shared", self.d_shared, "must be >= 1, or None for d_expert")
-        if not isinstance(self.shared_gate, bool):
-            _fail("shared_gate", self.shared_gate, "must be true or false")
         if self.shared_gate and self.num_shared_experts < 1:
             _fail("shared_gate", self.shared_gate, "gates the shared experts; needs num_shared_experts >= 1")
         self._check_modality_fields()
@@ -240,14 +244,14 @@ class MoEConfig:
                 )
         for name in ("local_entropy_coef", "global_entropy_coef"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                _fail(name, value, "must be a number >= 0")
+            if not _is_finite_number(value) or value < 0:
+                _fail(name, value, "must be a finite number >= 0")
         tau = self.global_entropy_threshold
-        if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or tau <= 0):
+        if tau is not None and (not _is_finite_number(tau) or tau <= 0):
             _fail(
                 "global_entropy_threshold",
                 tau,
-                "must be > 0 (nats, e.g. ln(4) for a soft minimum of 4 experts) or None",
+                "must be a finite number > 0 (nats, e.g. ln(4) for a soft minimum of 4 experts) or None",
             )
         groups = self.entropy_groups
         if groups is not None:

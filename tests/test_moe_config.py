@@ -13,7 +13,7 @@ from moekit.moe.layer import MoELayer, set_dispatch
     ("kw", "field", "hint"),
     [
         ({"num_experts": 4, "top_k": 5}, "top_k", "num_experts=4"),
-        ({"top_k": 0}, "top_k", "must be in"),
+        ({"top_k": 0}, "top_k", "an integer in [1"),
         ({"router": "expert_choice", "capacity_factor": None}, "capacity_factor", "expert_choice"),
         ({"router": "switch", "top_k": 2}, "top_k", "top-1"),
         ({"router": "hash"}, "router", "topk, switch, noisy_topk, expert_choice"),
@@ -39,6 +39,51 @@ def test_config_errors_name_the_field(kw, field, hint):
     with pytest.raises(ValueError, match=f"MoEConfig.{field}=") as err:
         MoEConfig(**kw)
     assert hint in str(err.value)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+# Values that used to pass validation (a float, a bool or a str where an int / bool / finite number belongs), or
+# failed with a bare TypeError that named no field (num_experts="8").
+@pytest.mark.parametrize(
+    ("kw", "field", "hint"),
+    [
+        ({"num_experts": 8.0}, "num_experts", "an integer >= 1"),
+        ({"num_experts": "8"}, "num_experts", "an integer >= 1"),
+        ({"top_k": 2.5}, "top_k", "an integer in [1, num_experts=8]"),
+        ({"top_k": True}, "top_k", "an integer in [1, num_experts=8]"),
+        ({"d_expert": 256.0}, "d_expert", "an integer >= 1"),
+        ({"num_shared_experts": 1.0}, "num_shared_experts", "an integer >= 0"),
+        ({"every_n_layers": True}, "every_n_layers", "an integer >= 1"),
+        ({"dead_expert_window": 2.5}, "dead_expert_window", "an integer >= 1"),
+        ({"num_groups": 3.0}, "num_groups", "an integer >= 1"),
+        ({"d_shared": 4.5}, "d_shared", "an integer >= 1, or None"),
+        ({"layers": [True, 2]}, "layers", "non-negative integer layer indices"),
+        ({"layers": "12"}, "layers", "a list"),
+        ({"renormalize": "no"}, "renormalize", "true or false"),
+        ({"renormalize": 1}, "renormalize", "true or false"),
+        ({"load_balance_coef": NAN}, "load_balance_coef", "a finite number >= 0"),
+        ({"z_loss_coef": "0.001"}, "z_loss_coef", "a finite number >= 0"),
+        ({"bias_update_rate": INF}, "bias_update_rate", "a finite number >= 0"),
+        ({"router": "noisy_topk", "router_noise": NAN}, "router_noise", "a finite number >= 0"),
+        ({"router_jitter": 1.5}, "router_jitter", "in [0, 1)"),
+        ({"router_jitter": 1.0}, "router_jitter", "in [0, 1)"),
+        ({"router_jitter": -0.1}, "router_jitter", "in [0, 1)"),
+        ({"local_entropy_coef": INF}, "local_entropy_coef", "a finite number >= 0"),
+        ({"global_entropy_threshold": NAN}, "global_entropy_threshold", "a finite number > 0"),
+        ({"router": ["topk"]}, "router", "topk, switch"),
+    ],
+)
+def test_config_refuses_wrong_types_naming_the_field(kw, field, hint):
+    with pytest.raises(ValueError, match=f"MoEConfig.{field}=") as err:
+        MoEConfig(**kw)
+    assert hint in str(err.value)
+
+
+def test_config_accepts_ints_for_float_fields():
+    cfg = MoEConfig(load_balance_coef=0, z_loss_coef=0, capacity_factor=1, router_jitter=0, layers=(3, 1, 3))
+    assert cfg.capacity(8, training=True) == 2 and cfg.layers == [1, 3]
 
 
 def test_grouped_mm_dispatch_needs_the_kernel(monkeypatch):
