@@ -55,8 +55,12 @@ class MoEConfig:
 
     ``renormalize`` rescales the selected weights to sum to 1 only when ``top_k > 1``: at top-1 it would
     pin the weight at 1.0 and cut the router off from the task gradient (Switch scales by the raw
-    probability). ``topk_order='topk_then_softmax'`` weights sum to 1 by construction. Expert choice
-    ignores ``topk_order``, ``renormalize`` and ``drop_policy``.
+    probability). ``topk_order='topk_then_softmax'`` weights sum to 1 by construction, so at ``top_k=1`` the
+    weight is always 1.0 (the softmax of one logit) and the router gets no task gradient, only the auxiliary
+    losses' (none when their coefficients are 0). ``router='topk'`` accepts it (HF top-1
+    imports and upcycling use it: HF's renormalised top-1 weight is 1.0 too); ``router='switch'``, whose
+    weight is the raw probability, refuses it. Expert choice ignores ``topk_order``, ``renormalize`` and
+    ``drop_policy``.
 
     Per-modality routing (group ids = modality ids, passed as ``group_ids`` to the layer; ``None`` means
     every token is group 0):
@@ -156,6 +160,13 @@ class MoEConfig:
                 _fail(name, value, f"allowed values are {', '.join(allowed)}")
         if self.router == "switch" and self.top_k != 1:
             _fail("top_k", self.top_k, "router='switch' is top-1 routing; set top_k=1 or router='topk'")
+        if self.router == "switch" and self.topk_order == "topk_then_softmax":
+            _fail(
+                "topk_order",
+                self.topk_order,
+                "router='switch' weights by the raw top-1 probability; 'topk_then_softmax' would pin the weight at "
+                "1.0 and cut the router off from the task gradient: use 'softmax_then_topk' (or router='topk')",
+            )
         if self.router == "expert_choice" and self.capacity_factor is None:
             _fail(
                 "capacity_factor",

@@ -16,6 +16,7 @@ from moekit.moe.layer import MoELayer, set_dispatch
         ({"top_k": 0}, "top_k", "an integer in [1"),
         ({"router": "expert_choice", "capacity_factor": None}, "capacity_factor", "expert_choice"),
         ({"router": "switch", "top_k": 2}, "top_k", "top-1"),
+        ({"router": "switch", "top_k": 1, "topk_order": "topk_then_softmax"}, "topk_order", "task gradient"),
         ({"router": "hash"}, "router", "topk, switch, noisy_topk, expert_choice"),
         ({"score_func": "relu"}, "score_func", "softmax, sigmoid"),
         ({"drop_policy": "random"}, "drop_policy", "score, position"),
