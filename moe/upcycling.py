@@ -49,14 +49,19 @@ def function_preserving(cfg: MoEConfig) -> tuple[bool, str]:
     Needs token-choice routing whose selected weights sum to 1 (renormalised top-k with ``top_k > 1``,
     ``topk_order='topk_then_softmax'``, or a single softmax expert) and no capacity drops; a
     ``routed_scaling_factor``, ``shared_gate``, selection bias and group-limited top-k are compensated or
-    harmless (module docstring). Top-1 with
-    ``renormalize=True`` and several experts is *not* renormalised (see ``MoEConfig``): its weight is the
-    raw router probability, so the upcycled output starts at ``p * FFN(x)``.
+    harmless (module docstring). No capacity drops means both ``capacity_factor`` and ``eval_capacity_factor``
+    are ``None`` (evaluation counts too). Top-1 with ``renormalize=True`` and several experts is *not*
+    renormalised (see ``MoEConfig``): its weight is the raw router probability, so the upcycled output starts at
+    ``p * FFN(x)``.
     """
     if cfg.router == "expert_choice":
         return False, "router='expert_choice' gives a token zero or several experts"
     if cfg.capacity_factor is not None:
         return False, f"capacity_factor={cfg.capacity_factor} may drop assignments (use None, dropless)"
+    if cfg.eval_capacity_factor is not None:  # None means capacity_factor's (dropless here) at evaluation too
+        return False, (
+            f"eval_capacity_factor={cfg.eval_capacity_factor} may drop assignments at evaluation (use None, dropless)"
+        )
     softmax = cfg.score_func == "softmax"
     if softmax and cfg.topk_order == "topk_then_softmax":
         return True, ""

@@ -48,6 +48,7 @@ INEXACT = [
     dict(num_experts=4, top_k=2, renormalize=False),
     dict(num_experts=4, top_k=1),  # top-1 is never renormalised (MoEConfig): weight = router probability
     dict(num_experts=4, top_k=2, capacity_factor=0.5),  # drops assignments
+    dict(num_experts=4, top_k=2, eval_capacity_factor=0.25),  # dropless training, but drops in eval mode
     dict(num_experts=1, top_k=1, score_func="sigmoid"),
     dict(num_experts=8, top_k=2, n_group=4, topk_group=1, renormalize=False, routed_scaling_factor=2.5),
 ]
