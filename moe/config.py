@@ -62,6 +62,16 @@ class MoEConfig:
     weight is the raw probability, refuses it. Expert choice ignores ``topk_order``, ``renormalize`` and
     ``drop_policy``.
 
+    ``balance_scope='global'`` (with an initialised process group) sums the load-balance assignment counts
+    (``f_e``) and the aux-loss-free load over the data-parallel ranks; ``P_e`` stays each rank's mean over its
+    own real tokens. Each rank's loss is then ``E * sum_e f_e(global) * P_e(rank)``, and the gradient mean
+    over ranks weights the ranks equally, not their tokens: it is the global batch's loss only when every rank
+    holds as many real tokens. The logged routing telemetry (``MoEExtension``) covers all ranks whatever the
+    scope.
+
+    ``dead_expert_window`` counts training forwards, not optimizer steps: under gradient accumulation each
+    micro-batch advances it (an activation-checkpointing recompute too).
+
     Per-modality routing (group ids = modality ids, passed as ``group_ids`` to the layer; ``None`` means
     every token is group 0):
 
@@ -105,11 +115,11 @@ class MoEConfig:
     load_balance_coef: float = 0.01
     z_loss_coef: float = 0.001
     bias_update_rate: float = 0.0  # >0 enables DeepSeek-V3 aux-loss-free balancing
-    balance_scope: str = "local"  # "global": balancing loss/telemetry over all data-parallel ranks
+    balance_scope: str = "local"  # "global": load-balance f_e and aux-loss-free load over all ranks (docstring)
     every_n_layers: int = 1  # layer i is MoE when (i + 1) % every_n_layers == 0 ...
     layers: list[int] | None = None  # ... unless an explicit list of layer indices is given
     router_dtype: str = "float32"  # router math dtype under mixed precision
-    dead_expert_window: int = 100  # an expert is dead after this many steps without tokens
+    dead_expert_window: int = 100  # an expert is dead after this many training forwards (micro-batches) without tokens
     num_groups: int = 3  # telemetry: group ids in [0, num_groups) get a per-group expert histogram
     modality_experts: list[int] | None = None  # experts reserved per group id; the rest are common; None = shared
     local_entropy_coef: float = 0.0  # LIMoE local entropy loss (per token, minimised)
