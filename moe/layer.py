@@ -52,7 +52,9 @@ class MoELayer(nn.Module):
     a micro-batch twice (harmless for the sign update, visible in the dead-expert age).
 
     ``balance_scope='global'`` (with an initialised process group) all-reduces the load-balance
-    assignment counts and the aux-loss-free load; telemetry stays per rank.
+    assignment counts and the aux-loss-free load; telemetry stays per rank. With ``load_balance_coef=0`` the
+    load-balance loss is not optimised, so its counts are not all-reduced: ``losses['load_balance']`` is then
+    the rank's local value.
 
     ``dispatch`` (one of ``DISPATCH_IMPLS``, default 'auto') picks the dispatch implementation; it is
     placement, not model: it lives in ``dispatch_impl`` (not in ``cfg``) and :func:`set_dispatch` changes it.
@@ -168,7 +170,9 @@ class MoELayer(nn.Module):
             lb = z.new_zeros(())
         else:
             counts_e = None
-            if cfg.balance_scope == "global" and torch.distributed.is_available():
+            # Coefficient 0 (the aux-loss-free setup): the loss is only reported, so no collective is worth a
+            # forward's latency; the rank's local value is reported instead (the logger averages it over ranks).
+            if cfg.balance_scope == "global" and cfg.load_balance_coef > 0 and torch.distributed.is_available():
                 if torch.distributed.is_initialized():
                     counts_e = assignment_counts(routing.expert_idx_nk, cfg.num_experts, mask_n)
                     torch.distributed.all_reduce(counts_e)

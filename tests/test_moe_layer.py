@@ -200,3 +200,26 @@ def test_sigmoid_scores_that_underflow_give_finite_outputs_and_losses(router: st
     assert torch.isfinite(out.stats.router_entropy)  # telemetry reads probs_ne too (expert choice included)
     (out.y.sum() + out.aux_loss).backward()
     assert torch.isfinite(x_btd.grad).all() and torch.isfinite(layer.router.weight.grad).all()
+
+
+@pytest.mark.parametrize("coef", [0.0, 0.01])
+def test_global_balance_scope_all_reduces_only_an_optimised_loss(monkeypatch, coef: float):
+    """balance_scope='global' with load_balance_coef=0 (aux-loss-free) ran an all-reduce in every forward for a
+    loss nothing optimises. Now it reports the local value and runs no collective; with coef > 0 it still does."""
+    calls = []
+
+    def fake_all_reduce(t, *args, **kwargs):  # a world of 2 identical ranks: the sum doubles the counts
+        calls.append(t.shape)
+        t.mul_(2)
+
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", fake_all_reduce)
+    x = torch.randn(2, 6, D, dtype=torch.float64)
+    local, glob = (_layer(num_experts=4, top_k=2, load_balance_coef=coef, balance_scope=s) for s in ("local", "global"))
+    glob.load_state_dict(local.state_dict())
+    out_local, out_global = local(x), glob(x)
+    assert len(calls) == (1 if coef > 0 else 0)
+    # f_e is a fraction of the counts: doubling every rank's counts leaves the value unchanged.
+    torch.testing.assert_close(out_global.losses["load_balance"], out_local.losses["load_balance"])
+    torch.testing.assert_close(out_global.aux_loss, out_local.aux_loss)
