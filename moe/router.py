@@ -287,6 +287,8 @@ class Router(nn.Module):
         if self.cfg.balance_scope == "global" and torch.distributed.is_available():
             if torch.distributed.is_initialized():
                 torch.distributed.all_reduce(counts_e)
-        load_e = counts_e.to(self.expert_bias.dtype)
-        self.expert_bias.add_(torch.sign(load_e.mean() - load_e), alpha=self.cfg.bias_update_rate)
+        # sign(mean - load) = sign(sum - E * load), in exact integers: counts converted to a bf16 bias's dtype
+        # would round (above 256) and two different loads could compare equal.
+        sign_e = torch.sign(counts_e.sum() - self.cfg.num_experts * counts_e).to(self.expert_bias.dtype)
+        self.expert_bias.add_(sign_e, alpha=self.cfg.bias_update_rate)
         counts_e.zero_()

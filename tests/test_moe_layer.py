@@ -144,6 +144,14 @@ def test_bias_counts_accumulate_over_micro_batches_and_reset():
     assert "router.expert_bias" in layer.state_dict() and "router.load_counts" not in layer.state_dict()
 
 
+def test_bias_update_sign_from_exact_counts_in_a_bf16_layer():
+    """Counts of 257 and 256 are equal in bf16 (8 bits of mantissa): the sign must come from the integers."""
+    layer = _skewed_balancing_layer(rate=0.01).to(torch.bfloat16)
+    layer.router.load_counts.copy_(torch.tensor([257, 256, 256, 255]))  # mean 256: over, at, at, under
+    layer.update_bias()
+    assert layer.router.expert_bias.tolist() == pytest.approx([-0.01, 0.0, 0.0, 0.01], rel=1e-2)
+
+
 def test_layer_trains_on_toy_regression():
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=4, top_k=2, d_expert=16, capacity_factor=1.5, num_shared_experts=1)
