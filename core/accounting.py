@@ -8,8 +8,10 @@ FLOP convention: a matmul of [m, k] x [k, n] costs 2*m*k*n. Forward FLOPs per to
                          q params = D*H*(Dn+Dr), or D*Rq + Rq*H*(Dn+Dr) with the q bottleneck (the latent is
                          expanded once per token, as the forward does without a cache)
   dense SwiGLU           3 * 2*D*F
-  MoE layer              router 2*D*E + top_k * 3*2*D*d_expert + shared 3*2*D*(n_shared*d_shared)
-                         (+ 2*D for the sigmoid shared-expert gate)
+  MoE layer              router 2*D*E (x2 for noisy_topk's noise projection, a training forward)
+                         + k' * 3*2*D*d_expert + shared 3*2*D*(n_shared*d_shared)
+                         (+ 2*D for the sigmoid shared-expert gate); k' = top_k for token choice,
+                         capacity_factor * top_k for expert choice (what each token averages there)
   LM head                2*D*V
 with Dh = ``cfg.dh`` (an explicit ``head_dim`` may differ from D/H). Biases, QK-norm, clipping, norms, RoPE
 (scaled or not), activations, softmax and the embedding lookup are elementwise/gathers and are left out
@@ -108,14 +110,23 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
         total += attn
         if cfg.is_moe_layer(i):
             m = cfg.moe
-            total += 2 * D * m.num_experts  # router
-            total += m.top_k * 3 * 2 * D * m.d_expert
+            # The noisy router's second projection (x @ w_noise) runs in training forwards, which is what
+            # matching and MFU count; an eval forward skips it.
+            total += 2 * D * m.num_experts * (2 if m.router == "noisy_topk" else 1)
+            total += round(_experts_per_token(m) * 3 * 2 * D * m.d_expert)
             total += 3 * 2 * D * m.num_shared_experts * m.shared_width
             total += 2 * D if m.shared_gate else 0  # the shared-expert gate, a [D, 1] matmul
         else:
             total += 3 * 2 * D * cfg.d_ff
     total += 2 * D * cfg.vocab_size
     return total
+
+
+def _experts_per_token(m) -> float:
+    """Routed experts one token runs through on average: ``top_k`` for token choice (an upper bound under a
+    capacity, which may drop some), ``capacity_factor * top_k`` for expert choice, whose E experts each take
+    ``ceil(capacity_factor * N * top_k / E)`` of the N tokens (the ceiling left out)."""
+    return m.top_k * m.capacity_factor if m.router == "expert_choice" else m.top_k
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
