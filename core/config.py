@@ -184,23 +184,27 @@ class ModelConfig:
             self.n_kv_heads = self.n_heads
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:  # is_int: YAML's `true` is no 1
                 _fail(name, value, "must be a positive integer")
+        # is_finite_number first: None, a list or a string would raise a bare TypeError at the comparison
+        for name, ok, rule in (
+            ("rope_theta", lambda x: x > 0, "> 0"),
+            ("norm_eps", lambda x: x > 0, "> 0"),
+            ("dropout", lambda x: 0 <= x < 1, "in [0, 1)"),
+            ("init_std", lambda x: x > 0, "> 0"),
+        ):
+            value = getattr(self, name)
+            if not is_finite_number(value) or not ok(value):
+                _fail(name, value, f"must be a finite number {rule}")
+        if not isinstance(self.tie_embeddings, bool):
+            _fail("tie_embeddings", self.tie_embeddings, "must be true or false")
         self._check_attention()
         self._check_scales()
         if self.n_heads % self.n_kv_heads:
             _fail("n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}")
-        if self.rope_theta <= 0:
-            _fail("rope_theta", self.rope_theta, "must be > 0")
-        if self.norm_eps <= 0:
-            _fail("norm_eps", self.norm_eps, "must be > 0")
-        if not 0.0 <= self.dropout < 1.0:
-            _fail("dropout", self.dropout, "must be in [0, 1)")
-        if self.init_std <= 0:
-            _fail("init_std", self.init_std, "must be > 0")
         if self.moe is not None:
             if self.moe.layers is not None and any(i >= self.n_layers for i in self.moe.layers):
-                _fail("moe", self.moe.layers, f"moe.layers entries must be < n_layers={self.n_layers}")
+                _fail("moe.layers", self.moe.layers, f"entries must be < n_layers={self.n_layers}")
             if not any(self.is_moe_layer(i) for i in range(self.n_layers)):
                 _fail("moe", self.moe, "selects no layer; check moe.every_n_layers / moe.layers")
 

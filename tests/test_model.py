@@ -213,6 +213,17 @@ def test_too_long_sequence_errors(model64):
         (dict(dropout=1.0), "dropout"),
         (dict(vocab_size=0), "vocab_size"),
         (dict(rope_theta=-1.0), "rope_theta"),
+        # YAML's true passed isinstance(int) (a 1-layer model saved as n_layers: true); null, lists and text
+        # reached a bare comparison (TypeError)
+        (dict(n_layers=True), "n_layers"),
+        (dict(d_ff="683"), "d_ff"),
+        (dict(rope_theta=None), "rope_theta"),
+        (dict(norm_eps=None), "norm_eps"),
+        (dict(dropout=None), "dropout"),
+        (dict(dropout=[0.1]), "dropout"),
+        (dict(init_std=float("nan")), "init_std"),
+        (dict(tie_embeddings="yes"), "tie_embeddings"),
+        (dict(moe=dict(num_experts=4, top_k=2, d_expert=16, layers=[9])), "moe.layers"),  # named "moe" before
     ],
 )
 def test_config_errors_name_the_field(kw, field):
