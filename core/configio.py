@@ -38,11 +38,11 @@ class DataConfig:
     tokenizer: str = "byte"  # one of TOKENIZERS
 
     def __post_init__(self) -> None:
-        if self.corpus not in CORPORA:
+        if not isinstance(self.corpus, str) or self.corpus not in CORPORA:  # a dict is unhashable: check first
             raise ValueError(f"DataConfig.corpus={self.corpus!r} is invalid: allowed values are {sorted(CORPORA)}")
         if not isinstance(self.seq_len, int) or isinstance(self.seq_len, bool) or self.seq_len < 1:
             raise ValueError(f"DataConfig.seq_len={self.seq_len!r} is invalid: must be an int >= 1")
-        if self.tokenizer not in TOKENIZERS:
+        if not isinstance(self.tokenizer, str) or self.tokenizer not in TOKENIZERS:
             raise ValueError(f"DataConfig.tokenizer={self.tokenizer!r} is invalid: allowed values are {TOKENIZERS}")
 
 

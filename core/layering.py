@@ -8,8 +8,9 @@ their ``__post_init__`` validates the values. Keys are checked against the datac
 (unknown key -> error naming it and the allowed keys). An override into a nested config that is ``None``
 (``model.moe`` of a dense model) creates it with defaults. Override values are parsed with
 ``yaml.safe_load``: ``3``, ``0.5``, ``true``, ``null``, ``[1, 2]`` work, and numeric strings such as
-``3e-4`` (YAML 1.1 reads them as text) are accepted where a float is expected. A YAML syntax error names
-the file, line and column.
+``3e-4`` (YAML 1.1 reads them as text) are accepted where a float is expected, in a tuple, list or dict
+field's elements too. A YAML syntax error names the file, line and column, or the override; a mapping or a
+list given to a field of another type (``data.corpus=a: b`` reads as a mapping) is refused naming the key.
 """
 
 from __future__ import annotations
@@ -92,12 +93,22 @@ def load_config(
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"model.d_model=128"`` -> ``("model.d_model", 128)``; the value goes through ``yaml.safe_load``."""
+    """``"model.d_model=128"`` -> ``("model.d_model", 128)``; the value is read as YAML (``read_yaml``'s
+    loader); a value that is no valid YAML is refused naming the override."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
         raise ValueError(f"override {text!r} must look like 'section.key=value' (e.g. 'train.steps=200')")
-    return key, yaml.safe_load(raw) if raw.strip() else None
+    if not raw.strip():
+        return key, None
+    try:
+        return key, yaml.load(raw, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(
+            f"override {text!r}: the value {raw!r} is not valid YAML ({problem}); a list is written [0.9, 0.95], "
+            "a text holding YAML syntax is quoted: key='\"a: b\"'"
+        ) from None
 
 
 def merge_tree(cls: type, tree: dict[str, Any], update: Mapping[str, Any], prefix: str = "") -> None:
@@ -212,7 +223,9 @@ def _nested_dataclass(tp: Any) -> type | None:
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Light, explicit conversions only: int/numeric text -> float, list -> tuple. Everything else as is.
+    """Light, explicit conversions only: int/numeric text -> float, list -> tuple, applied to the elements of
+    ``tuple[...]`` / ``list[...]`` / ``dict[..., ...]`` fields too. Everything else as is, except a mapping or
+    a list given to a field that holds neither, refused naming the key and the expected type.
 
     Range and choice checks stay in each dataclass's ``__post_init__``; this only fixes the representation
     gaps between YAML and Python (``1e-3`` is text in YAML 1.1, YAML has no tuples).
@@ -221,6 +234,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if value is None or Any in args:
         return value
     origins = {typing.get_origin(a) or a for a in args}
+    if isinstance(value, Mapping) and not origins & {dict, Mapping}:
+        hint = "; YAML reads 'a: b' as a mapping: quote a text that holds ': '" if str in origins else ""
+        raise ValueError(f"config key {key!r}: expected {_type_name(tp)}, got a mapping {value!r}{hint}")
+    if isinstance(value, (list, tuple)) and origins <= {str, int, float, bool, type(None)}:
+        raise ValueError(f"config key {key!r}: expected {_type_name(tp)}, got a list {value!r}")
     if float in origins and not isinstance(value, float) and not isinstance(value, bool):
         if isinstance(value, int):
             return float(value)
@@ -229,6 +247,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 raise ValueError(f"config key {key!r}: expected a number, got {value!r}") from None
-    if tuple in origins and isinstance(value, list):
-        return tuple(value)
+    for arg in args:
+        origin, params = typing.get_origin(arg), typing.get_args(arg)
+        if origin in (tuple, list) and isinstance(value, (list, tuple)):
+            if origin is list or (len(params) == 2 and params[1] is Ellipsis):
+                params = (params[0] if params else Any,) * len(value)
+            elif len(params) != len(value):  # the wrong length: __post_init__ names it; coerce none
+                params = (Any,) * len(value)
+            items = [_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, params))]
+            return tuple(items) if origin is tuple else items
+        if origin is dict and isinstance(value, Mapping):
+            value_type = params[1] if params else Any
+            return {k: _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     return value
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp)

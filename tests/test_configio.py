@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import yaml
 
 from moekit.core.config import ModelConfig
 from moekit.core.configio import DataConfig, RunConfig, load_run_config
-from moekit.core.layering import parse_override
+from moekit.core.layering import load_config, parse_override
 from moekit.core.train import TrainConfig
 from moekit.moe.config import MoEConfig, ParallelConfig
 
@@ -254,3 +255,41 @@ def test_a_key_repeated_in_a_yaml_mapping_is_refused_with_its_line(tmp_path):
     path.write_text("train:\n  steps: 5\nmodel:\n  steps: 5\n")  # the same key in two mappings is fine
     with pytest.raises(ValueError, match=r"'model\.steps'"):  # (then refused as a field, not as a repeat)
         load_run_config(path)
+
+
+@dataclass
+class _Shapes:
+    """Every container shape of a config field, for the numeric-text coercion inside containers."""
+
+    many: tuple[float, ...] = ()
+    pair: tuple[float, float] | None = None
+    items: list[float] = field(default_factory=list)
+    table: dict[str, float] = field(default_factory=dict)
+    maybe: float | None = None
+
+
+def test_scientific_notation_text_is_a_number_inside_containers_too():
+    """YAML 1.1 reads 3e-4 as text: a float field converted it, an element of a tuple/list/dict field did not."""
+    overrides = ["many=[5e-1, 1]", "pair=[0.9, 1e-3]", "items=[1.5e3]", "table={a: 2e-1}", "maybe=1e-2"]
+    cfg = load_config(_Shapes, None, overrides)
+    assert cfg == _Shapes(many=(0.5, 1.0), pair=(0.9, 1e-3), items=[1500.0], table={"a": 0.2}, maybe=1e-2)
+    assert all(isinstance(v, float) for v in (*cfg.many, *cfg.pair, *cfg.items, *cfg.table.values()))
+    with pytest.raises(ValueError, match=r"config key 'many\[1\]': expected a number, got 'x'"):
+        load_config(_Shapes, None, ["many=[1, x]"])
+    assert load_run_config(None, ["train.betas=[0.9, 1e-3]"]).train.betas == (0.9, 1e-3)  # was refused
+    from moekit.multimodal.train import load_mm_run_config
+
+    mm = load_mm_run_config(None, ["model.image.mean=[5e-1]", "tasks.weights={caption: 1e-1}"])
+    assert mm.model.image.mean == (0.5,) and mm.tasks.weights == {"caption": 0.1}  # ('5e-1',) crashed mid-run
+
+
+def test_override_value_that_is_no_yaml_or_a_mapping_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"override 'train\.betas=\[0\.9': the value '\[0\.9' is not valid YAML"):
+        parse_override("train.betas=[0.9")  # was a yaml.parser.ParserError traceback
+    # 'shakespeare: x' reads as a mapping: it reached `corpus in CORPORA` (unhashable dict TypeError)
+    with pytest.raises(ValueError, match=r"'data\.corpus': expected str, got a mapping .*quote a text"):
+        load_run_config(None, ["data.corpus=shakespeare: x"])
+    with pytest.raises(ValueError, match=r"'model\.d_model': expected int, got a list \[64\]"):
+        load_run_config(None, ["model.d_model=[64]"])
+    with pytest.raises(ValueError, match=r"DataConfig\.corpus=\{'shakespeare': 'x'\} is invalid"):
+        DataConfig(corpus={"shakespeare": "x"})  # built directly, without the layering
