@@ -12,8 +12,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from moekit.core.accounting import flops_per_token
 from moekit.core.checks import fail, is_int, is_number
 from moekit.core.config import ModelConfig
@@ -139,27 +137,32 @@ def parse_sweep(text: str) -> tuple[str, list[Any]]:
     allowed = [f.name for f in dataclasses.fields(MoEConfig)]
     if not sep or key not in allowed or not values.strip():
         fail("CompareConfig", "sweep", text, f"must look like 'num_experts=1,4,8' with a key from {allowed}")
-    parsed = [yaml.safe_load(v) for v in values.split(",")]
+    try:  # as a dotted override reads its value (a YAML error names the sweep); with_moe coerces and validates
+        parsed = [parse_override(f"{key}={v}")[1] for v in values.split(",")]
+    except ValueError as e:
+        fail("CompareConfig", "sweep", text, str(e))
     if dup := repeated(parsed):
         fail("CompareConfig", "sweep", text, f"values must be distinct (one MoE model each); {dup}")
     return key, parsed
 
 
 def with_moe(model: ModelConfig, **changes: Any) -> ModelConfig:
-    """Change MoE fields at fixed active compute: top_k * d_expert is held constant."""
+    """Change MoE fields at fixed active compute: top_k * d_expert is held constant. The changes go through
+    the dotted-override path (:func:`overridden`): ``'1e-3'`` (YAML 1.1 text) is a float, bad values are refused
+    naming the field."""
     base = model.moe
     assert base is not None
     new = dict(changes)
-    if "num_experts" in new and "top_k" not in new:
+    if "num_experts" in new and "top_k" not in new and is_int(new["num_experts"]):
         new["top_k"] = min(base.top_k, new["num_experts"])
-    if "top_k" in new and "d_expert" not in new:
+    if "top_k" in new and "d_expert" not in new and is_int(new["top_k"]) and new["top_k"] > 0:
         new["d_expert"] = max(1, round(base.top_k * base.d_expert / new["top_k"]))
     if new.get("router") == "switch":
         new.setdefault("top_k", 1)
         new["d_expert"] = base.top_k * base.d_expert // new["top_k"]
     if new.get("router") == "expert_choice" and base.capacity_factor is None and "capacity_factor" not in new:
         new["capacity_factor"] = 1.0
-    return dataclasses.replace(model, moe=dataclasses.replace(base, **new))
+    return overridden(model, [(f"moe.{k}", v) for k, v in new.items()])
 
 
 def apply_overrides(model: ModelConfig, text: str) -> ModelConfig:

@@ -53,6 +53,19 @@ def test_sweep_holds_active_compute_fixed():
         load("compare.sweep=not_a_field=1,2")
 
 
+def test_sweep_values_go_through_the_override_coercion_and_validation():
+    """A sweep value went through yaml.safe_load and dataclasses.replace: '1e-2' (YAML 1.1 text) stayed a string
+    and MoEConfig's range check raised a TypeError."""
+    specs = plan_runs(load("compare.sweep=load_balance_coef=1e-2,1e-3"))
+    assert [s.run.model.moe.load_balance_coef for s in specs if s.kind == "moe"] == [0.01, 0.001]
+    with pytest.raises(ValueError, match=r"config key 'moe\.load_balance_coef': expected a number, got 'x'"):
+        plan_runs(load("compare.sweep=load_balance_coef=x,1e-3"))
+    with pytest.raises(
+        ValueError, match=r"CompareConfig\.sweep=.*is invalid: override 'z_loss_coef=\[1'.*not valid YAML"
+    ):
+        load("compare.sweep=z_loss_coef=[1,2]")
+
+
 def test_flops_budget_scales_steps():
     cmp = load("compare.budget=flops", "compare.param_matched=true")
     steps = {s.name: s.run.train.steps for s in plan_runs(cmp)}
