@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from moekit.core.checks import is_finite_number, is_int
 from moekit.core.config import ModelConfig
 
 PROJECTOR_KINDS = ("linear", "mlp", "pool")
@@ -19,6 +20,14 @@ PROJECTOR_KINDS = ("linear", "mlp", "pool")
 
 def _fail(cls: str, name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"{cls}.{name}={value!r} is invalid: {allowed}")
+
+
+def as_tuple(cls: str, name: str, value: Any, example: str) -> tuple:
+    """A list/tuple field as a tuple; a text or a number is refused (``tuple('en+f2')`` splits it into letters,
+    ``tuple(0.5)`` is a TypeError), the message shows the list to write instead (``example``)."""
+    if not isinstance(value, (list, tuple)):
+        _fail(cls, name, value, f"must be a list, e.g. {name}={example}")
+    return tuple(value)
 
 
 def _positive_ints(obj: Any, names: tuple[str, ...]) -> None:
@@ -73,7 +82,11 @@ class ImageEncoderConfig:
     weights_path: str | None = None
 
     def __post_init__(self) -> None:
-        self.mean, self.std = tuple(self.mean), tuple(self.std)
+        for name in ("mean", "std"):
+            value = as_tuple("ImageEncoderConfig", name, getattr(self, name), "[0.5]")
+            if not all(is_finite_number(v) for v in value):
+                _fail("ImageEncoderConfig", name, value, "entries must be finite numbers, one per channel")
+            setattr(self, name, value)
         _positive_ints(self, ("image_size", "in_channels", "patch_size", "width", "n_heads"))
         _check_transformer(self)
         if self.backbone is None:
@@ -124,12 +137,12 @@ class AudioEncoderConfig:
     max_seconds: float = 2.0  # longest clip accepted; also the length FLOP reports assume
 
     def __post_init__(self) -> None:
-        self.strides = tuple(self.strides)
+        self.strides = as_tuple("AudioEncoderConfig", "strides", self.strides, "[2, 2]")
         _positive_ints(self, ("sample_rate", "n_mels", "n_fft", "hop_length", "width", "kernel_size", "n_heads"))
         _check_transformer(self)
         if self.kernel_size % 2 == 0:
             _fail("AudioEncoderConfig", "kernel_size", self.kernel_size, "must be odd ('same' padding)")
-        if len(self.strides) != 2 or any(not isinstance(s, int) or s < 1 for s in self.strides):
+        if len(self.strides) != 2 or any(not is_int(s) or s < 1 for s in self.strides):
             _fail("AudioEncoderConfig", "strides", self.strides, "must be two positive integers (conv1, conv2)")
         if self.width % 2:
             _fail("AudioEncoderConfig", "width", self.width, "must be even (sinusoidal positions)")

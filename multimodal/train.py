@@ -42,7 +42,7 @@ from moekit.core.train import TrainConfig, Trainer
 from moekit.moe.config import ParallelConfig
 from moekit.moe.extension import MoEExtension
 from moekit.moe.modality import mean_purity, modality_purity
-from moekit.multimodal.config import MultimodalConfig
+from moekit.multimodal.config import MultimodalConfig, as_tuple
 from moekit.multimodal.model import MultimodalLM
 from moekit.multimodal.sequence import Sample, TextPart, build_batch
 from moekit.multimodal.speech import DIGIT_WORDS, SpeechConfig
@@ -76,8 +76,12 @@ class MMDataConfig:
                 raise ValueError(f"MMDataConfig.{name}={value!r} is invalid: must be an int >= 1")
         if isinstance(self.speech, dict):
             self.speech = SpeechConfig(**self.speech)
-        if self.eval_voices is not None:
-            self.eval_voices = tuple(self.eval_voices)
+        if self.eval_voices is not None:  # a bare 'en+f2' is refused, not split into letters
+            self.eval_voices = as_tuple("MMDataConfig", "eval_voices", self.eval_voices, "[en+f2]")
+            if not all(isinstance(v, str) and v for v in self.eval_voices):
+                raise ValueError(
+                    f"MMDataConfig.eval_voices={self.eval_voices!r} is invalid: entries must be voice names"
+                )
 
 
 @dataclass

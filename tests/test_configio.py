@@ -293,3 +293,11 @@ def test_override_value_that_is_no_yaml_or_a_mapping_is_refused_naming_it():
         load_run_config(None, ["model.d_model=[64]"])
     with pytest.raises(ValueError, match=r"DataConfig\.corpus=\{'shakespeare': 'x'\} is invalid"):
         DataConfig(corpus={"shakespeare": "x"})  # built directly, without the layering
+
+
+def test_a_text_where_a_list_of_voices_is_required_is_refused_not_split_into_letters():
+    from moekit.multimodal.train import load_mm_run_config
+
+    with pytest.raises(ValueError, match=r"MMDataConfig\.eval_voices='en\+f2' is invalid: .*eval_voices=\[en\+f2\]"):
+        load_mm_run_config(None, ["data.eval_voices=en+f2"])  # was ('e', 'n', '+', 'f', '2')
+    assert load_mm_run_config(None, ["data.eval_voices=[en+f2]"]).data.eval_voices == ("en+f2",)

@@ -54,6 +54,18 @@ def tiny_audio(**kw) -> AudioEncoderConfig:
         (lambda: tiny_image(dropout=1.0), r"ImageEncoderConfig\.dropout"),
         (lambda: tiny_image(mean=(0.1, 0.2)), r"ImageEncoderConfig\.mean.*in_channels=1"),
         (lambda: tiny_image(weights_path="/x.pt"), r"ImageEncoderConfig\.weights_path.*needs backbone"),
+        # tuple(0.5) was a TypeError, tuple('0.3') three "channels", ['a'] a TypeError at the std > 0 check
+        (
+            lambda: tiny_image(mean=0.5),
+            r"ImageEncoderConfig\.mean=0\.5 is invalid: must be a list, e\.g\. mean=\[0\.5\]",
+        ),
+        (lambda: tiny_image(std="0.3"), r"ImageEncoderConfig\.std='0\.3' is invalid: must be a list"),
+        (lambda: tiny_image(std=["a"]), r"ImageEncoderConfig\.std=\('a',\) is invalid: entries must be finite numbers"),
+        (
+            lambda: tiny_audio(strides=2),
+            r"AudioEncoderConfig\.strides=2 is invalid: must be a list, e\.g\. strides=\[2, 2\]",
+        ),
+        (lambda: tiny_audio(strides=(True, 2)), r"AudioEncoderConfig\.strides"),
         (lambda: tiny_audio(kernel_size=4), r"AudioEncoderConfig\.kernel_size=4.*odd"),
         (lambda: tiny_audio(strides=(2,)), r"AudioEncoderConfig\.strides"),
         (lambda: tiny_audio(width=15, n_heads=3), r"AudioEncoderConfig\.width=15.*even"),
