@@ -180,7 +180,11 @@ def plan_runs(cmp: Comparison) -> list[RunSpec]:
         models = scaling_models(c.scaling, moe, seq)
     elif c.sweep:
         key, values = parse_sweep(c.sweep)
-        models += [(f"moe-{key}={v}", "moe", with_moe(moe, **{key: v}), v) for v in values]
+        for v in values:
+            m = with_moe(moe, **{key: v})
+            # Text the override path read as a number ('1e-2' in YAML 1.1) is named and plotted as that number.
+            v = getattr(m.moe, key) if isinstance(v, str) else v
+            models.append((f"moe-{key}={v}", "moe", m, v))
     else:
         models.append((moe_name(moe.moe), "moe", moe, None))
         for text in c.variants:

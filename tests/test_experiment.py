@@ -58,6 +58,10 @@ def test_sweep_values_go_through_the_override_coercion_and_validation():
     and MoEConfig's range check raised a TypeError."""
     specs = plan_runs(load("compare.sweep=load_balance_coef=1e-2,1e-3"))
     assert [s.run.model.moe.load_balance_coef for s in specs if s.kind == "moe"] == [0.01, 0.001]
+    moe_specs = [s for s in specs if s.kind == "moe"]
+    assert [s.sweep_value for s in moe_specs] == [0.01, 0.001]  # numbers on the plot's axis, not text
+    names = {s.name.split("-seed")[0] for s in moe_specs}
+    assert names == {"moe-load_balance_coef=0.01", "moe-load_balance_coef=0.001"}
     with pytest.raises(ValueError, match=r"config key 'moe\.load_balance_coef': expected a number, got 'x'"):
         plan_runs(load("compare.sweep=load_balance_coef=x,1e-3"))
     with pytest.raises(
