@@ -146,6 +146,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--shard-mb", type=float, default=16.0)
     args = parser.parse_args(argv)
+    try:  # a non-empty --out (or a file): one line and exit 2, as the other recipes (it was a traceback)
+        check_output_folder(args.out)
+    except ValueError as err:
+        parser.exit(2, f"bench_convert_hf: error: {err}\n")
     r = run(Path(args.out), args.layers, args.hidden, args.ffn, args.vocab, args.shard_mb)
     print(f"model {r['model_mb']:.1f} MB in {r['num_shards']} shards of <= {r['shard_mb']:.1f} MB")
     for name in ("from_hf", "to_hf"):

@@ -18,6 +18,7 @@ from moekit.core.model import Transformer  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 MAIN = runpy.run_path(str(REPO / "recipes" / "convert_hf.py"))["main"]
 BENCH = runpy.run_path(str(REPO / "recipes" / "bench_convert_hf.py"))["run"]
+BENCH_MAIN = runpy.run_path(str(REPO / "recipes" / "bench_convert_hf.py"))["main"]
 V = 61
 
 
@@ -141,3 +142,13 @@ def test_peak_memory_is_about_one_model_not_two(tmp_path):
     # Reading: the converted model plus the shard in flight (and allocator slack); writing: a shard or two.
     assert r["from_hf"]["peak_above_base_mb"] < model_mb + 2 * shard_mb + 8, r
     assert r["to_hf"]["peak_above_base_mb"] < 3 * shard_mb + 8, r
+
+
+def test_bench_convert_refuses_a_non_empty_out_in_one_line(tmp_path, capsys):
+    (tmp_path / "x").write_text("mine")  # was a ValueError traceback (exit 1)
+    with pytest.raises(SystemExit) as exc:
+        BENCH_MAIN(["--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err == f"bench_convert_hf: error: --out {tmp_path} is not empty; " + (
+        "choose a new or empty folder (nothing is overwritten)\n"
+    )
