@@ -23,13 +23,29 @@ from tqdm.auto import tqdm
 from moekit.core.files import atomic_write_json
 from moekit.core.guard import TrainingDiverged
 from moekit.core.meter import num_threads, peak_memory
-from moekit.core.run_folder import migrate_placement, saved_config_diffs
+from moekit.core.run_folder import RunFolderError, migrate_placement, saved_config_diffs
 from moekit.experiment.adapter import Row, RunSpec
 from moekit.experiment.plan import TASKS, CompareConfig, Comparison, matching_table, plan_runs
 from moekit.experiment.report import divergence_text, headline, matching_lines, write_report
 from moekit.experiment.verdict import comparison_verdicts, verdicts_sentence
 
 RESULT_FILE = "result.json"
+SUMMARY_FILE = "summary.json"
+
+
+def check_compare_out(out: str | os.PathLike) -> Path:
+    """A comparison's output folder: new, empty, or a comparison's own (``summary.json`` or ``runs/``), which a
+    rerun reuses and resumes. Any other folder is refused: report.md, summary.json, plots and runs/ would land
+    next to its files (``--out .``)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not ((out / SUMMARY_FILE).is_file() or (out / "runs").is_dir()):
+        raise RunFolderError(
+            f"--out {out} is not empty and holds no comparison (no {SUMMARY_FILE}, no runs/): choose a new or empty "
+            "folder, or the folder of the comparison to resume"
+        )
+    return out
 
 
 def check_planned(spec: RunSpec, run_dir: Path) -> None:
@@ -41,7 +57,7 @@ def check_planned(spec: RunSpec, run_dir: Path) -> None:
     diffs = [d for d in saved_config_diffs(spec.run, run_dir, migrate) if not d[0].startswith("parallel.")]
     if diffs:
         (key, old, new), more = diffs[0], f" (and {len(diffs) - 1} more field(s))" if len(diffs) > 1 else ""
-        raise ValueError(
+        raise RunFolderError(
             f"{run_dir} was trained with a different config than this comparison plans for it: {key} is {old!r} "
             f"there, {new!r} in the plan{more}; use a new output folder (or delete that run) instead of mixing "
             "configs within one comparison"
@@ -105,11 +121,12 @@ def run_comparison(
     verbose: bool = True,
     expect_processes: int | None = None,
 ) -> list[Row]:
-    """Plan, print the matching, train (or reuse) every run under ``out_dir/runs``, write the report; returns
-    the rows in plan order (none for ``dry_run``). ``verbose=False`` silences the plan (ranks other than 0
-    under a launcher, before any process group exists); ``expect_processes``: the launcher's world size."""
+    """Check ``out_dir`` (:func:`check_compare_out`), plan, print the matching, train (or reuse) every run under
+    ``out_dir/runs``, write the report; returns the rows in plan order (none for ``dry_run``). ``verbose=False``
+    silences the plan (ranks other than 0 under a launcher, before any process group exists);
+    ``expect_processes``: the launcher's world size."""
     say = print if verbose else (lambda *a, **k: None)
-    out, c, task = Path(out_dir), cmp.compare, cmp.task
+    out, c, task = check_compare_out(out_dir), cmp.compare, cmp.task
     t0, load0 = time.perf_counter(), _loadavg()
     specs = plan_runs(cmp)
     with num_threads(c.threads):

@@ -17,7 +17,9 @@ folder trained with another config is refused. A run that diverges (`TrainingDiv
 comparison: it is recorded (status `diverged`, step, reason) in its result.json, summary.json and the report,
 the verdicts skip its seed and say so, and the command exits 0 after writing the report, its last line the
 verdict as always (a rerun reuses the diverged result; retry in a new OUT). Outputs in OUT: report.md,
-summary.json, PNG plots, runs/<model>-seed<k>/ (each a full training run folder).
+summary.json, PNG plots, runs/<model>-seed<k>/ (each a full training run folder). OUT must be new, empty or
+a comparison's own folder (holding summary.json or runs/); a refused value, plan, folder or resume prints one
+line and exits with code 2.
 
 `compare.task` picks the task adapter (moekit.experiment.plan.TASKS): `lm` (default; Shakespeare) or
 `multimodal` (image, audio and text tasks through one decoder: encoders identical in both models, the
@@ -33,8 +35,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from moekit.experiment.plan import load_comparison
-from moekit.experiment.runner import run_comparison
+from moekit.core.run_folder import RUN_ERRORS
+from moekit.experiment.plan import load_comparison, plan_runs
+from moekit.experiment.runner import check_compare_out, run_comparison
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -60,15 +63,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ):
         if value is not None:
             overrides.append(f"compare.{flag}={'true' if value is True else value}")
-    cmp = load_comparison(args.config, overrides)
+    try:  # a bad value, key or file, a dense base model, a refused plan or --out folder: one line, exit 2
+        cmp = load_comparison(args.config, overrides)
+        plan_runs(cmp)  # the plan's own refusals (compute mismatch, repeated models) before any work
+        check_compare_out(args.out)
+    except (ValueError, FileNotFoundError) as err:
+        p.exit(2, f"compare: error: {err}\n")
     # torchrun / accelerate launch set WORLD_SIZE and RANK; the process group starts with the first run's
     # Accelerator, so until then RANK says which process prints the plan.
     world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
-    rows = run_comparison(
-        cmp, Path(args.out), dry_run=args.dry_run, verbose=os.environ.get("RANK", "0") == "0", expect_processes=world
-    )
-    if dist.is_initialized():
-        dist.destroy_process_group()  # gloo aborts at exit otherwise
+    try:
+        rows = run_comparison(
+            cmp,
+            Path(args.out),
+            dry_run=args.dry_run,
+            verbose=os.environ.get("RANK", "0") == "0",
+            expect_processes=world,
+        )
+    except RUN_ERRORS as err:  # a run folder trained with another config, a damaged checkpoint
+        p.exit(2, f"compare: error: {err}\n")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()  # gloo aborts at exit otherwise
     return rows
 
 

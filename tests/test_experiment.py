@@ -2,6 +2,7 @@
 resume, refusal to mix configs, summary schema, report."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -118,7 +119,7 @@ TINY = ("train.steps=6", "train.eval_every=3", "train.save_every=3", "compare.sa
 
 
 @pytest.mark.slow
-def test_end_to_end_identical_data_and_resume(tmp_path, compare_cli):
+def test_end_to_end_identical_data_and_resume(tmp_path, capsys, compare_cli):
     out = tmp_path / "cmp"
     rows = _run_recipe(compare_cli, out, *TINY)
     summary = json.loads((out / "summary.json").read_text())
@@ -156,12 +157,52 @@ def test_end_to_end_identical_data_and_resume(tmp_path, compare_cli):
     rows2 = _run_recipe(compare_cli, out, *TINY)
     assert (out / "runs" / "dense-seed0" / "result.json").stat().st_mtime == dense_mtime, "dense was redone"
     assert rows2[1]["final_val_loss"] == pytest.approx(rows[1]["final_val_loss"], abs=1e-6)
-    # A changed config is refused (finished and interrupted runs alike), naming the first differing field.
-    with pytest.raises(ValueError, match=r"different config.*train\.lr is 0\.003 there, 0\.001 in the plan"):
-        _run_recipe(compare_cli, out, *TINY, "train.lr=1e-3")
-    (moe_dir / "result.json").unlink()
-    with pytest.raises(ValueError, match=r"dense-seed0 was trained with a different config.*model\.d_model"):
-        _run_recipe(compare_cli, out, *TINY, "model.d_model=32")
+    # A changed config is refused (finished and interrupted runs alike), naming the first differing field, in
+    # one line with exit code 2 (it was a traceback)
+    for extra, message in (
+        ("train.lr=1e-3", r"different config.*train\.lr is 0\.003 there, 0\.001 in the plan"),
+        ("model.d_model=32", r"dense-seed0 was trained with a different config.*model\.d_model"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            _run_recipe(compare_cli, out, *TINY, extra)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and re.match(rf"compare: error: .*{message}", err) and err.count("\n") == 1, err
+        (moe_dir / "result.json").unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["model.d_model=[64]"], "config key 'model.d_model': expected int, got a list [64]"),
+        (["train.stepz=3"], "unknown config key 'train.stepz'"),
+        (["model.moe=null"], "the comparison's base model has no moe section"),
+        (["compare.variants=['moe.top_k=4']"], "flops_per_token"),  # the plan's refusal
+        (["--config", "nope.yaml"], "config file nope.yaml does not exist"),
+    ],
+)
+def test_compare_refusals_print_one_line_and_exit_2(tmp_path, capsys, compare_cli, extra, message):
+    """As train_lm / train_multimodal do; compare.py printed a traceback and exited 1."""
+    with pytest.raises(SystemExit) as exc:
+        _run_recipe(compare_cli, tmp_path / "cmp", "--dry-run", *extra)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("compare: error: ") and message in err and err.count("\n") == 1
+
+
+def test_compare_out_must_be_new_empty_or_a_comparison_folder(tmp_path, capsys, compare_cli):
+    """Any non-empty folder was accepted: report.md, summary.json, plots and runs/ landed next to its files."""
+    from moekit.experiment.runner import run_comparison
+
+    (tmp_path / "x").write_text("mine")
+    for out in (tmp_path, tmp_path / "x"):
+        with pytest.raises(SystemExit) as exc:
+            _run_recipe(compare_cli, out, "--dry-run")
+        assert exc.value.code == 2 and f"--out {out} is" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is not empty and holds no comparison"):  # the library refuses it too
+        run_comparison(load(), tmp_path, dry_run=True, verbose=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["x"]
+    (tmp_path / "runs").mkdir()  # an (interrupted) comparison's folder is reused, as one with summary.json
+    assert _run_recipe(compare_cli, tmp_path, "--dry-run") == []
+    assert _run_recipe(compare_cli, tmp_path / "new", "--dry-run") == []
 
 
 @pytest.mark.slow
