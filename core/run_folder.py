@@ -284,14 +284,14 @@ def check_resumable(cfg: Any, run_dir: str | os.PathLike, migrate: Migration | N
         )
 
 
-def check_out_folder(out: str | os.PathLike, resume: bool) -> Path:
+def check_out_folder(out: str | os.PathLike, resume: bool, flag: str = "--resume") -> Path:
     """A recipe's ``--out``: with ``resume``, a folder holding a run (its ``config.yaml``); without, a new or
     empty folder (never one holding a run or anything else). Returns the path; raises :class:`RunFolderError`."""
     out = Path(out)
     holds_run = (out / CONFIG_FILE).is_file()
     if resume and not holds_run:
         what = "does not exist" if not out.exists() else f"holds no run (no {CONFIG_FILE})"
-        raise RunFolderError(f"--resume: {out} {what}; check the path, or drop --resume to start a new run there")
+        raise RunFolderError(f"{flag}: {out} {what}; check the path, or drop {flag} to start a new run there")
     if not resume and out.exists():
         if not out.is_dir():
             raise RunFolderError(f"--out {out} is a file, not a folder")
@@ -307,7 +307,7 @@ def open_run_folder(out: str | os.PathLike, resume: bool, resume_from: str | os.
     ``CKPT`` (a checkpoint of this run) the one the resume continues from (``moekit.core.checkpoint.rewind_to``:
     newer checkpoints move to ``OUT/ckpt/discarded``). Returns whether the run resumes."""
     resume = resume or resume_from is not None
-    out = check_out_folder(out, resume)
+    out = check_out_folder(out, resume, "--resume" if resume_from is None else "--resume-from")
     if resume_from is not None:
         ckpt = Path(resume_from).resolve()
         if ckpt.parent != (out / CKPT_DIR).resolve():

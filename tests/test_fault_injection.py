@@ -212,6 +212,8 @@ def test_a_corrupt_latest_pointer_names_the_newest_intact_checkpoint(tmp_path, c
 def test_resume_needs_a_run_and_a_new_run_needs_an_empty_folder(tmp_path, capsys, finished, recipe):
     _, err = _fails(capsys, ["--out", str(tmp_path / "typo"), "--resume"], recipe)
     assert f"--resume: {tmp_path / 'typo'} does not exist" in err
+    _, err = _fails(capsys, ["--out", str(tmp_path / "typo"), "--resume-from", str(tmp_path / "c")], recipe)
+    assert f"--resume-from: {tmp_path / 'typo'} does not exist" in err and "drop --resume-from" in err
     (tmp_path / "empty").mkdir()
     _, err = _fails(capsys, ["--out", str(tmp_path / "empty"), "--resume"], recipe)
     assert "holds no run (no config.yaml)" in err and not any((tmp_path / "empty").iterdir())
