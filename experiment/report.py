@@ -19,6 +19,7 @@ from moekit.experiment.scaling import scaling_section
 from moekit.experiment.verdict import comparison_verdicts, exclusion_reason, verdict_cells, verdicts_sentence
 
 # every row field summary.json keeps, whatever the task (the adapter adds its own summary_fields)
+SUMMARY_FILE = "summary.json"  # in the comparison folder; the runner recognises a comparison by it
 SUMMARY_FIELDS = tuple(
     "name kind seed params_total params_active flops_per_token tokens_trained train_flops final_val_loss "
     "tokens_per_s peak_mem_mib wall_s data_digest status divergence".split()
@@ -118,7 +119,7 @@ def write_report(
     scaling_lines = []
     if c.scaling is not None:
         summary["scaling"], scaling_lines = scaling_section(rows, out)
-    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / SUMMARY_FILE, summary)
     plots = report_plots(specs, rows, out, parse_sweep(c.sweep)[0] if c.sweep else None)
 
     first = verdicts_sentence(verdict_rows) or "No verdict: no MoE model paired with the dense twin."

@@ -26,11 +26,10 @@ from moekit.core.meter import num_threads, peak_memory
 from moekit.core.run_folder import RunFolderError, migrate_placement, saved_config_diffs
 from moekit.experiment.adapter import Row, RunSpec
 from moekit.experiment.plan import TASKS, CompareConfig, Comparison, matching_table, plan_runs
-from moekit.experiment.report import divergence_text, headline, matching_lines, write_report
+from moekit.experiment.report import SUMMARY_FILE, divergence_text, headline, matching_lines, write_report
 from moekit.experiment.verdict import comparison_verdicts, verdicts_sentence
 
 RESULT_FILE = "result.json"
-SUMMARY_FILE = "summary.json"
 
 
 def check_compare_out(out: str | os.PathLike) -> Path:
